@@ -1,0 +1,99 @@
+"""Reading images from disk or bytes: every mode Pillow knows becomes 8-bit RGB, upright.
+
+One function, `load_image`, is used by training, evaluation, prediction, face preparation and the
+server alike, so an image is read the same way everywhere.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+from PIL import Image, ImageOps
+
+#: Images with more pixels than this are refused before they are decoded (50 MP photos are fine).
+DEFAULT_MAX_PIXELS = 100_000_000
+
+#: File name endings treated as images when a folder is scanned.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+class ImageError(ValueError):
+    """An image could not be used; the message names the file and says why."""
+
+
+def is_image_name(path: str | os.PathLike) -> bool:
+    return str(path).lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        # 16-bit / 32-bit greyscale: scale to the full 8-bit range instead of clipping at 255.
+        arr = np.asarray(im, dtype=np.float32)
+        hi = float(arr.max()) if arr.size else 0.0
+        scale = 255.0 / 65535.0 if hi > 255 else 1.0
+        arr = np.clip(arr * scale, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if im.mode in ("P", "PA") or "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "La", "RGBa"):
+        im = im.convert("RGBA")
+        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, im).convert("RGB")
+    return im.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+
+
+def load_image(
+    source: str | os.PathLike | bytes | BinaryIO,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    name: str | None = None,
+) -> Image.Image:
+    """Open an image as upright 8-bit RGB.
+
+    `source` is a path, raw bytes or a binary file object. EXIF orientation is applied, the first
+    frame of an animation is taken, alpha is composited on white, 16-bit greyscale is rescaled.
+    Raises `ImageError` naming the file for anything unreadable, and for images with more than
+    `max_pixels` pixels (checked from the header, before decoding).
+    """
+    if name is None:
+        name = str(source) if isinstance(source, (str, os.PathLike)) else "<upload>"
+    if isinstance(source, bytes):
+        source = io.BytesIO(source)
+    if isinstance(source, (str, os.PathLike)):
+        p = Path(source)
+        if not p.exists():
+            raise ImageError(f"{name}: file not found")
+        if p.is_dir():
+            raise ImageError(f"{name}: is a folder, not an image")
+        if p.stat().st_size == 0:
+            raise ImageError(f"{name}: empty file (0 bytes); replace or delete it")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(source)
+            width, height = im.size
+            if width * height > max_pixels:
+                raise ImageError(
+                    f"{name}: {width}x{height} pixels is more than the limit of {max_pixels:,}; "
+                    "downscale the image first"
+                )
+            if width < 1 or height < 1:
+                raise ImageError(f"{name}: image has no pixels")
+            if getattr(im, "n_frames", 1) > 1:
+                im.seek(0)
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            return _to_rgb(im)
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"{name}: refused as a decompression bomb ({exc})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageError(f"{name}: not a readable image ({exc.__class__.__name__}: {exc}); "
+                         "replace or delete the file") from None
