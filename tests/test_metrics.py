@@ -227,3 +227,41 @@ def test_nll_matches_hand_value():
     assert M.nll(PROBS, LABELS) == pytest.approx(expected)
     # A class absent from labels is still fine because labels=range(C) is passed.
     assert M.nll(np.array([[0.2, 0.8]]), [1]) == pytest.approx(-math.log(0.8))
+
+
+# ------------------------------------------------------------------------- report plots
+
+
+def _png_size(path):
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        return im.size
+
+
+def test_report_plots_write_pngs(tmp_path):
+    from facegender import report_plots as P
+
+    bins = M.reliability_bins(PROBS, LABELS, n_bins=5)
+    p = P.plot_reliability(bins, tmp_path / "sub" / "reliability.png", "test")
+    assert p == tmp_path / "sub" / "reliability.png" and p.stat().st_size > 0
+    w, h = _png_size(p)
+    assert w / h == pytest.approx(1.0, abs=0.02)  # 6 x 6 in
+
+    groups = M.per_group_metrics(G_LABELS, G_PREDS, {"race": G_RACE}, ["m", "f"], min_count=3)
+    p = P.plot_group_accuracy(groups["race"], tmp_path / "race.png", "race")
+    w, h = _png_size(p)
+    assert w / h == pytest.approx(6 / 4, abs=0.02)  # 3 groups -> minimum 6 x 4 in
+
+    curve = M.coverage_curve(C_PROBS, C_LABELS)  # includes thresholds with nothing kept
+    p = P.plot_coverage(curve, tmp_path / "coverage.png")
+    w, h = _png_size(p)
+    assert w / h == pytest.approx(6.4 / 4, abs=0.02)
+
+    # Overwriting works and no temporary files are left behind.
+    P.plot_coverage(curve, tmp_path / "coverage.png")
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["coverage.png", "race.png", "sub"]
+    assert [f.name for f in (tmp_path / "sub").iterdir()] == ["reliability.png"]
