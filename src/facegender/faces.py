@@ -86,7 +86,9 @@ class FaceAlignConfig:
         face in an upright patch of fixed scale made from the current landmarks, and in its mirror
         image, and averages. Raw RetinaFace landmarks jitter by 2-8 px with the face's position in
         the frame; two rounds make the aligned crop of a tight crop and of the same crop pasted into
-        a larger photo agree about 2.5x better (median mean-abs pixel difference 4.2 -> 1.8).
+        a larger photo agree much better (40 faces-dev/test crops, mean-abs pixel difference:
+        median 4.2 -> 1.5, max 12.0 -> 5.3; different faces differ by 13 or more). Cost: four
+        160x160 network runs per kept face (about 30 ms on one CPU core).
     """
 
     size: int = 224
