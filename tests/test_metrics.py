@@ -242,8 +242,8 @@ def _png_size(path):
         return im.size
 
 
-def test_report_plots_write_pngs(tmp_path):
-    from facegender import report_plots as P
+def test_plots_write_pngs(tmp_path):
+    from facegender import plots as P
 
     bins = M.reliability_bins(PROBS, LABELS, n_bins=5)
     p = P.plot_reliability(bins, tmp_path / "sub" / "reliability.png", "test")

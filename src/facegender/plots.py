@@ -1,4 +1,5 @@
-"""Figures for the evaluation report, drawn from the outputs of :mod:`facegender.metrics`.
+"""Figures: training curves, confusion matrix, and the evaluation report's calibration, per-group
+and coverage charts (drawn from the outputs of :mod:`facegender.metrics`).
 
 Each function takes the plain dicts/lists that ``metrics`` returns, draws on its own
 ``matplotlib.figure.Figure`` with the Agg canvas (no pyplot, no global backend change, safe in
@@ -9,12 +10,13 @@ into place with ``os.replace``, so a reader never sees a half-written image. Eac
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot_reliability", "plot_group_accuracy", "plot_coverage"]
+from facegender.checkpoint import atomic_path
+
+__all__ = ["plot_curves", "plot_confusion_matrix", "plot_reliability", "plot_group_accuracy", "plot_coverage"]
 
 _DPI = 100
 
@@ -29,18 +31,41 @@ def _new_figure(width: float, height: float):
 
 
 def _save(fig, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png.tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=_DPI)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=_DPI)
+    return Path(path)
+
+
+def plot_curves(history: Sequence[Mapping[str, Any]], key: str, path: str | os.PathLike,
+                title: str, best_epoch: int | None = None, val_name: str = "validation") -> Path:
+    """Train vs validation `key` ('loss' or 'acc') per epoch, from the training history rows."""
+    fig = _new_figure(6.4, 4.2)
+    ax = fig.subplots()
+    epochs = [row["epoch"] for row in history]
+    ax.plot(epochs, [row[f"train_{key}"] for row in history], marker="o", label="train")
+    ax.plot(epochs, [row[f"val_{key}"] for row in history], marker="o", label=val_name)
+    if best_epoch is not None:
+        ax.axvline(best_epoch, color="grey", linestyle="--", label=f"best epoch ({best_epoch})")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel({"loss": "cross-entropy loss", "acc": "accuracy"}.get(key, key))
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_confusion_matrix(matrix: Sequence[Sequence[int]], class_names: Sequence[str],
+                          path: str | os.PathLike, title: str = "Confusion matrix") -> Path:
+    """Counts with row-normalised shading (rows: true class, columns: predicted class)."""
+    from sklearn.metrics import ConfusionMatrixDisplay
+    import numpy as np
+
+    fig = _new_figure(5.2, 4.6)
+    ax = fig.subplots()
+    ConfusionMatrixDisplay(np.asarray(matrix), display_labels=list(class_names)).plot(
+        ax=ax, cmap="Blues", colorbar=False, values_format="d")
+    ax.set_title(title)
+    return _save(fig, path)
 
 
 def plot_reliability(

@@ -1,0 +1,141 @@
+"""Saving and loading: atomic writes, plain-data checkpoints, and the one place a model file is read.
+
+`best_model.pth` holds what prediction needs: weights, backbone, class names, preprocessing,
+temperature, metrics. `gender_checkpoint.pth` adds what resuming needs: optimizer and scheduler
+state, history, config, RNG and early-stopping state. Both contain only tensors, dicts, lists,
+strings and numbers, so `torch.load(..., weights_only=True)` reads them.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from facegender.model import FaceClassifier, build_model
+from facegender.transforms import Preprocessing
+
+FORMAT = "facegender/1"
+
+
+class CheckpointError(ValueError):
+    """A model or checkpoint file is missing, damaged or not a facegender file."""
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it replaces `path` in one step.
+
+    A crash or Ctrl-C while writing leaves the previous file untouched (and no partial file).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
+
+
+def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def load_file(path: str | os.PathLike) -> dict:
+    """Read a facegender .pth file safely (weights_only=True); clear errors for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: model file not found; train one with `facegender train` "
+                              "or pass the path to best_model.pth")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(f"{path}: cannot be read as a facegender model ({exc.__class__.__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a facegender model file (expected format {FORMAT})")
+    return obj
+
+
+def model_record(model: FaceClassifier, config: dict, classes: list[str], prep: Preprocessing,
+                 weights_source: str, **extra: Any) -> dict:
+    """Everything prediction needs, as plain data."""
+    state = {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()}
+    return {
+        "format": FORMAT,
+        "model_state": state,
+        "backbone": config["backbone"],
+        "dropout": config["dropout"],
+        "classes": list(classes),
+        "preprocessing": prep.to_dict(),
+        "pretrained": bool(config["pretrained"]),
+        "weights_source": weights_source,
+        "config": dict(config),
+        **extra,
+    }
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain model inside DistributedDataParallel / torch.compile wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"
+               ) -> tuple[FaceClassifier, dict]:
+    """(model in eval mode, record) from best_model.pth or gender_checkpoint.pth."""
+    record = load_file(path)
+    model, _ = build_model(record["backbone"], len(record["classes"]), record.get("dropout", 0.0),
+                           pretrained=False)
+    try:
+        model.load_state_dict(record["model_state"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not fit {record['backbone']} ({exc})") from None
+    model.to(device).eval()
+    return model, record
+
+
+# ----------------------------------------------------------------------------- RNG state
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": _tuples_to_lists(random.getstate()),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    random.setstate(_lists_to_tuples(state["python"]))
+
+
+def _tuples_to_lists(x):
+    return [_tuples_to_lists(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _lists_to_tuples(x):
+    return tuple(_lists_to_tuples(v) for v in x) if isinstance(x, list) else x

@@ -1,0 +1,238 @@
+"""Datasets: scanning a folder tree, checking every file before training, caching decoded images.
+
+Layout: DATASET/train/<class>/*.jpg and DATASET/test/<class>/*.jpg; class names are folder names
+(any language), sorted, and must be the same in train and test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from PIL import Image
+from sklearn.model_selection import train_test_split
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from facegender.images import ImageError, is_image_name, load_image
+from facegender.transforms import ImagePreparer
+
+#: Files that operating systems leave in folders; ignored without a word.
+IGNORED_FILES = {".DS_Store", "Thumbs.db", "desktop.ini"}
+
+
+class DatasetError(ValueError):
+    """The dataset cannot be used as it is; the message lists every problem and the fix."""
+
+
+@dataclass
+class Split:
+    """Image paths and integer labels of one split (train, val or test)."""
+
+    paths: list[Path] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def subset(self, indices: Sequence[int]) -> "Split":
+        return Split([self.paths[i] for i in indices], [self.labels[i] for i in indices])
+
+    def counts(self, classes: list[str]) -> dict[str, int]:
+        return {c: self.labels.count(i) for i, c in enumerate(classes)}
+
+
+def find_classes(split_dir: Path) -> list[str]:
+    return sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def scan_split(split_dir: Path, classes: list[str]) -> tuple[Split, list[str]]:
+    """Every image file under split_dir/<class>/ (recursively); problems found on the way."""
+    split, problems = Split(), []
+    for label, name in enumerate(classes):
+        class_dir = split_dir / name
+        files = sorted(p for p in class_dir.rglob("*") if p.is_file() and p.name not in IGNORED_FILES
+                       and not p.name.startswith("._"))
+        images = [p for p in files if is_image_name(p)]
+        for p in files:
+            if not is_image_name(p):
+                problems.append(f"{p}: not an image file (by its name); move it out of the dataset")
+        if not images:
+            problems.append(f"{class_dir}: class folder has no images; add images or remove the folder")
+        split.paths += images
+        split.labels += [label] * len(images)
+    return split, problems
+
+
+def scan_dataset(root: str | os.PathLike, need_test: bool = True) -> tuple[list[str], Split, Split | None]:
+    """Classes, train split and test split of a dataset root, or DatasetError listing every problem.
+
+    Only the folder structure is checked here; unreadable images are found by `load_split`.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: dataset folder not found; pass --data DATASET with DATASET/train/<class>/")
+    train_dir, test_dir = root / "train", root / "test"
+    if not train_dir.is_dir():
+        found = ", ".join(sorted(p.name for p in root.iterdir() if p.is_dir())) or "nothing"
+        raise DatasetError(f"{train_dir}: missing. The dataset needs {root}/train/<class>/ and "
+                           f"{root}/test/<class>/ (one folder per class); found: {found}")
+    classes = find_classes(train_dir)
+    problems = []
+    if len(classes) < 2:
+        problems.append(f"{train_dir}: needs at least two class folders, found {classes or 'none'}")
+    test = None
+    if test_dir.is_dir():
+        test_classes = find_classes(test_dir)
+        if test_classes != classes:
+            only_train = sorted(set(classes) - set(test_classes))
+            only_test = sorted(set(test_classes) - set(classes))
+            problems.append(f"class folders differ between train/ and test/: only in train: {only_train or '-'}, "
+                            f"only in test: {only_test or '-'}; rename them so both have the same names")
+    elif need_test:
+        problems.append(f"{test_dir}: missing; create it with the same class folders as train/ "
+                        "(it is used once, at the end, for the final accuracy)")
+    train, train_problems = scan_split(train_dir, classes)
+    problems += train_problems
+    if test_dir.is_dir() and not problems:
+        test, test_problems = scan_split(test_dir, classes)
+        problems += test_problems
+    if problems:
+        raise DatasetError(format_problems(problems))
+    return classes, train, test
+
+
+def format_problems(problems: list[str]) -> str:
+    lines = "\n".join(f"  - {p}" for p in problems)
+    return f"{len(problems)} problem(s) with the dataset:\n{lines}"
+
+
+def split_train_val(train: Split, val_fraction: float, seed: int) -> tuple[Split, Split]:
+    """Stratified, seeded validation split carved from the training images."""
+    if val_fraction <= 0:
+        return train, Split()
+    idx = list(range(len(train)))
+    try:
+        tr, va = train_test_split(idx, test_size=val_fraction, random_state=seed, stratify=train.labels)
+    except ValueError as exc:
+        raise DatasetError(f"cannot carve a stratified {val_fraction:.0%} validation split ({exc}); "
+                           "add images to the smallest class or lower --val-fraction") from None
+    return train.subset(sorted(tr)), train.subset(sorted(va))
+
+
+# ----------------------------------------------------------------------------- decoding and caching
+
+def _aligned_cache_path(cache_dir: Path, path: Path, face: dict) -> Path:
+    st = path.stat()
+    key = json.dumps([str(path.resolve()), st.st_size, st.st_mtime_ns, face], sort_keys=True)
+    return cache_dir / (hashlib.sha1(key.encode()).hexdigest() + ".png")
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "facegender" / "aligned"
+
+
+class ImageLoader:
+    """Path -> prepared uint8 tensor (3, S, S). With face alignment, aligned crops are cached on disk
+    (keyed by file, size, mtime and face settings), so a dataset is detected once, not every run."""
+
+    def __init__(self, preparer: ImagePreparer, cache_dir: Path | None = None):
+        self.preparer = preparer
+        self.face = preparer.prep.face
+        self.cache_dir = (cache_dir or default_cache_dir()) if self.face else None
+
+    def __call__(self, path: Path) -> tuple[torch.Tensor, bool]:
+        if self.face is None:
+            return self.preparer.prepare(load_image(path))
+        cached = _aligned_cache_path(self.cache_dir, path, self.face)
+        noface = cached.with_suffix(".noface.png")
+        for candidate, found in ((cached, True), (noface, False)):
+            if candidate.is_file():
+                try:
+                    return self.preparer.prep.resize(load_image(candidate)), found
+                except ImageError:
+                    candidate.unlink(missing_ok=True)  # a damaged cache entry is rebuilt
+        tensor, found = self.preparer.prepare(load_image(path))
+        target = cached if found else noface
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        Image.fromarray(tensor.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
+        os.replace(tmp, target)
+        return tensor, found
+
+
+@dataclass
+class LoadedSplit:
+    """A split whose images were all read once: tensors (when cached) and what went wrong."""
+
+    split: Split
+    images: list[torch.Tensor] | None
+    bad: list[str]
+    no_face: list[Path]
+
+
+def load_split(split: Split, loader: ImageLoader, keep: bool = True, skip_bad: bool = False,
+               desc: str = "reading images", workers: int | None = None, progress: bool = True) -> LoadedSplit:
+    """Read every image of `split` once (checking it); keep the tensors in memory when `keep`.
+
+    Unreadable files raise DatasetError listing all of them, unless `skip_bad`, in which case they
+    are left out (and listed in `bad`).
+    """
+    workers = workers or min(4, os.cpu_count() or 1)
+
+    def read(path: Path):
+        try:
+            return loader(path), None
+        except ImageError as exc:
+            return None, str(exc)
+
+    results = [None] * len(split)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for i, res in enumerate(tqdm(pool.map(read, split.paths), total=len(split), desc=desc,
+                                     disable=not progress, leave=False)):
+            results[i] = res
+    bad = [err for _, err in results if err is not None]
+    if bad and not skip_bad:
+        raise DatasetError(format_problems(bad) + "\nFix: delete or replace these files, "
+                           "or pass --skip-bad to leave them out (they are counted in the summary).")
+    keep_idx = [i for i, (ok, _) in enumerate(results) if ok is not None]
+    kept = split.subset(keep_idx)
+    no_face = [split.paths[i] for i in keep_idx if not results[i][0][1]]
+    images = [results[i][0][0] for i in keep_idx] if keep else None
+    return LoadedSplit(kept, images, bad, no_face)
+
+
+class FaceDataset(Dataset):
+    """(image tensor, label) pairs from in-memory tensors, or read on access when not cached."""
+
+    def __init__(self, loaded: LoadedSplit, transform: Callable[[torch.Tensor], torch.Tensor],
+                 loader: ImageLoader | None = None):
+        self.paths, self.labels = loaded.split.paths, loaded.split.labels
+        self.images = loaded.images
+        self.transform = transform
+        self.loader = loader
+        if self.images is None and loader is None:
+            raise ValueError("an uncached FaceDataset needs a loader")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        img = self.images[i] if self.images is not None else self.loader(self.paths[i])[0]
+        return self.transform(img), self.labels[i]
+
+
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, workers: int = 0, seed: int = 0,
+                sampler=None) -> DataLoader:
+    """DataLoader with a seeded shuffle (the same order after a resume: seed is base seed + epoch)."""
+    generator = torch.Generator().manual_seed(seed) if shuffle and sampler is None else None
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+                      num_workers=workers, generator=generator, persistent_workers=False,
+                      drop_last=False, pin_memory=torch.cuda.is_available())

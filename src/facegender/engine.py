@@ -1,0 +1,159 @@
+"""The training and evaluation loops as plain functions returning metrics, and early stopping."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from facegender.model import set_train_mode
+
+
+def select_device(name: str = "auto") -> torch.device:
+    if name != "auto":
+        device = torch.device(name)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise ValueError(f"--device {name}: MPS is not available on this machine; use --device cpu")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def select_precision(precision: str, device: torch.device) -> str:
+    """`auto`: bf16 where the hardware runs it fast (CUDA with bf16, CPUs with AVX512-BF16/AMX),
+    fp16 on older CUDA cards, otherwise fp32 (on CPUs without bf16 units, bf16 autocast is many
+    times slower than fp32: 0.4 vs 7.3 img/s for resnet18 on this project's CPU)."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def train_one_epoch(model: nn.Module, loader, criterion, optimizer, device: torch.device, precision: str = "fp32",
+                    scaler: torch.amp.GradScaler | None = None, channels_last: bool = False,
+                    scheduler=None, desc: str = "train", progress: bool = True) -> dict:
+    """One pass over `loader`; returns {'loss', 'acc', 'n', 'seconds', 'images_per_sec'}."""
+    set_train_mode(model, True)
+    total_loss, correct, n = 0.0, 0, 0
+    start = time.perf_counter()
+    bar = tqdm(loader, desc=desc, leave=False, disable=not progress, unit="batch")
+    for images, labels in bar:
+        images = images.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        labels = labels.to(device, non_blocking=True)
+        with autocast(device, precision):
+            logits = model(images)
+            loss = criterion(logits.float(), labels)
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"training loss is {loss.item()}; lower --lr or use --precision fp32")
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        b = labels.size(0)
+        total_loss += loss.item() * b
+        correct += (logits.argmax(1) == labels).sum().item()
+        n += b
+        elapsed = time.perf_counter() - start
+        bar.set_postfix(loss=f"{total_loss / n:.4f}", acc=f"{correct / n:.3f}", img_s=f"{n / elapsed:.1f}")
+    seconds = time.perf_counter() - start
+    return {"loss": total_loss / max(n, 1), "acc": correct / max(n, 1), "n": n, "seconds": seconds,
+            "images_per_sec": n / seconds if seconds > 0 else 0.0}
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, loader, device: torch.device, precision: str = "fp32",
+                   channels_last: bool = False, tta: bool = False, desc: str = "eval",
+                   progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits (N, C) float32 on CPU, labels (N,)) for every batch of `loader`.
+
+    With `tta` the logits are the mean of the image's and its mirror image's logits."""
+    set_train_mode(model, False)
+    all_logits, all_labels = [], []
+    for images, labels in tqdm(loader, desc=desc, leave=False, disable=not progress, unit="batch"):
+        images = images.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(device, precision):
+            logits = model(images).float()
+            if tta:
+                logits = (logits + model(torch.flip(images, dims=[3])).float()) / 2
+        all_logits.append(logits.cpu())
+        all_labels.append(labels.cpu())
+    if not all_logits:
+        return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
+    return torch.cat(all_logits), torch.cat(all_labels)
+
+
+def evaluate(model: nn.Module, loader, criterion, device: torch.device, precision: str = "fp32",
+             channels_last: bool = False, tta: bool = False, desc: str = "eval", progress: bool = True) -> dict:
+    """{'loss', 'acc', 'n', 'logits', 'labels'} on `loader` (model in eval mode, no gradients)."""
+    logits, labels = predict_logits(model, loader, device, precision, channels_last, tta, desc, progress)
+    n = labels.numel()
+    if n == 0:
+        return {"loss": float("nan"), "acc": float("nan"), "n": 0, "logits": logits, "labels": labels}
+    loss = criterion(logits, labels).item()
+    acc = (logits.argmax(1) == labels).float().mean().item()
+    return {"loss": loss, "acc": acc, "n": n, "logits": logits, "labels": labels}
+
+
+@dataclass
+class EarlyStopping:
+    """Stop after `patience` epochs without improvement of the monitored value."""
+
+    patience: int = 3
+    mode: str = "max"  # max for accuracy, min for loss
+    min_delta: float = 0.0
+    best: float | None = None
+    best_epoch: int = -1
+    bad_epochs: int = 0
+
+    def step(self, value: float, epoch: int) -> bool:
+        """Record one epoch's value; True when it is the best so far."""
+        better = (self.best is None
+                  or (self.mode == "max" and value > self.best + self.min_delta)
+                  or (self.mode == "min" and value < self.best - self.min_delta))
+        if better:
+            self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
+        else:
+            self.bad_epochs += 1
+        return better
+
+    @property
+    def should_stop(self) -> bool:
+        return self.bad_epochs >= self.patience
+
+    def state_dict(self) -> dict:
+        return {"patience": self.patience, "mode": self.mode, "min_delta": self.min_delta, "best": self.best,
+                "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)

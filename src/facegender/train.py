@@ -1,0 +1,301 @@
+"""`facegender train`: fine-tune an ImageNet backbone on DATASET/train, pick the best epoch on a
+validation split, evaluate once on DATASET/test, and write everything into the run folder."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+
+from facegender import checkpoint as ckpt
+from facegender.config import TrainConfig
+from facegender.data import (FaceDataset, ImageLoader, LoadedSplit, load_split, make_loader, scan_dataset,
+                             split_train_val)
+from facegender.engine import EarlyStopping, evaluate, select_device, select_precision, train_one_epoch
+from facegender.evaluate import compute_metrics, write_evaluation
+from facegender.metrics import fit_temperature
+from facegender.model import build_model, freeze_stem, get_spec
+from facegender.plots import plot_curves
+from facegender.transforms import EvalPreset, ImagePreparer, Preprocessing, TrainPreset
+
+BEST_MODEL = "best_model.pth"
+CHECKPOINT = "gender_checkpoint.pth"
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C during training; the files of the last finished epoch are intact."""
+
+
+@dataclass
+class RunData:
+    classes: list[str]
+    prep: Preprocessing
+    loader: ImageLoader
+    train: LoadedSplit
+    val: LoadedSplit
+    test: LoadedSplit | None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def preprocessing_for(cfg: TrainConfig) -> Preprocessing:
+    spec = get_spec(cfg.backbone)
+    face = None
+    if cfg.align:
+        from facegender.faces import FaceAlignConfig
+
+        face = FaceAlignConfig.from_dict({"size": cfg.image_size, **(cfg.face or {})}).to_dict()
+    return Preprocessing(image_size=cfg.image_size, mean=spec.mean, std=spec.std, face=face)
+
+
+def prepare_data(cfg: TrainConfig, scanned, log: Callable[[str], None] = print, progress: bool = True) -> RunData:
+    """Split off validation from the scanned dataset and read every image once (failing on bad files)."""
+    classes, train_split, test_split = scanned
+    if cfg.val_on_test:
+        log("WARNING: --val-on-test: the best epoch and early stopping are chosen on the test set, as in the "
+            "course report. The test accuracy is then optimistic; the default validation split is honest.")
+        val_split = test_split
+    else:
+        train_split, val_split = split_train_val(train_split, cfg.val_fraction, cfg.seed)
+    prep = preprocessing_for(cfg)
+    loader = ImageLoader(ImagePreparer(prep))
+    read = dict(loader=loader, keep=cfg.cache, skip_bad=cfg.skip_bad, progress=progress)
+    train = load_split(train_split, desc="reading train images", **read)
+    val = load_split(val_split, desc="reading validation images", **read)
+    test = val if cfg.val_on_test else load_split(test_split, desc="reading test images", **read)
+    for name, part in (("train", train), ("validation", val), ("test", test)):
+        if part.bad:
+            log(f"WARNING: --skip-bad: left out {len(part.bad)} unreadable {name} file(s):")
+            for line in part.bad:
+                log(f"  - {line}")
+        if cfg.align and part.no_face:
+            log(f"note: no face found in {len(part.no_face)} {name} image(s); used centred and padded")
+    if len(train.split) == 0:
+        raise ValueError("no readable training images left")
+    return RunData(classes, prep, loader, train, val, test)
+
+
+def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
+    """Per-step schedule: linear warm-up, then cosine decay to 0 over `epochs` (None: constant lr)."""
+    if cfg.scheduler == "none":
+        return None
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warmup = cfg.warmup_epochs * steps_per_epoch
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def write_history(history: list[dict], out: Path, best_epoch: int | None, val_name: str) -> None:
+    if not history:
+        return
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(history[0]))
+    writer.writeheader()
+    writer.writerows(history)
+    ckpt.write_text_atomic(buf.getvalue(), out / "summary.csv")
+    plot_curves(history, "loss", out / "loss_curve.png", "Loss per epoch", best_epoch, val_name)
+    plot_curves(history, "acc", out / "accuracy_curve.png", "Accuracy per epoch", best_epoch, val_name)
+
+
+def resume_config(path: str, **overrides) -> tuple[TrainConfig, dict]:
+    """The config and training state saved in gender_checkpoint.pth. The run continues in the
+    checkpoint's folder; `overrides` that are not None (epochs, data, device, workers) replace saved values."""
+    state = ckpt.load_file(path)
+    if "optimizer_state" not in state:
+        raise ckpt.CheckpointError(f"{path}: holds no training state; resume from {CHECKPOINT}")
+    values = {**state["config"], "out": str(Path(path).parent)}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig.from_dict(values), state
+
+
+def train(cfg: TrainConfig, state: dict | None = None, log: Callable[[str], None] = print,
+          progress: bool = True) -> dict:
+    """Train, select, evaluate; returns the run summary (also in metrics.json). `state` (from
+    `resume_config`) continues an interrupted run. Raises TrainingInterrupted on Ctrl-C after
+    saying how to resume."""
+    out = Path(cfg.out)
+    seed_everything(cfg.seed)
+    device = select_device(cfg.device)
+    precision = select_precision(cfg.precision, device)
+    channels_last = cfg.channels_last and device.type != "mps"
+
+    scanned = scan_dataset(cfg.data, need_test=True)  # layout and weights fail fast, before images are read
+    model, weights_source = build_model(cfg.backbone, len(scanned[0]), cfg.dropout, cfg.pretrained, cfg.weights)
+    if not cfg.pretrained:
+        log("WARNING: --no-pretrained: training from random weights (recorded in the model file).")
+    if cfg.freeze_stem:
+        freeze_stem(model, cfg.backbone)
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+
+    data = prepare_data(cfg, scanned, log, progress)
+    classes = data.classes
+    train_set = FaceDataset(data.train, TrainPreset(data.prep, cfg.augment), data.loader)
+    eval_tf = EvalPreset(data.prep)
+    train_loader = make_loader(train_set, cfg.batch_size, shuffle=True, workers=cfg.workers, seed=cfg.seed)
+    val_loader = make_loader(FaceDataset(data.val, eval_tf, data.loader), cfg.batch_size * 2, False, cfg.workers)
+    optimizer = make_optimizer(cfg, model)
+    scheduler = make_scheduler(cfg, optimizer, len(train_loader))
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    val_criterion = nn.CrossEntropyLoss()
+    stopper = EarlyStopping(cfg.patience, "max" if cfg.monitor == "val_acc" else "min")
+    history: list[dict] = []
+    start_epoch = 1
+    if state is not None:
+        model.load_state_dict(state["model_state"])
+        optimizer.load_state_dict(state["optimizer_state"])
+        if scheduler is not None and state.get("scheduler_state"):
+            scheduler.load_state_dict(state["scheduler_state"])
+        stopper.load_state_dict(state["early_stopping"])
+        history = list(state["history"])
+        start_epoch = state["epoch"] + 1
+        ckpt.set_rng_state(state["rng_state"])
+        log(f"Resuming {out / CHECKPOINT} after epoch {state['epoch']} (best so far: epoch {stopper.best_epoch}).")
+
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt.write_text_atomic(yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True), out / "config.yaml")
+    val_name = "test (--val-on-test)" if cfg.val_on_test else "validation"
+    log(f"{cfg.backbone} ({'ImageNet: ' + weights_source if cfg.pretrained else 'random weights'}) on {device}, "
+        f"{precision}{', channels_last' if channels_last else ''}; classes {classes}; "
+        f"train {len(data.train.split)}, {val_name} {len(data.val.split)}, "
+        f"test {len(data.test.split) if data.test else 0} images")
+
+    def record(epoch: int, **extra) -> dict:
+        return ckpt.model_record(model, cfg.to_dict(), classes, data.prep, weights_source, epoch=epoch, **extra)
+
+    epoch = start_epoch - 1
+    started = time.perf_counter()
+    try:
+        for epoch in range(start_epoch, cfg.epochs + 1):
+            if stopper.should_stop:
+                break
+            train_loader.generator.manual_seed(cfg.seed + epoch)
+            tr = train_one_epoch(model, train_loader, criterion, optimizer, device, precision, scaler,
+                                 channels_last, scheduler, desc=f"epoch {epoch}/{cfg.epochs}", progress=progress)
+            va = evaluate(model, val_loader, val_criterion, device, precision, channels_last,
+                          desc="validate", progress=progress)
+            row = {"epoch": epoch, "train_loss": round(tr["loss"], 6), "train_acc": round(tr["acc"], 6),
+                   "val_loss": round(va["loss"], 6), "val_acc": round(va["acc"], 6),
+                   "lr": optimizer.param_groups[0]["lr"], "images_per_sec": round(tr["images_per_sec"], 2),
+                   "seconds": round(tr["seconds"], 1)}
+            history.append(row)
+            improved = stopper.step(va["acc"] if cfg.monitor == "val_acc" else va["loss"], epoch)
+            log(f"epoch {epoch:3d}  train loss {tr['loss']:.4f} acc {tr['acc']:.4f}  "
+                f"{'val' if not cfg.val_on_test else 'test'} loss {va['loss']:.4f} acc {va['acc']:.4f}  "
+                f"{tr['images_per_sec']:.1f} img/s{'  * best' if improved else ''}")
+            if improved:
+                ckpt.save_atomic(record(epoch, metrics={"val_acc": va["acc"], "val_loss": va["loss"]}),
+                                 out / BEST_MODEL)
+            ckpt.save_atomic(record(
+                epoch, optimizer_state=optimizer.state_dict(),
+                scheduler_state=scheduler.state_dict() if scheduler is not None else None,
+                history=history, early_stopping=stopper.state_dict(), rng_state=ckpt.rng_state(),
+            ), out / CHECKPOINT)
+            write_history(history, out, stopper.best_epoch, val_name)
+    except KeyboardInterrupt:
+        last = history[-1]["epoch"] if history else None
+        msg = (f"Interrupted during epoch {epoch}. " + (
+            f"{out / CHECKPOINT} and {out / BEST_MODEL} hold epoch {last} (best: {stopper.best_epoch}); "
+            f"continue with: facegender train --resume {out / CHECKPOINT}" if last else "No epoch had finished."))
+        log(msg)
+        raise TrainingInterrupted(msg) from None
+
+    return finish(cfg, out, data, device, precision, channels_last, history, stopper, started, log, progress)
+
+
+def finish(cfg: TrainConfig, out: Path, data: RunData, device, precision: str, channels_last: bool,
+           history: list[dict], stopper: EarlyStopping, started: float, log, progress: bool) -> dict:
+    """Best epoch: fit the temperature on validation, evaluate once on test, write the outputs."""
+    model, best = ckpt.load_model(out / BEST_MODEL, device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    eval_tf = EvalPreset(data.prep)
+    loader = make_loader(FaceDataset(data.val, eval_tf, data.loader), cfg.batch_size * 2, False, cfg.workers)
+    val = evaluate(model, loader, nn.CrossEntropyLoss(), device, precision, channels_last, cfg.tta,
+                   desc="calibrate", progress=progress)
+    temperature = fit_temperature(val["logits"].numpy(), val["labels"].numpy()) if val["n"] else 1.0
+    val_metrics = compute_metrics(val["logits"], val["labels"], data.classes, temperature)
+    best.update(temperature=temperature, tta=cfg.tta)
+    best["metrics"] = {"best_epoch": stopper.best_epoch, "val": _brief(val_metrics)}
+    test_metrics = None
+    if data.test is not None and not cfg.val_on_test:
+        loader = make_loader(FaceDataset(data.test, eval_tf, data.loader), cfg.batch_size * 2, False, cfg.workers)
+        te = evaluate(model, loader, nn.CrossEntropyLoss(), device, precision, channels_last, cfg.tta,
+                      desc="test", progress=progress)
+        test_metrics = compute_metrics(te["logits"], te["labels"], data.classes, temperature)
+        best["metrics"]["test"] = _brief(test_metrics)
+    elif cfg.val_on_test:
+        test_metrics = val_metrics
+        best["metrics"]["test"] = _brief(val_metrics)
+    ckpt.save_atomic(best, out / BEST_MODEL)
+    summary = {
+        "best_epoch": stopper.best_epoch,
+        "epochs_run": len(history),
+        "stopped_early": stopper.should_stop,
+        "protocol": "val-on-test (report)" if cfg.val_on_test else f"stratified {cfg.val_fraction:.0%} validation split",
+        "temperature": temperature,
+        "tta": cfg.tta,
+        "skipped_files": len(data.train.bad) + len(data.val.bad) + (len(data.test.bad) if data.test else 0),
+        "train_seconds": round(time.perf_counter() - started, 1),
+        "validation": val_metrics,
+        "test": test_metrics,
+    }
+    write_evaluation(summary, test_metrics, data.classes, out, title="Test set" if not cfg.val_on_test
+                     else "Test set (also used for model selection)")
+    log(format_summary(summary, out))
+    return summary
+
+
+def _brief(m: dict) -> dict:
+    return {k: m[k] for k in ("n", "accuracy", "loss", "ece", "ece_calibrated") if k in m}
+
+
+def format_summary(summary: dict, out: Path) -> str:
+    val, test = summary["validation"], summary["test"]
+    lines = ["", "=" * 64, f" Best epoch {summary['best_epoch']} of {summary['epochs_run']} run"
+             f"{' (stopped early)' if summary['stopped_early'] else ''}; protocol: {summary['protocol']}"]
+    if summary["protocol"].startswith("val-on-test"):
+        lines.append(f" test accuracy (also used for selection: optimistic)  {test['accuracy']:.4f}  (n={test['n']})")
+    else:
+        lines.append(f" validation accuracy  {val['accuracy']:.4f}  (n={val['n']})")
+        if test:
+            lines.append(f" test accuracy        {test['accuracy']:.4f}  (n={test['n']}, "
+                         f"95% CI {test['accuracy_ci'][0]:.3f}-{test['accuracy_ci'][1]:.3f})")
+    if test:
+        lines.append(f" test ECE {test['ece']:.4f} -> {test['ece_calibrated']:.4f} after temperature "
+                     f"{summary['temperature']:.3f} (fitted on validation)")
+    if summary["skipped_files"]:
+        lines.append(f" skipped unreadable files: {summary['skipped_files']}")
+    lines += [f" time: {summary['train_seconds']:.0f} s", f" files in {out}/:",
+              f"   {BEST_MODEL} (best epoch, for evaluate/predict/serve/export), {CHECKPOINT} (resume),",
+              "   summary.csv, config.yaml, loss_curve.png, accuracy_curve.png, confusion_matrix.png, metrics.json",
+              "=" * 64]
+    return "\n".join(lines)
