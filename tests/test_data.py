@@ -1,0 +1,145 @@
+"""Dataset scanning, problem reports, image reading of odd formats, transforms."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import make_dataset, make_image, shared_path
+from facegender.data import DatasetError, ImageLoader, load_split, scan_dataset, split_train_val
+from facegender.images import ImageError, load_image
+from facegender.transforms import EvalPreset, ImagePreparer, Preprocessing, TrainPreset
+
+
+def test_classes_come_from_folder_names(tiny_dataset):
+    classes, train, test = scan_dataset(tiny_dataset)
+    assert classes == ["pria", "wanita"]
+    assert train.counts(classes) == {"pria": 12, "wanita": 12}
+    assert len(test) == 12
+
+
+def test_every_structural_problem_is_listed_at_once(tmp_path):
+    root = make_dataset(tmp_path / "d", classes=("a", "b", "c"), n_train=2, n_test=1)
+    (root / "train" / "a" / "notes.txt").write_text("hello")
+    for f in (root / "train" / "c").iterdir():
+        f.unlink()
+    with pytest.raises(DatasetError) as err:
+        scan_dataset(root)
+    msg = str(err.value)
+    assert "notes.txt" in msg and "not an image" in msg
+    assert str(root / "train" / "c") in msg and "no images" in msg
+
+
+def test_missing_train_and_single_class(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="train.*missing"):
+        scan_dataset(tmp_path / "empty")
+    one = make_dataset(tmp_path / "one", classes=("only",), n_train=2, n_test=1)
+    with pytest.raises(DatasetError, match="at least two class folders"):
+        scan_dataset(one)
+    with pytest.raises(DatasetError, match="not found"):
+        scan_dataset(tmp_path / "nowhere")
+
+
+def test_class_names_must_match_between_train_and_test(tmp_path):
+    root = make_dataset(tmp_path / "d", classes=("pria", "wanita"), n_train=2, n_test=1)
+    (root / "test" / "wanita").rename(root / "test" / "women")
+    with pytest.raises(DatasetError) as err:
+        scan_dataset(root)
+    assert "only in train: ['wanita']" in str(err.value) and "only in test: ['women']" in str(err.value)
+
+
+def test_unreadable_images_fail_with_every_file_named_or_are_skipped(tmp_path):
+    root = make_dataset(tmp_path / "d", n_train=4, n_test=1)
+    (root / "train" / "pria" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    (root / "train" / "wanita" / "empty.png").write_bytes(b"")
+    _, train, _ = scan_dataset(root)
+    loader = ImageLoader(ImagePreparer(Preprocessing(image_size=32)))
+    with pytest.raises(DatasetError) as err:
+        load_split(train, loader, progress=False)
+    assert "broken.jpg" in str(err.value) and "empty.png" in str(err.value) and "--skip-bad" in str(err.value)
+    loaded = load_split(train, loader, skip_bad=True, progress=False)
+    assert len(loaded.split) == 8 and len(loaded.bad) == 2
+    assert all(t.shape == (3, 32, 32) and t.dtype == torch.uint8 for t in loaded.images)
+
+
+def test_validation_split_is_stratified_disjoint_and_seeded(tmp_path):
+    root = make_dataset(tmp_path / "d", n_train=20, n_test=1)
+    classes, train, _ = scan_dataset(root)
+    tr, va = split_train_val(train, 0.2, seed=1)
+    assert va.counts(classes) == {"pria": 4, "wanita": 4}
+    assert not set(tr.paths) & set(va.paths) and len(tr) + len(va) == 40
+    assert split_train_val(train, 0.2, seed=1)[1].paths == va.paths
+    assert split_train_val(train, 0.2, seed=2)[1].paths != va.paths
+
+
+def test_odd_modes_become_upright_rgb(tmp_path):
+    rng = np.random.default_rng(0)
+    src = load_image(make_image(tmp_path / "x.png", 0, rng, size=40))
+    src.convert("CMYK").save(tmp_path / "cmyk.jpg")
+    src.convert("P").save(tmp_path / "pal.png")
+    arr16 = (np.asarray(src.convert("L"), dtype=np.uint16) * 257)
+    Image.fromarray(arr16).save(tmp_path / "g16.png")
+    rgba = src.convert("RGBA")
+    rgba.putalpha(0)
+    rgba.save(tmp_path / "clear.png")
+    wide = Image.new("RGB", (30, 10), (200, 10, 10))
+    exif = wide.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    wide.save(tmp_path / "rot.jpg", exif=exif)
+    for name in ("cmyk.jpg", "pal.png", "g16.png", "clear.png", "rot.jpg"):
+        assert load_image(tmp_path / name).mode == "RGB", name
+    g16 = np.asarray(load_image(tmp_path / "g16.png"))
+    assert abs(g16.mean() - np.asarray(src.convert("L")).mean()) < 2  # rescaled, not clipped to white
+    assert np.asarray(load_image(tmp_path / "clear.png")).min() == 255  # transparent -> white
+    assert load_image(tmp_path / "rot.jpg").size == (10, 30)
+
+
+def test_huge_images_are_refused_before_decoding(tmp_path):
+    Image.new("RGB", (400, 300)).save(tmp_path / "big.png")
+    with pytest.raises(ImageError, match="400x300 pixels is more than the limit of 100,000"):
+        load_image(tmp_path / "big.png", max_pixels=100_000)
+
+
+def test_shared_robustness_files():
+    root = shared_path("datasets", "robustness")
+    for f in sorted((root / "corrupt").iterdir()):
+        with pytest.raises(ImageError, match=f.name):
+            load_image(f)
+    for f in sorted((root / "odd_formats").iterdir()):
+        if "cannot_open" in f.name:
+            continue
+        im = load_image(f)
+        assert im.mode == "RGB" and min(im.size) >= 1
+    assert load_image(root / "odd_formats" / "male__exif_orientation6.jpg").size == (285, 445)
+
+
+def test_eval_preset_normalises_with_the_backbone_statistics():
+    prep = Preprocessing(image_size=8, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    img = torch.full((3, 8, 8), 255, dtype=torch.uint8)
+    assert torch.allclose(EvalPreset(prep)(img), torch.ones(3, 8, 8))
+    img[0] = 0
+    assert torch.allclose(EvalPreset(prep)(img)[0], -torch.ones(8, 8))
+
+
+@pytest.mark.parametrize("kind", ["report", "strong", "none"])
+def test_train_preset_keeps_size_and_range(kind):
+    prep = Preprocessing(image_size=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    torch.manual_seed(0)
+    img = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
+    out = TrainPreset(prep, kind)(img)
+    assert out.shape == (3, 32, 32) and out.dtype == torch.float32
+    assert out.min() >= -1.0 - 1e-6 and out.max() <= 1.0 + 1e-6
+    if kind == "none":
+        assert torch.equal(out, EvalPreset(prep)(img))
+
+
+def test_preprocessing_round_trips_through_a_plain_dict():
+    prep = Preprocessing(image_size=96, mean=(0.1, 0.2, 0.3), std=(0.4, 0.5, 0.6), face={"size": 96})
+    d = prep.to_dict()
+    assert isinstance(d["mean"], list)
+    assert Preprocessing.from_dict(d) == prep
+    im = Image.new("RGB", (50, 20), (10, 20, 30))
+    assert ImagePreparer(Preprocessing(image_size=24))(im).shape == (3, 24, 24)
