@@ -140,6 +140,7 @@ def _add_predict(sub) -> None:
     p.add_argument("--tta", action=BOOL, default=None, help="flip test-time augmentation (default: as trained)")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--annotate", metavar="DIR", help="also write copies of the images with boxes and labels into DIR")
 
 
 def _run_predict(args) -> int:
@@ -150,6 +151,11 @@ def _run_predict(args) -> int:
         kwargs["tta"] = args.tta
     predictor = Predictor.from_file(args.model, device=args.device, **kwargs)
     results = predictor.predict_paths(args.images)
+    if getattr(args, "annotate", None):
+        from facegender.annotate import annotate_results
+
+        written = annotate_results(results, args.annotate, predictor.classes)
+        print(f"annotated {len(written)} image(s) into {args.annotate}", file=sys.stderr)
     if args.json:
         print(json.dumps(results, indent=2, ensure_ascii=False))
     elif args.csv:
@@ -171,12 +177,91 @@ def _run_predict(args) -> int:
     return 1 if failed else 0
 
 
+# ----------------------------------------------------------------------------- prepare
+
+def _add_prepare(sub) -> None:
+    p = sub.add_parser("prepare", help="detect and align the faces of a dataset once, into a new dataset folder",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Align the largest face of every image of DATASET/train and DATASET/test into "
+                                   "OUT (same relative paths). OUT trains like any dataset and records the face "
+                                   "stage, so models trained on it align faces at predict time. Resumable.")
+    p.add_argument("--data", required=True, help="dataset folder with train/ (and test/), one subfolder per class")
+    p.add_argument("--out", required=True, help="new folder for the aligned dataset")
+    p.add_argument("--single-face-only", action="store_true",
+                   help="leave out images with several faces (default: keep the largest face)")
+    p.add_argument("--skip-bad", action="store_true", help="leave unreadable images out instead of failing")
+    p.add_argument("--format", choices=["jpg", "png"], default="jpg", help="output format (jpg: quality 95)")
+    p.add_argument("--size", type=int, help="aligned crop size in pixels (default 224)")
+    p.add_argument("--margin", type=float, help="context around the face (default 0.3, see faces.py)")
+    p.add_argument("--refine-steps", type=int, help="landmark refinement rounds (default 2)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _run_prepare(args) -> int:
+    from facegender.prepare import prepare_dataset
+
+    face = {k: v for k, v in (("size", args.size), ("margin", args.margin),
+                              ("refine_steps", args.refine_steps)) if v is not None}
+    prepare_dataset(args.data, args.out, face, single_face_only=args.single_face_only, skip_bad=args.skip_bad,
+                    fmt=args.format, progress=not args.quiet)
+    return 0
+
+
+# ----------------------------------------------------------------------------- import
+
+def _add_import(sub) -> None:
+    p = sub.add_parser("import", help="turn a downloaded data set (UTKFace, or a CSV of path,label) into a dataset")
+    kinds = p.add_subparsers(dest="source", required=True, metavar="SOURCE")
+    utk = kinds.add_parser("utkface", help="UTKFace folder (age_gender_race_date.jpg names)",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    utk.add_argument("src", help="folder with the UTKFace images (searched recursively)")
+    utk.add_argument("out", help="new dataset folder (train/, test/, groups.csv)")
+    table = kinds.add_parser("csv", help="CSV with path,label columns (and optional group columns)",
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    table.add_argument("labels", metavar="LABELS.csv", help="paths are relative to the CSV's folder unless absolute")
+    table.add_argument("out", help="new dataset folder (train/, test/, groups.csv)")
+    table.add_argument("--root", help="folder the CSV's relative paths start from (default: the CSV's folder)")
+    for q in (utk, table):
+        q.add_argument("--test-fraction", type=float, default=0.2, help="share of each class put into test/")
+        q.add_argument("--seed", type=int, default=42, help="seed of the stratified split")
+        q.add_argument("--link", choices=["copy", "hardlink", "symlink"], default="copy",
+                       help="how images are placed in OUT")
+        q.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+
+
+def _run_import(args) -> int:
+    from facegender.imports import import_csv, import_utkface
+
+    common = dict(test_fraction=args.test_fraction, seed=args.seed, link=args.link, overwrite=args.overwrite)
+    try:
+        if args.source == "utkface":
+            summary = import_utkface(args.src, args.out, **common)
+        else:
+            summary = import_csv(args.labels, args.out, root=args.root, **common)
+    except FileExistsError as exc:
+        print(f"facegender import: error: {exc} (pass --overwrite to replace it)", file=sys.stderr)
+        return 1
+    counts = summary["counts"]
+    print(f"imported {summary['n_images']} images into {summary['out']}: "
+          + "; ".join(f"{split} " + ", ".join(f"{c} {n}" for c, n in counts[split].items()) for split in counts))
+    if summary["n_skipped"]:
+        print(f"skipped {summary['n_skipped']} entr{'y' if summary['n_skipped'] == 1 else 'ies'}:")
+        for item in summary["skipped"][:20]:
+            print(f"  - {item.get('path')}: {item.get('reason')}")
+        if summary["n_skipped"] > 20:
+            print(f"  ... and {summary['n_skipped'] - 20} more")
+    print(f"next: facegender train --data {summary['out']}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- entry point
 
 COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "train": (_add_train, _run_train),
     "evaluate": (_add_evaluate, _run_evaluate),
     "predict": (_add_predict, _run_predict),
+    "prepare": (_add_prepare, _run_prepare),
+    "import": (_add_import, _run_import),
 }
 
 

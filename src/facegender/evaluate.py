@@ -75,7 +75,9 @@ def evaluate_model(model_path: str, data_dir: str, out: str | None = None, batch
     if problems and not skip_bad:
         raise DatasetError("\n".join(problems))
     prep = Preprocessing.from_dict(record["preprocessing"])
-    loader = ImageLoader(ImagePreparer(prep))
+    from facegender.prepare import loader_preprocessing
+
+    loader = ImageLoader(ImagePreparer(loader_preprocessing(prep, data_dir, log)))  # no 2nd alignment
     loaded = load_split(split, loader, skip_bad=skip_bad, desc="reading images", progress=progress)
     dev = select_device(device)
     precision = select_precision("auto", dev)

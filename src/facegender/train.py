@@ -4,6 +4,7 @@ validation split, evaluate once on DATASET/test, and write everything into the r
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import math
 import random
@@ -52,10 +53,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def preprocessing_for(cfg: TrainConfig) -> Preprocessing:
+def preprocessing_for(cfg: TrainConfig, prepared: dict | None = None) -> Preprocessing:
+    """The recorded preprocessing. `prepared` (the marker of a `facegender prepare` folder) records
+    the face stage that folder's images already went through, so predict aligns new photos alike."""
     spec = get_spec(cfg.backbone)
     face = None
-    if cfg.align:
+    if prepared is not None:
+        from facegender.faces import FaceAlignConfig
+
+        face = FaceAlignConfig.from_dict({**prepared["face"], "size": cfg.image_size}).to_dict()
+    elif cfg.align:
         from facegender.faces import FaceAlignConfig
 
         face = FaceAlignConfig.from_dict({"size": cfg.image_size, **(cfg.face or {})}).to_dict()
@@ -71,8 +78,16 @@ def prepare_data(cfg: TrainConfig, scanned, log: Callable[[str], None] = print, 
         val_split = test_split
     else:
         train_split, val_split = split_train_val(train_split, cfg.val_fraction, cfg.seed)
-    prep = preprocessing_for(cfg)
-    loader = ImageLoader(ImagePreparer(prep))
+    from facegender.prepare import read_marker
+
+    prepared = read_marker(cfg.data)
+    prep = preprocessing_for(cfg, prepared)
+    if prepared is not None:  # already aligned by `facegender prepare`: record the face stage, only resize
+        log(f"note: {cfg.data} holds faces aligned by `facegender prepare`; the model records that face stage "
+            "and training only resizes them" + (" (--align is not applied twice)" if cfg.align else ""))
+        loader = ImageLoader(ImagePreparer(dataclasses.replace(prep, face=None)))
+    else:
+        loader = ImageLoader(ImagePreparer(prep))
     read = dict(loader=loader, keep=cfg.cache, skip_bad=cfg.skip_bad, progress=progress)
     train = load_split(train_split, desc="reading train images", **read)
     val = load_split(val_split, desc="reading validation images", **read)
