@@ -19,6 +19,8 @@ EXAMPLES = """examples:
   facegender train --resume output/gender_checkpoint.pth
   facegender evaluate --model output/best_model.pth --data DATASET/test
   facegender predict --model output/best_model.pth photo1.jpg photo2.png --json
+  facegender export --model output/best_model.pth --out model.onnx --data DATASET
+  facegender serve --model output/best_model.pth            # http://127.0.0.1:8000/
 """
 
 
@@ -254,12 +256,68 @@ def _run_import(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- export
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="write the model as ONNX (runs without PyTorch), checked against PyTorch",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="best_model.pth from train")
+    p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.add_argument("--data", help="images for the parity check: DATASET (its test/ is used) or any image folder; "
+                                  "default: synthetic images")
+    p.add_argument("--parity-images", type=int, default=64, help="how many images the parity check uses")
+    p.add_argument("--tolerance", type=float, default=1e-3,
+                   help="largest allowed |p_onnx - p_torch| on the parity images")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset version")
+
+
+def _run_export(args) -> int:
+    from facegender.export import ParityError, export_onnx
+
+    try:
+        export_onnx(args.model, args.out, data=args.data, opset=args.opset, tolerance=args.tolerance,
+                    parity_count=args.parity_images)
+    except ParityError as exc:
+        print(f"facegender export: parity check failed: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ----------------------------------------------------------------------------- serve
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="HTTP API and web page: POST /predict, GET /, /health, /model, /docs",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="best_model.pth or an exported .onnx")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on; anything but loopback lets other machines in (warns)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="auto", help="for .pth models: auto, cpu, cuda, ...")
+    p.add_argument("--max-file-mb", type=float, default=20, help="largest uploaded file")
+    p.add_argument("--max-request-mb", type=float, default=64, help="largest request body")
+    p.add_argument("--max-files", type=int, default=32, help="most files in one request")
+    p.add_argument("--max-pixels", type=int, default=40_000_000, help="most pixels (width x height) of one image")
+    p.add_argument("--max-concurrent", type=int, default=2, help="requests running inference at the same time")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def _run_serve(args) -> int:
+    from facegender.serve import MB, serve
+
+    serve(args.model, host=args.host, port=args.port, device=args.device, log_level=args.log_level,
+          max_file_bytes=int(args.max_file_mb * MB), max_request_bytes=int(args.max_request_mb * MB),
+          max_files=args.max_files, max_pixels=args.max_pixels, max_concurrent=args.max_concurrent)
+    return 0
+
+
 # ----------------------------------------------------------------------------- entry point
 
 COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "train": (_add_train, _run_train),
     "evaluate": (_add_evaluate, _run_evaluate),
     "predict": (_add_predict, _run_predict),
+    "export": (_add_export, _run_export),
+    "serve": (_add_serve, _run_serve),
     "prepare": (_add_prepare, _run_prepare),
     "import": (_add_import, _run_import),
 }
