@@ -108,20 +108,40 @@ def _add_evaluate(sub) -> None:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="best_model.pth from train")
     p.add_argument("--data", required=True, help="folder with one subfolder per class, e.g. DATASET/test")
-    p.add_argument("--out", help="write metrics.json and confusion_matrix.png here")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--tta", action=BOOL, default=None, help="flip test-time augmentation (default: as trained)")
-    p.add_argument("--skip-bad", action="store_true", help="leave unreadable images out")
+    p.add_argument("--out", help="write metrics.json, predictions.csv and the figures (confusion matrix, "
+                                 "reliability diagrams, coverage curve, per-group charts) here")
+    _add_analysis_options(p)
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_analysis_options(p) -> None:
+    """Options shared by evaluate and report."""
+    p.add_argument("--groups", metavar="CSV", help="per-group accuracy and recall: CSV with a path column (relative "
+                   "to the data folder or its parent, as `facegender import` writes groups.csv) and group columns")
+    p.add_argument("--min-group-size", type=int, default=30, help="groups with fewer images are flagged 'too few'")
+    p.add_argument("--min-confidence", type=float, metavar="P",
+                   help="also report coverage and accuracy when predictions below P are 'uncertain'")
+    p.add_argument("--tta", nargs="?", const="flip", choices=["flip", "none"], default=None,
+                   help="test-time augmentation: --tta / --tta flip (mirror-image averaging; the plain model is "
+                        "reported beside it), --tta none or --no-tta; not given: as the model was trained")
+    p.add_argument("--no-tta", dest="tta", action="store_const", const="none", help=argparse.SUPPRESS)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--skip-bad", action="store_true", help="leave unreadable images out")
+
+
+def _tta(args) -> bool | None:
+    return None if args.tta is None else args.tta == "flip"
 
 
 def _run_evaluate(args) -> int:
     from facegender.evaluate import evaluate_model
 
-    metrics = evaluate_model(args.model, args.data, args.out, args.batch_size, args.device, args.tta,
-                             args.skip_bad, log=(lambda s: None) if args.json else print, progress=not args.quiet)
+    metrics = evaluate_model(args.model, args.data, args.out, args.batch_size, args.device, _tta(args),
+                             args.skip_bad, log=(lambda s: None) if args.json else print, progress=not args.quiet,
+                             groups=args.groups, min_confidence=args.min_confidence,
+                             min_group_size=args.min_group_size)
     if args.json:
         print(json.dumps(metrics, indent=2, ensure_ascii=False))
     return 0
@@ -256,6 +276,71 @@ def _run_import(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- cv
+
+def _add_cv(sub) -> None:
+    # Every train option, taken from the train parser itself so the two never drift apart.
+    scratch = argparse.ArgumentParser(add_help=False).add_subparsers()
+    _add_train(scratch)
+    p = sub.add_parser("cv", parents=[scratch.choices["train"]], conflict_handler="resolve",
+                       help="stratified k-fold cross-validation of a training recipe on DATASET/train",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Train the recipe once per fold of a seeded stratified k-fold split of "
+                                   "DATASET/train (each fold's held-out part validates and stops training early), "
+                                   "and report mean ± std of accuracy and per-class recall. Folds run one after "
+                                   "another in OUT/fold_<k>/; rerunning the same command skips finished folds "
+                                   "and resumes an interrupted one. Takes every train option.")
+    g = p.add_argument_group("cross-validation")
+    g.add_argument("--folds", type=int, default=5, help="number of folds")
+    g.add_argument("--time-budget", type=float, metavar="MINUTES",
+                   help="start no new fold after this many minutes (rerun to continue)")
+
+
+def _run_cv(args) -> int:
+    from facegender.config import build_config
+    from facegender.cv import run_cv
+    from facegender.train import TrainingInterrupted
+
+    if args.resume:
+        raise ValueError("cv resumes by itself: run the same cv command again (finished folds are skipped, an "
+                         "interrupted fold continues from its gender_checkpoint.pth)")
+    if not args.data:
+        raise ValueError("--data DATASET is required")
+    values = {k: getattr(args, k) for k in _TRAIN_KEYS}
+    values["out"] = args.out or "cv_output"
+    cfg = build_config(args.preset, **values)
+    try:
+        run_cv(cfg, args.folds, args.time_budget, progress=not args.quiet)
+    except TrainingInterrupted:
+        return 130
+    return 0
+
+
+# ----------------------------------------------------------------------------- report
+
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", help="one self-contained HTML evaluation report of a model",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Evaluate a model on labelled images and write one HTML file (figures and "
+                                   "thumbnails embedded): run config, training curves, confusion matrix, per-class "
+                                   "metrics, calibration, per-group accuracy, coverage curve, most confident mistakes.")
+    p.add_argument("--model", required=True, help="best_model.pth from train")
+    p.add_argument("--data", required=True, help="folder with one subfolder per class, e.g. DATASET/test "
+                                                 "(DATASET/groups.csv is used when --groups is not given)")
+    p.add_argument("--out", default="report.html", help="the HTML file to write")
+    p.add_argument("--mistakes", type=int, default=12, help="how many confident mistakes to show")
+    _add_analysis_options(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _run_report(args) -> int:
+    from facegender.report import build_report
+
+    build_report(args.model, args.data, args.out, args.groups, args.min_confidence, args.min_group_size,
+                 _tta(args), args.batch_size, args.device, args.skip_bad, args.mistakes, progress=not args.quiet)
+    return 0
+
+
 # ----------------------------------------------------------------------------- export
 
 def _add_export(sub) -> None:
@@ -316,10 +401,12 @@ COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "train": (_add_train, _run_train),
     "evaluate": (_add_evaluate, _run_evaluate),
     "predict": (_add_predict, _run_predict),
-    "export": (_add_export, _run_export),
-    "serve": (_add_serve, _run_serve),
     "prepare": (_add_prepare, _run_prepare),
     "import": (_add_import, _run_import),
+    "cv": (_add_cv, _run_cv),
+    "report": (_add_report, _run_report),
+    "export": (_add_export, _run_export),
+    "serve": (_add_serve, _run_serve),
 }
 
 

@@ -19,6 +19,8 @@ class TrainConfig:
     out: str = "output"                  # run folder
     val_fraction: float = 0.15           # stratified validation split carved from train/
     val_on_test: bool = False            # the report's protocol: select/stop on test/ (optimistic)
+    cv_folds: int = 0                    # `facegender cv`: number of stratified folds of train/ ...
+    cv_fold: int = 0                     # ... and which one (1..cv_folds) is this run's validation part
     skip_bad: bool = False               # skip unreadable files instead of failing
     cache: bool = True                   # keep decoded, resized images in memory between epochs
     align: bool = False                  # detect + align faces before training (see faces.py)
@@ -114,6 +116,9 @@ def validate(cfg: TrainConfig) -> None:
         problems.append(f"--val-fraction must be in [0, 1), got {cfg.val_fraction}")
     if cfg.val_fraction == 0.0 and not cfg.val_on_test:
         problems.append("--val-fraction 0 needs --val-on-test (something must choose the best epoch)")
+    if cfg.cv_fold and not (cfg.cv_folds >= 2 and 1 <= cfg.cv_fold <= cfg.cv_folds and not cfg.val_on_test):
+        problems.append(f"cross-validation fold {cfg.cv_fold} of {cfg.cv_folds}: need 2 or more folds, "
+                        "fold between 1 and the number of folds, and no --val-on-test")
     if cfg.monitor not in ("val_acc", "val_loss"):
         problems.append(f"--monitor must be val_acc or val_loss, got {cfg.monitor!r}")
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.patience < 1:

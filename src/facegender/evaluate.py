@@ -52,13 +52,10 @@ def write_evaluation(report: dict, metrics: dict | None, classes: list[str], out
                               f"{title}: accuracy {metrics['accuracy']:.3f} (n={metrics['n']})")
 
 
-def evaluate_model(model_path: str, data_dir: str, out: str | None = None, batch_size: int = 64,
-                   device: str = "auto", tta: bool | None = None, skip_bad: bool = False,
-                   log: Callable[[str], None] = print, progress: bool = True) -> dict[str, Any]:
-    """Metrics of the model at `model_path` on `data_dir`/<class>/* (class names must be the model's).
-
-    `tta` None uses what the model was trained with. Writes metrics.json and confusion_matrix.png
-    into `out` when given."""
+def load_labelled(model_path: str, data_dir: str, skip_bad: bool = False, log: Callable[[str], None] = print,
+                  progress: bool = True):
+    """(model, record, loaded images, preprocessing, image loader) for evaluating the model at
+    `model_path` on `data_dir`/<class>/* (class folders must be classes of the model)."""
     model, record = ckpt.load_model(model_path)
     classes = record["classes"]
     data_dir = Path(data_dir)
@@ -79,18 +76,45 @@ def evaluate_model(model_path: str, data_dir: str, out: str | None = None, batch
 
     loader = ImageLoader(ImagePreparer(loader_preprocessing(prep, data_dir, log)))  # no 2nd alignment
     loaded = load_split(split, loader, skip_bad=skip_bad, desc="reading images", progress=progress)
+    return model, record, loaded, prep, loader
+
+
+def evaluate_model(model_path: str, data_dir: str, out: str | None = None, batch_size: int = 64,
+                   device: str = "auto", tta: bool | None = None, skip_bad: bool = False,
+                   log: Callable[[str], None] = print, progress: bool = True, groups: str | None = None,
+                   min_confidence: float | None = None, min_group_size: int = 30) -> dict[str, Any]:
+    """Metrics of the model at `model_path` on `data_dir`/<class>/* (class names must be the model's).
+
+    `tta` None uses what the model was trained with; with TTA on, the metrics without it are reported
+    too (`without_tta`). Adds reliability bins, the coverage curve and, when given, accuracy at
+    `min_confidence` and per-group metrics from the `groups` CSV (see `report.analyse`). Writes
+    metrics.json, predictions.csv and the figures (confusion matrix, reliability before/after
+    temperature, coverage, one chart per group column) into `out` when given."""
+    from facegender.report import analyse, describe, predictions_csv, predict_loaded, read_groups, write_figures
+
+    model, record, loaded, prep, loader = load_labelled(model_path, data_dir, skip_bad, log, progress)
+    classes, data_dir = record["classes"], Path(data_dir)
     dev = select_device(device)
     precision = select_precision("auto", dev)
     model.to(dev)
     tta = record.get("tta", False) if tta is None else tta
-    result = evaluate(model, make_loader(FaceDataset(loaded, EvalPreset(prep)), batch_size, False),
-                      nn.CrossEntropyLoss(), dev, precision, tta=tta, progress=progress)
-    metrics = compute_metrics(result["logits"], result["labels"], classes, record.get("temperature", 1.0))
-    metrics.update(model=str(model_path), data=str(data_dir), tta=tta, skipped_files=loaded.bad)
+    group_values, matched = read_groups(groups, loaded.split.paths, data_dir) if groups else (None, 0)
+    pred = predict_loaded(model, loaded, prep, classes, record.get("temperature", 1.0), tta, dev, precision,
+                          batch_size, loader=loader, progress=progress)
+    metrics = analyse(pred, group_values, min_confidence, min_group_size)
+    metrics.update(model=str(model_path), data=str(data_dir), skipped_files=loaded.bad)
+    if groups:
+        metrics.update(groups_file=str(groups), groups_matched=matched)
+        if matched < len(pred.paths):
+            log(f"note: {len(pred.paths) - matched} image(s) have no row in {groups}; their group is 'unknown'")
     if out:
-        write_evaluation(metrics, metrics, classes, Path(out), title=data_dir.name)
+        write_evaluation(metrics, None, classes, Path(out))
+        write_figures(metrics, out, title=data_dir.name)
+        ckpt.write_text_atomic(predictions_csv(pred), Path(out) / "predictions.csv")
     log(f"{data_dir}: accuracy {metrics['accuracy']:.4f} (n={metrics['n']}, 95% CI "
         f"{metrics['accuracy_ci'][0]:.3f}-{metrics['accuracy_ci'][1]:.3f}); "
         + ", ".join(f"recall {c} {v['recall']:.3f}" for c, v in metrics["per_class"].items())
         + f"; ECE {metrics['ece']:.4f} -> {metrics['ece_calibrated']:.4f} calibrated")
+    for line in describe(metrics):
+        log(line)
     return metrics

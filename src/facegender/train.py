@@ -76,6 +76,10 @@ def prepare_data(cfg: TrainConfig, scanned, log: Callable[[str], None] = print, 
         log("WARNING: --val-on-test: the best epoch and early stopping are chosen on the test set, as in the "
             "course report. The test accuracy is then optimistic; the default validation split is honest.")
         val_split = test_split
+    elif cfg.cv_fold:  # `facegender cv`: this fold of a stratified k-fold split validates
+        from facegender.cv import fold_split
+
+        train_split, val_split = fold_split(train_split, cfg.cv_folds, cfg.cv_fold, cfg.seed)
     else:
         train_split, val_split = split_train_val(train_split, cfg.val_fraction, cfg.seed)
     from facegender.prepare import read_marker
@@ -285,6 +289,9 @@ def finish(cfg: TrainConfig, out: Path, data: RunData, device, precision: str, c
     }
     write_evaluation(summary, test_metrics, data.classes, out, title="Test set" if not cfg.val_on_test
                      else "Test set (also used for model selection)")
+    from facegender.report import write_run_report
+
+    write_run_report(cfg, out, data, log, progress)  # report.html: test metrics, calibration, groups, mistakes
     log(format_summary(summary, out))
     return summary
 
@@ -311,6 +318,6 @@ def format_summary(summary: dict, out: Path) -> str:
         lines.append(f" skipped unreadable files: {summary['skipped_files']}")
     lines += [f" time: {summary['train_seconds']:.0f} s", f" files in {out}/:",
               f"   {BEST_MODEL} (best epoch, for evaluate/predict/serve/export), {CHECKPOINT} (resume),",
-              "   summary.csv, config.yaml, loss_curve.png, accuracy_curve.png, confusion_matrix.png, metrics.json",
+              "   summary.csv, config.yaml, loss_curve.png, accuracy_curve.png, confusion_matrix.png, metrics.json, report.html",
               "=" * 64]
     return "\n".join(lines)
