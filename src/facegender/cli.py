@@ -73,13 +73,17 @@ def _add_train(sub) -> None:
                    help="auto: bf16/fp16 where the hardware is fast at it, else fp32")
     g.add_argument("--channels-last", action=BOOL, default=None, help="channels-last memory format (default on)")
     g.add_argument("--workers", type=int, help="DataLoader worker processes (default 0)")
+    g.add_argument("--compile", action=BOOL, default=None,
+                   help="torch.compile the model for training (compiles first; model files stay plain)")
+    g.add_argument("--sync-bn", action=BOOL, default=None,
+                   help="with torchrun on CUDA: batch-norm statistics over all processes (docs/scaling.md)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 _TRAIN_KEYS = ["data", "out", "val_fraction", "val_on_test", "skip_bad", "cache", "align", "backbone", "weights",
                "pretrained", "image_size", "dropout", "freeze_stem", "epochs", "batch_size", "lr", "optimizer",
                "weight_decay", "scheduler", "warmup_epochs", "label_smoothing", "augment", "patience", "monitor",
-               "tta", "seed", "device", "precision", "channels_last", "workers"]
+               "tta", "seed", "device", "precision", "channels_last", "workers", "compile", "sync_bn"]
 
 
 def _run_train(args) -> int:
@@ -89,7 +93,7 @@ def _run_train(args) -> int:
     try:
         if args.resume:
             cfg, state = resume_config(args.resume, epochs=args.epochs, data=args.data, device=args.device,
-                                       workers=args.workers)
+                                       workers=args.workers, compile=args.compile, sync_bn=args.sync_bn)
         else:
             if not args.data:
                 raise ValueError("--data DATASET is required (or --resume CHECKPOINT)")

@@ -51,6 +51,8 @@ class TrainConfig:
     precision: str = "auto"              # auto | fp32 | bf16 | fp16
     channels_last: bool = True
     workers: int = 0                     # DataLoader workers (0: load in the training process)
+    sync_bn: bool = False                # torchrun with CUDA: batch-norm statistics over all processes
+    compile: bool = False                # torch.compile the training model (checkpoints stay plain)
     preset: str | None = None
 
     def to_dict(self) -> dict[str, Any]:

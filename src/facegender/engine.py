@@ -116,6 +116,11 @@ def evaluate(model: nn.Module, loader, criterion, device: torch.device, precisio
              channels_last: bool = False, tta: bool = False, desc: str = "eval", progress: bool = True) -> dict:
     """{'loss', 'acc', 'n', 'logits', 'labels'} on `loader` (model in eval mode, no gradients)."""
     logits, labels = predict_logits(model, loader, device, precision, channels_last, tta, desc, progress)
+    return summarize_logits(logits, labels, criterion)
+
+
+def summarize_logits(logits: torch.Tensor, labels: torch.Tensor, criterion) -> dict:
+    """{'loss', 'acc', 'n', 'logits', 'labels'} of logits already computed (also for gathered ones)."""
     n = labels.numel()
     if n == 0:
         return {"loss": float("nan"), "acc": float("nan"), "n": 0, "logits": logits, "labels": labels}

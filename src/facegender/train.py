@@ -19,6 +19,7 @@ import yaml
 from torch import nn
 
 from facegender import checkpoint as ckpt
+from facegender import distributed
 from facegender.config import TrainConfig
 from facegender.data import (FaceDataset, ImageLoader, LoadedSplit, load_split, make_loader, scan_dataset,
                              split_train_val)
@@ -157,10 +158,24 @@ def train(cfg: TrainConfig, state: dict | None = None, log: Callable[[str], None
           progress: bool = True) -> dict:
     """Train, select, evaluate; returns the run summary (also in metrics.json). `state` (from
     `resume_config`) continues an interrupted run. Raises TrainingInterrupted on Ctrl-C after
-    saying how to resume."""
+    saying how to resume.
+
+    Started by torchrun (WORLD_SIZE > 1), every process calls this and they train together with
+    DistributedDataParallel; only rank 0 logs and writes files (see distributed.py)."""
+    ctx = distributed.setup(cfg.device)
+    try:
+        if not ctx.is_main:
+            log, progress = (lambda s: None), False
+        return _train(cfg, state, log, progress, ctx)
+    finally:
+        distributed.cleanup(ctx)
+
+
+def _train(cfg: TrainConfig, state: dict | None, log: Callable[[str], None], progress: bool,
+           ctx: distributed.DistContext) -> dict:
     out = Path(cfg.out)
     seed_everything(cfg.seed)
-    device = select_device(cfg.device)
+    device = ctx.device or select_device(cfg.device)
     precision = select_precision(cfg.precision, device)
     channels_last = cfg.channels_last and device.type != "mps"
 
@@ -178,8 +193,11 @@ def train(cfg: TrainConfig, state: dict | None = None, log: Callable[[str], None
     classes = data.classes
     train_set = FaceDataset(data.train, TrainPreset(data.prep, cfg.augment), data.loader)
     eval_tf = EvalPreset(data.prep)
-    train_loader = make_loader(train_set, cfg.batch_size, shuffle=True, workers=cfg.workers, seed=cfg.seed)
-    val_loader = make_loader(FaceDataset(data.val, eval_tf, data.loader), cfg.batch_size * 2, False, cfg.workers)
+    sampler = distributed.train_sampler(train_set, ctx, cfg.seed)  # None in a single process
+    train_loader = make_loader(train_set, cfg.batch_size, shuffle=True, workers=cfg.workers, seed=cfg.seed,
+                               sampler=sampler)
+    val_loader = make_loader(FaceDataset(data.val, eval_tf, data.loader), cfg.batch_size * 2, False, cfg.workers,
+                             sampler=distributed.shard_sampler(len(data.val.split), ctx))
     optimizer = make_optimizer(cfg, model)
     scheduler = make_scheduler(cfg, optimizer, len(train_loader))
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
@@ -193,14 +211,24 @@ def train(cfg: TrainConfig, state: dict | None = None, log: Callable[[str], None
         optimizer.load_state_dict(state["optimizer_state"])
         if scheduler is not None and state.get("scheduler_state"):
             scheduler.load_state_dict(state["scheduler_state"])
+            distributed.align_schedule(scheduler, optimizer, state["epoch"] * len(train_loader))
         stopper.load_state_dict(state["early_stopping"])
         history = list(state["history"])
         start_epoch = state["epoch"] + 1
         ckpt.set_rng_state(state["rng_state"])
         log(f"Resuming {out / CHECKPOINT} after epoch {state['epoch']} (best so far: epoch {stopper.best_epoch}).")
+    distributed.decorrelate_rng(ctx, cfg.seed, start_epoch)
+    net = distributed.prepare_model(model, ctx, cfg.sync_bn, cfg.compile)  # DDP / compiled; `model` stays plain
+    if ctx.enabled:
+        log(f"DistributedDataParallel: {ctx.world_size} processes x batch {cfg.batch_size} = global batch "
+            f"{ctx.world_size * cfg.batch_size}{', SyncBatchNorm' if cfg.sync_bn else ''}")
+    elif cfg.sync_bn:
+        log("note: --sync-bn has no effect in a single process")
 
     out.mkdir(parents=True, exist_ok=True)
-    ckpt.write_text_atomic(yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True), out / "config.yaml")
+    if ctx.is_main:
+        ckpt.write_text_atomic(yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True),
+                               out / "config.yaml")
     val_name = "test (--val-on-test)" if cfg.val_on_test else "validation"
     log(f"{cfg.backbone} ({'ImageNet: ' + weights_source if cfg.pretrained else 'random weights'}) on {device}, "
         f"{precision}{', channels_last' if channels_last else ''}; classes {classes}; "
@@ -216,20 +244,27 @@ def train(cfg: TrainConfig, state: dict | None = None, log: Callable[[str], None
         for epoch in range(start_epoch, cfg.epochs + 1):
             if stopper.should_stop:
                 break
-            train_loader.generator.manual_seed(cfg.seed + epoch)
-            tr = train_one_epoch(model, train_loader, criterion, optimizer, device, precision, scaler,
+            if sampler is not None:
+                sampler.set_epoch(epoch)  # the same seeded shuffle for any process count: seed + epoch
+            else:
+                train_loader.generator.manual_seed(cfg.seed + epoch)
+            tr = train_one_epoch(net, train_loader, criterion, optimizer, device, precision, scaler,
                                  channels_last, scheduler, desc=f"epoch {epoch}/{cfg.epochs}", progress=progress)
-            va = evaluate(model, val_loader, val_criterion, device, precision, channels_last,
-                          desc="validate", progress=progress)
+            tr = distributed.reduce_train_stats(tr, ctx)
+            va = distributed.evaluate(model, val_loader, val_criterion, device, precision, channels_last, ctx,
+                                      desc="validate", progress=progress)
             row = {"epoch": epoch, "train_loss": round(tr["loss"], 6), "train_acc": round(tr["acc"], 6),
                    "val_loss": round(va["loss"], 6), "val_acc": round(va["acc"], 6),
                    "lr": optimizer.param_groups[0]["lr"], "images_per_sec": round(tr["images_per_sec"], 2),
                    "seconds": round(tr["seconds"], 1)}
             history.append(row)
             improved = stopper.step(va["acc"] if cfg.monitor == "val_acc" else va["loss"], epoch)
+            improved = distributed.sync_early_stopping(stopper, improved, ctx)  # rank 0 decides for all
             log(f"epoch {epoch:3d}  train loss {tr['loss']:.4f} acc {tr['acc']:.4f}  "
                 f"{'val' if not cfg.val_on_test else 'test'} loss {va['loss']:.4f} acc {va['acc']:.4f}  "
                 f"{tr['images_per_sec']:.1f} img/s{'  * best' if improved else ''}")
+            if not ctx.is_main:
+                continue
             if improved:
                 ckpt.save_atomic(record(epoch, metrics={"val_acc": va["acc"], "val_loss": va["loss"]}),
                                  out / BEST_MODEL)
@@ -237,6 +272,7 @@ def train(cfg: TrainConfig, state: dict | None = None, log: Callable[[str], None
                 epoch, optimizer_state=optimizer.state_dict(),
                 scheduler_state=scheduler.state_dict() if scheduler is not None else None,
                 history=history, early_stopping=stopper.state_dict(), rng_state=ckpt.rng_state(),
+                world_size=ctx.world_size,
             ), out / CHECKPOINT)
             write_history(history, out, stopper.best_epoch, val_name)
     except KeyboardInterrupt:
@@ -247,7 +283,10 @@ def train(cfg: TrainConfig, state: dict | None = None, log: Callable[[str], None
         log(msg)
         raise TrainingInterrupted(msg) from None
 
-    return finish(cfg, out, data, device, precision, channels_last, history, stopper, started, log, progress)
+    if not ctx.is_main:  # rank 0 alone evaluates the best epoch on test and writes the reports
+        return distributed.broadcast_object(None, ctx)
+    summary = finish(cfg, out, data, device, precision, channels_last, history, stopper, started, log, progress)
+    return distributed.broadcast_object(summary, ctx)
 
 
 def finish(cfg: TrainConfig, out: Path, data: RunData, device, precision: str, channels_last: bool,
