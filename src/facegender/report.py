@@ -321,7 +321,7 @@ th,td{border:1px solid #ccd;padding:4px 9px;text-align:left;vertical-align:top}
 th{background:#eef1f6} td.num{text-align:right;font-variant-numeric:tabular-nums}
 tr.few td{color:#888;font-style:italic}
 .figs{display:flex;flex-wrap:wrap;gap:14px}
-.figs img{max-width:calc(50% - 8px);height:auto;border:1px solid #e3e3e3}
+.figs img{max-width:calc(50% - 10px);height:auto;border:1px solid #e3e3e3;box-sizing:border-box}
 .figs img:only-child{max-width:100%}
 .cols{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start}
 .note{color:#555;font-size:.92em}
@@ -424,7 +424,7 @@ def render_html(metrics: dict, record: dict, figures: Mapping[str, Path], galler
         if isinstance(m, dict):
             info.append((f"recorded {split} metrics", ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                                  for k, v in m.items())))
-    body = _table(["model", "value"], [[_td(k), _td(v)] for k, v in info])
+    body = _table(["model", "value"], [[_td(k), _td(f"{v:.4g}" if isinstance(v, float) else v)] for k, v in info])
     config = list((record.get("config") or {}).items())
     if config:
         third = -(-len(config) // 3)
@@ -493,6 +493,9 @@ def render_html(metrics: dict, record: dict, figures: Mapping[str, Path], galler
                 body += "</p>"
             if g.get("note"):
                 body += f'<p class="note">{_e(g["note"])}</p>'
+            elif sum(not v["too_few"] for v in g["groups"].values()) == 1:
+                body += (f'<p class="note">Only one group has {g["min_count"]} or more images, so there is no '
+                         'reliable gap to measure; the smaller groups are shown but not compared.</p>')
             key = f"groups_{column}"
             if key in figures:
                 body += f'<div class="figs">{_img(figures[key], f"accuracy by {column}")}</div>'
