@@ -310,17 +310,22 @@ def test_is_loopback():
     assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "192.168.1.5", "example.org"))
 
 
-def test_serve_warns_when_not_on_loopback(aligned_model, monkeypatch, capsys):
+def test_serve_warns_when_not_on_loopback_and_divides_threads(aligned_model, monkeypatch, capsys):
     import uvicorn
 
     from facegender.serve import serve
 
-    calls = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append(kw))
-    serve(aligned_model, host="0.0.0.0", port=8123, device="cpu")
-    assert "WARNING" in capsys.readouterr().out and calls[0]["host"] == "0.0.0.0"
-    serve(aligned_model, port=8124, device="cpu")
-    assert "WARNING" not in capsys.readouterr().out and calls[1]["host"] == "127.0.0.1"
+    calls, threads = [], []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append((app, kw)))
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    serve(aligned_model, host="0.0.0.0", port=8123, device="cpu", max_concurrent=4)
+    assert "WARNING" in capsys.readouterr().out and calls[0][1]["host"] == "0.0.0.0"
+    assert threads == [2] and calls[0][0].state.predictor.detector.threads == 2  # 8 cores / 4 concurrent
+    serve(aligned_model, port=8124, device="cpu", threads=3)
+    out = capsys.readouterr().out
+    assert "WARNING" not in out and "http://127.0.0.1:8124/" in out and calls[1][1]["host"] == "127.0.0.1"
+    assert threads == [2, 3]
 
 
 def _free_port() -> int:

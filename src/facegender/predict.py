@@ -39,7 +39,9 @@ class Predictor:
 
     def __init__(self, classes: Sequence[str], prep: Preprocessing, logits_fn: Callable[[torch.Tensor], np.ndarray],
                  temperature: float = 1.0, tta: bool = False, detect: bool | None = None,
-                 min_confidence: float | None = None, batch_size: int = 32, info: dict | None = None):
+                 min_confidence: float | None = None, batch_size: int = 32, info: dict | None = None,
+                 threads: int | None = None):
+        """`threads`: ONNX Runtime threads of the face detector (None: the runtime's default)."""
         self.classes = list(classes)
         self.prep = prep
         self.logits_fn = logits_fn
@@ -56,15 +58,18 @@ class Predictor:
 
             self.face_config = FaceAlignConfig.from_dict(prep.face)
             if detect is not False:
-                self.detector = FaceDetector(self.face_config)
+                self.detector = FaceDetector(self.face_config, threads=threads)
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike, device: str = "auto", **kwargs: Any) -> "Predictor":
-        """A Predictor for best_model.pth (PyTorch) or an exported .onnx file (onnxruntime)."""
+    def from_file(cls, path: str | os.PathLike, device: str = "auto", threads: int | None = None,
+                  **kwargs: Any) -> "Predictor":
+        """A Predictor for best_model.pth (PyTorch) or an exported .onnx file (onnxruntime).
+        `threads` sets the ONNX Runtime threads (classifier and face detector); PyTorch's are global
+        (`torch.set_num_threads`)."""
         if str(path).lower().endswith(".onnx"):
             from facegender.export import load_onnx_classifier
 
-            logits_fn, meta = load_onnx_classifier(path)
+            logits_fn, meta = load_onnx_classifier(path, threads=threads)
         else:
             from facegender import checkpoint as ckpt
             from facegender.engine import select_device
@@ -74,7 +79,8 @@ class Predictor:
             meta = {k: v for k, v in meta.items() if k != "model_state"}
         kwargs.setdefault("temperature", meta.get("temperature", 1.0))
         kwargs.setdefault("tta", meta.get("tta", False))
-        return cls(meta["classes"], Preprocessing.from_dict(meta["preprocessing"]), logits_fn, info=meta, **kwargs)
+        return cls(meta["classes"], Preprocessing.from_dict(meta["preprocessing"]), logits_fn, info=meta,
+                   threads=threads, **kwargs)
 
     # ------------------------------------------------------------------ crops
 
