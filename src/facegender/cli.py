@@ -387,6 +387,7 @@ def _add_serve(sub) -> None:
     p.add_argument("--max-files", type=int, default=32, help="most files in one request")
     p.add_argument("--max-pixels", type=int, default=40_000_000, help="most pixels (width x height) of one image")
     p.add_argument("--max-concurrent", type=int, default=2, help="requests running inference at the same time")
+    p.add_argument("--threads", type=int, help="threads per inference (default: CPU count / --max-concurrent)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -394,7 +395,7 @@ def _run_serve(args) -> int:
     from facegender.serve import MB, serve
 
     serve(args.model, host=args.host, port=args.port, device=args.device, log_level=args.log_level,
-          max_file_bytes=int(args.max_file_mb * MB), max_request_bytes=int(args.max_request_mb * MB),
+          threads=args.threads, max_file_bytes=int(args.max_file_mb * MB), max_request_bytes=int(args.max_request_mb * MB),
           max_files=args.max_files, max_pixels=args.max_pixels, max_concurrent=args.max_concurrent)
     return 0
 
