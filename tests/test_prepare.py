@@ -116,7 +116,9 @@ def test_trained_on_prepared_folder_records_face_and_does_not_align_again(tmp_pa
     assert metrics["n"] == 4
     predictor = Predictor.from_file(tmp_path / "run" / "best_model.pth", device="cpu")
     assert predictor.detector is not None
-    assert predictor.face_config.size == 48 and predictor.face_config.margin == pytest.approx(0.3)
+    # aligned at the prepared crop size, then resized to the model's input, as in training
+    assert predictor.face_config.size == 64 and predictor.prep.image_size == 48
+    assert predictor.face_config.margin == pytest.approx(0.3)
 
 
 def test_prepare_refuses_its_own_output_and_out_inside_data(tmp_path):

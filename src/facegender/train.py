@@ -56,13 +56,14 @@ def seed_everything(seed: int) -> None:
 
 def preprocessing_for(cfg: TrainConfig, prepared: dict | None = None) -> Preprocessing:
     """The recorded preprocessing. `prepared` (the marker of a `facegender prepare` folder) records
-    the face stage that folder's images already went through, so predict aligns new photos alike."""
+    the face stage that folder's images already went through, crop size included (the crop is then
+    resized to image_size, as in training), so predict aligns new photos alike."""
     spec = get_spec(cfg.backbone)
     face = None
     if prepared is not None:
         from facegender.faces import FaceAlignConfig
 
-        face = FaceAlignConfig.from_dict({**prepared["face"], "size": cfg.image_size}).to_dict()
+        face = FaceAlignConfig.from_dict(prepared["face"]).to_dict()
     elif cfg.align:
         from facegender.faces import FaceAlignConfig
 
