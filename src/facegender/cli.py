@@ -380,14 +380,14 @@ def _add_serve(sub) -> None:
     p.add_argument("--model", required=True, help="best_model.pth or an exported .onnx")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on; anything but loopback lets other machines in (warns)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument("--device", default="auto", help="for .pth models: auto, cpu, cuda, ...")
     p.add_argument("--max-file-mb", type=float, default=20, help="largest uploaded file")
     p.add_argument("--max-request-mb", type=float, default=64, help="largest request body")
     p.add_argument("--max-files", type=int, default=32, help="most files in one request")
     p.add_argument("--max-pixels", type=int, default=40_000_000, help="most pixels (width x height) of one image")
     p.add_argument("--max-concurrent", type=int, default=2, help="requests running inference at the same time")
-    p.add_argument("--threads", type=int, help="threads per inference (default: CPU count / --max-concurrent)")
+    p.add_argument("--threads", type=int, help="threads per inference; None: CPU count / --max-concurrent")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -395,8 +395,9 @@ def _run_serve(args) -> int:
     from facegender.serve import MB, serve
 
     serve(args.model, host=args.host, port=args.port, device=args.device, log_level=args.log_level,
-          threads=args.threads, max_file_bytes=int(args.max_file_mb * MB), max_request_bytes=int(args.max_request_mb * MB),
-          max_files=args.max_files, max_pixels=args.max_pixels, max_concurrent=args.max_concurrent)
+          threads=args.threads, max_file_bytes=int(args.max_file_mb * MB),
+          max_request_bytes=int(args.max_request_mb * MB), max_files=args.max_files, max_pixels=args.max_pixels,
+          max_concurrent=args.max_concurrent)
     return 0
 
 
