@@ -26,11 +26,10 @@ CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 def browser(tmp_path_factory):
     if not (Path(CHROMIUM).is_file() and Path(CHROMEDRIVER).is_file()):
         pytest.skip("headless Chromium not installed (apt-get install -y chromium chromium-driver)")
-    selenium = pytest.importorskip("selenium", reason="selenium is a dev dependency: pip install -e .[dev]")
+    pytest.importorskip("selenium", reason="selenium is a dev dependency: pip install -e .[dev]")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
-    del selenium
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",

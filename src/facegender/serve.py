@@ -30,7 +30,6 @@ import asyncio
 import io
 import ipaddress
 import json
-import logging
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -41,8 +40,6 @@ from typing import Any
 from starlette.exceptions import HTTPException
 
 from facegender.images import ImageError, load_image
-
-log = logging.getLogger("facegender.serve")
 
 MB = 1024 * 1024
 DEFAULT_HOST = "127.0.0.1"
