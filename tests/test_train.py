@@ -188,3 +188,11 @@ def test_cli_train_errors_are_one_clear_message(tmp_path, capsys):
     code = cli_main(["train", "--data", str(tmp_path / "nowhere"), "--quiet"])
     assert code == 1
     assert "dataset folder not found" in capsys.readouterr().err
+
+
+def test_predict_keeps_same_named_uploads_apart(trained_run):
+    predictor = Predictor.from_file(trained_run / "out" / "best_model.pth")
+    good = next((trained_run / "data" / "test" / "pria").iterdir()).read_bytes()
+    results = predictor.predict_sources([("photo.jpg", good), ("photo.jpg", b"junk"), ("photo.jpg", good)])
+    assert [r["status"] for r in results] == ["ok", "error", "ok"]
+    assert "BytesIO" not in results[1]["error"] and "photo.jpg" in results[1]["error"]

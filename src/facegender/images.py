@@ -95,5 +95,8 @@ def load_image(
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(f"{name}: refused as a decompression bomb ({exc})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageError(f"{name}: not a readable image ({exc.__class__.__name__}: {exc}); "
+        reason = str(exc)
+        if "cannot identify image file" in reason:
+            reason = "unknown or damaged image format"
+        raise ImageError(f"{name}: not a readable image ({exc.__class__.__name__}: {reason}); "
                          "replace or delete the file") from None

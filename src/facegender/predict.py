@@ -140,18 +140,18 @@ class Predictor:
     def predict_sources(self, sources: Sequence[tuple[str, Any]], max_pixels: int = DEFAULT_MAX_PIXELS) -> list[dict]:
         """Results for (name, path-or-bytes) pairs. A file that cannot be read gets an `error`
         and the others go on; an image without a face gets `faces: []` and `status: no face found`."""
-        images, names, results = [], [], {}
+        images, positions, results = [], [], []
         for name, src in sources:
             try:
                 im = load_image(src, max_pixels=max_pixels, name=name)
-                results[name] = {"file": name, "width": im.width, "height": im.height}
+                results.append({"file": name, "width": im.width, "height": im.height})
                 images.append(im)
-                names.append(name)
+                positions.append(len(results) - 1)
             except ImageError as exc:
-                results[name] = {"file": name, "error": str(exc), "status": "error", "faces": []}
-        for name, faces in zip(names, self.predict_images(images)):
-            results[name].update(faces=faces, status="ok" if faces else NO_FACE)
-        return [results[name] for name, _ in sources]
+                results.append({"file": name, "error": str(exc), "status": "error", "faces": []})
+        for i, faces in zip(positions, self.predict_images(images)):
+            results[i].update(faces=faces, status="ok" if faces else NO_FACE)
+        return results
 
     def predict_paths(self, paths: Iterable[str | os.PathLike]) -> list[dict]:
         files = expand_paths(paths)
