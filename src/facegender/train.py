@@ -319,7 +319,9 @@ def finish(cfg: TrainConfig, out: Path, data: RunData, device, precision: str, c
         "best_epoch": stopper.best_epoch,
         "epochs_run": len(history),
         "stopped_early": stopper.should_stop,
-        "protocol": "val-on-test (report)" if cfg.val_on_test else f"stratified {cfg.val_fraction:.0%} validation split",
+        "protocol": "val-on-test (report)" if cfg.val_on_test else (
+            f"cross-validation fold {cfg.cv_fold} of {cfg.cv_folds} as validation" if cfg.cv_fold
+            else f"stratified {cfg.val_fraction:.0%} validation split"),
         "temperature": temperature,
         "tta": cfg.tta,
         "skipped_files": len(data.train.bad) + len(data.val.bad) + (len(data.test.bad) if data.test else 0),
