@@ -108,3 +108,9 @@ def test_freeze_stem_stops_gradients_and_batchnorm_updates(name):
     assert all(p.grad is None for s in stem for p in s.parameters())
     assert net.head[1].weight.grad is not None
     assert torch.equal(stem_bn[0].running_mean, before)
+
+
+def test_lite0_batchnorm_follows_fine_tuning_at_pytorch_momentum():
+    net, _ = M.build_model("efficientnet_lite0", num_classes=2, pretrained=False)
+    momenta = {m.momentum for m in net.modules() if isinstance(m, nn.BatchNorm2d)}
+    assert momenta == {0.1}

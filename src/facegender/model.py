@@ -171,12 +171,22 @@ def set_train_mode(model: nn.Module, training: bool) -> None:
 # ----------------------------------------------------------------------------- registry
 
 class _LiteBody(nn.Module):
-    """EfficientNet-Lite features: conv trunk, global average pool, flatten."""
+    """EfficientNet-Lite features: conv trunk, global average pool, flatten.
+
+    The TensorFlow port sets batch-norm momentum to 0.01 (TF decay 0.99). Fine-tuning on a few
+    hundred images is a few dozen steps, after which the running statistics still mostly describe
+    ImageNet activations of the old weights: the model does well in training mode and badly in
+    evaluation mode (measured on faces-dev: 94% train, 69% validation, test recall 1.0 / 0.5).
+    PyTorch's default momentum 0.1 lets them follow the fine-tuned weights.
+    """
 
     def __init__(self, net: nn.Module):
         super().__init__()
         net._fc = nn.Identity()
         net._dropout = nn.Identity()
+        for m in net.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.momentum = 0.1
         self.net = net
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
