@@ -74,6 +74,7 @@ def facegender_loop(backbone: str, loaded, precision: str, freeze: bool, channel
         model.to(memory_format=torch.channels_last)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], 1e-4)
     loader = make_loader(FaceDataset(loaded, TrainPreset(prep, "report")), 32, shuffle=True)
+    precision = select_precision(precision, torch.device("cpu"))
     # warm-up on one batch, then one timed epoch
     warm = next(iter(loader))
     train_one_epoch(model, [warm], nn.CrossEntropyLoss(), opt, torch.device("cpu"), precision,

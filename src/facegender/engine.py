@@ -43,8 +43,11 @@ def select_precision(precision: str, device: torch.device) -> str:
 
 
 def autocast(device: torch.device, precision: str):
+    """Autocast context for a resolved precision (fp32, bf16 or fp16; see `select_precision`)."""
     if precision == "fp32":
         return contextlib.nullcontext()
+    if precision not in ("bf16", "fp16"):
+        raise ValueError(f"precision {precision!r} is not resolved; call select_precision first")
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
 
