@@ -66,7 +66,9 @@ def labelled_images(folder: Path, classes: list[str], limit: int | None = None) 
 
 
 def evaluate_degradations(model_path: str, data: str, names: list[str], batch_size: int = 64,
-                          limit: int | None = None) -> dict:
+                          limit: int | None = None, refine_steps: int | None = None) -> dict:
+    """Accuracy per degradation. `refine_steps` replaces the model's recorded landmark refinement
+    (an experiment: what a predict-time change would cost; the recorded value is what predict uses)."""
     from facegender import checkpoint as ckpt
     from facegender.images import load_image
     from facegender.metrics import wilson_interval
@@ -75,6 +77,8 @@ def evaluate_degradations(model_path: str, data: str, names: list[str], batch_si
 
     model, record = ckpt.load_model(model_path)
     classes, prep = record["classes"], Preprocessing.from_dict(record["preprocessing"])
+    if refine_steps is not None and prep.face is not None:
+        prep.face = {**prep.face, "refine_steps": refine_steps}
     logits_fn = torch_logits_fn(model, torch.device("cpu"))
     preparer, normalize = ImagePreparer(prep), EvalPreset(prep)
     tta, temperature = record.get("tta", False), record.get("temperature", 1.0)
@@ -99,7 +103,7 @@ def evaluate_degradations(model_path: str, data: str, names: list[str], batch_si
                       "no_face": sum(not found for _, found in prepared) / len(labels) if prep.face else None,
                       "seconds": round(time.perf_counter() - started, 1)}
     return {"model": str(model_path), "data": str(data), "tta": tta, "aligned": prep.face is not None,
-            "results": rows}
+            "refine_steps": prep.face.get("refine_steps") if prep.face else None, "results": rows}
 
 
 def named_labels(folders: list[str], model_path: str) -> list[dict]:
@@ -125,12 +129,16 @@ def main() -> None:
     parser.add_argument("--degradations", nargs="+", default=list(DEGRADATIONS), choices=list(DEGRADATIONS))
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--limit", type=int, help="at most this many images per class (quick check)")
+    parser.add_argument("--refine-steps", type=int,
+                        help="override the model's landmark refinement rounds (experiment only)")
     parser.add_argument("--extra", nargs="*", default=["/work/shared/datasets/robustness/known_label_faces"],
                         help="folders of files named <class>__*.ext to predict one by one")
     args = parser.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    report = evaluate_degradations(args.model, args.data, args.degradations, limit=args.limit)
-    print(f"{report['model']} on {report['data']} (aligned: {report['aligned']}, TTA: {report['tta']})")
+    report = evaluate_degradations(args.model, args.data, args.degradations, limit=args.limit,
+                                   refine_steps=args.refine_steps)
+    print(f"{report['model']} on {report['data']} (aligned: {report['aligned']}, TTA: {report['tta']}, "
+          f"refine_steps: {report['refine_steps']})")
     print(f"{'degradation':<16}{'accuracy':>9}  {'95% CI':<13}{'no face':>8}")
     for name, r in report["results"].items():
         no_face = "-" if r["no_face"] is None else f"{r['no_face']:.1%}"
