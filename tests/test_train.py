@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -124,6 +126,18 @@ def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch
     monkeypatch.undo()
     assert ckpt.load_file(path)["epoch"] == 1
     assert list(tmp_path.iterdir()) == [path]
+
+
+def test_atomic_writes_get_ordinary_file_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        written = ckpt.write_text_atomic("<html></html>", tmp_path / "report.html")
+        plain = tmp_path / "plain.txt"
+        plain.write_text("x")
+    finally:
+        os.umask(old)
+    # mkstemp creates 0600 files; a report others should read must come out like any new file.
+    assert stat.S_IMODE(written.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode) == 0o644
 
 
 def test_checkpoint_round_trip_and_bad_files(trained_run, tmp_path):

@@ -33,6 +33,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it replaces `path` in one step.
 
     A crash or Ctrl-C while writing leaves the previous file untouched (and no partial file).
+    The result gets the permissions of a newly created file (0666 minus the umask), not mkstemp's
+    private 0600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -40,10 +42,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_current_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it is to set it, so put it straight back
+    os.umask(mask)
+    return mask
 
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> Path:

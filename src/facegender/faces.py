@@ -23,6 +23,7 @@ template; a box (x1, y1, x2, y2) spans the pixel edges.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import threading
 from dataclasses import dataclass, field
@@ -178,9 +179,10 @@ def select_faces(faces: list[DetectedFace], config: FaceAlignConfig) -> list[Det
     return kept[: config.max_faces]
 
 
+@functools.lru_cache(maxsize=16)
 def _anchors(height: int, width: int) -> np.ndarray:
     """RetinaFace anchors in pixels, (N, 4) as centre x, centre y, width, height, in network order:
-    stride by stride, row-major cells, both anchor sizes per cell."""
+    stride by stride, row-major cells, both anchor sizes per cell. Cached (read-only) per size."""
     parts = []
     for stride, sizes in zip(_ANCHOR_STRIDES, _ANCHOR_SIZES):
         nx, ny = -(-width // stride), -(-height // stride)
@@ -189,7 +191,9 @@ def _anchors(height: int, width: int) -> np.ndarray:
         centres = np.repeat(centres, len(sizes), axis=0)
         wh = np.tile(np.array([[s, s] for s in sizes], dtype=np.float64), (nx * ny, 1))
         parts.append(np.hstack([centres, wh]))
-    return np.concatenate(parts, axis=0)
+    anchors = np.concatenate(parts, axis=0)
+    anchors.flags.writeable = False
+    return anchors
 
 
 def _nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> list[int]:
@@ -253,6 +257,9 @@ class FaceDetector:
                 if self.threads:
                     options.intra_op_num_threads = int(self.threads)
                     options.inter_op_num_threads = 1
+                # Sleep, not spin, between runs: spinning threads slow the classifier that runs next
+                # (see export.onnx_session).
+                options.add_session_config_entry("session.intra_op.allow_spinning", "0")
                 self._session = ort.InferenceSession(
                     WEIGHTS, options, providers=["CPUExecutionProvider"]
                 )
@@ -261,13 +268,18 @@ class FaceDetector:
     def run_network(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Boxes, scores and landmarks for an HxWx3 uint8 RGB array, in its own pixels, with
         score > det_threshold, after NMS (no size filter, no sorting by size)."""
-        bgr = rgb[..., ::-1].astype(np.float32) - _MEAN_BGR
-        batch = np.ascontiguousarray(bgr.transpose(2, 0, 1)[None])
+        return self.run_network_batch(rgb[None])[0]
+
+    def run_network_batch(self, rgbs: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """`run_network` for an (N, H, W, 3) uint8 batch of same-sized images, in one network run."""
+        bgr = rgbs[..., ::-1].astype(np.float32) - _MEAN_BGR
+        batch = np.ascontiguousarray(bgr.transpose(0, 3, 1, 2))
         loc, conf, pts = self._get_session().run(None, {"input": batch})
-        h, w = rgb.shape[:2]
-        return decode_retinaface(
-            loc[0], conf[0], pts[0], h, w, self.config.det_threshold, self.config.nms_threshold
-        )
+        h, w = rgbs.shape[1:3]
+        return [
+            decode_retinaface(loc[i], conf[i], pts[i], h, w, self.config.det_threshold, self.config.nms_threshold)
+            for i in range(len(rgbs))
+        ]
 
     def detect_raw(self, image: Image.Image) -> list[DetectedFace]:
         """All faces above det_threshold in original-image pixels, before min_face/max_faces.
@@ -304,50 +316,59 @@ class FaceDetector:
             faces.append(DetectedFace(clipped, float(score), lm.astype(np.float32)))
         return faces
 
-    def refine_landmarks(self, image: Image.Image, landmarks: np.ndarray) -> np.ndarray:
-        """Landmarks re-estimated `refine_steps` times in an upright, fixed-scale patch.
+    def refine_landmarks(self, image: Image.Image, landmarks: list[np.ndarray]) -> list[np.ndarray]:
+        """Each face's landmarks re-estimated `refine_steps` times in an upright, fixed-scale patch.
 
-        Each round warps the face onto a 160x160 patch (the alignment template with a 0.5 margin),
-        runs the network on the patch and on its mirror image, takes in each the face whose
-        landmarks are nearest the template, maps those landmarks back to the image and averages
-        them. The patch depends only on the face, not on where it sits in the photo or how much
-        photo surrounds it, so the result does not either (up to the network's own noise). A round
-        that finds nothing keeps the previous landmarks.
+        Each round warps every face onto a 160x160 patch (the alignment template with a 0.5
+        margin), runs the network on the patches and their mirror images (all faces in one
+        batch), takes in each patch the face whose landmarks are nearest the template, maps those
+        landmarks back to the image and averages the two. The patch depends only on the face, not
+        on where it sits in the photo or how much photo surrounds it, so the result does not either
+        (up to the network's own noise). A face whose round finds nothing keeps its previous
+        landmarks.
         """
         patch_cfg = FaceAlignConfig(size=_REFINE_SIZE, margin=_REFINE_MARGIN, pad_color=self.config.pad_color)
         target = template_landmarks(patch_cfg)
         mirror = np.array([[-1.0, 0.0, _REFINE_SIZE - 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
-        current = np.asarray(landmarks, dtype=np.float64)
+        current = [np.asarray(lm, dtype=np.float64) for lm in landmarks]
         for _ in range(self.config.refine_steps):
-            try:
-                to_patch = np.vstack([alignment_matrix(current, patch_cfg), [0.0, 0.0, 1.0]])
-            except ValueError:
+            to_patch: dict[int, np.ndarray] = {}
+            for i, lm in enumerate(current):
+                try:
+                    to_patch[i] = np.vstack([alignment_matrix(lm, patch_cfg), [0.0, 0.0, 1.0]])
+                except ValueError:  # degenerate landmarks: leave this face as it is
+                    pass
+            if not to_patch:
                 break
-            estimates = []
-            for flip in (False, True):
-                matrix = mirror @ to_patch if flip else to_patch
-                patch = warp_affine(image, matrix[:2], _REFINE_SIZE, self.config.pad_color)
-                _, scores, found = self.run_network(np.asarray(patch))
+            jobs = [(i, flip) for i in to_patch for flip in (False, True)]
+            patches = np.stack([
+                np.asarray(warp_affine(image, ((mirror @ to_patch[i]) if flip else to_patch[i])[:2],
+                                       _REFINE_SIZE, self.config.pad_color))
+                for i, flip in jobs
+            ])
+            estimates: dict[int, list[np.ndarray]] = {i: [] for i in to_patch}
+            for (i, flip), (_, scores, found) in zip(jobs, self.run_network_batch(patches)):
                 if len(scores) == 0:
                     continue
                 if flip:
                     found = found[:, _MIRROR_ORDER]
                     found[..., 0] = _REFINE_SIZE - 1.0 - found[..., 0]  # back to the unmirrored patch
                 best = found[np.argmin(np.abs(found - target).sum(axis=(1, 2)))]
-                back = np.linalg.inv(to_patch)
-                estimates.append(best @ back[:2, :2].T + back[:2, 2])
-            if not estimates:
-                break
-            current = np.mean(estimates, axis=0)
-        return current.astype(np.float32)
+                back = np.linalg.inv(to_patch[i])
+                estimates[i].append(best @ back[:2, :2].T + back[:2, 2])
+            for i, found_lms in estimates.items():
+                if found_lms:
+                    current[i] = np.mean(found_lms, axis=0)
+        return [lm.astype(np.float32) for lm in current]
 
     def detect(self, image: Image.Image) -> list[DetectedFace]:
         """Faces in `image`, largest box first, filtered by det_threshold, min_face, max_faces,
         with refined landmarks (see `refine_landmarks`)."""
         image = image if image.mode == "RGB" else image.convert("RGB")
         faces = select_faces(self.detect_raw(image), self.config)
-        for face in faces:
-            face.landmarks = self.refine_landmarks(image, face.landmarks)
+        if faces and self.config.refine_steps:
+            for face, lm in zip(faces, self.refine_landmarks(image, [f.landmarks for f in faces])):
+                face.landmarks = lm
         return faces
 
 

@@ -103,10 +103,11 @@ class Predictor:
         out = []
         for start in range(0, len(tensors), self.batch_size):
             batch = torch.stack([self.normalize(t) for t in tensors[start:start + self.batch_size]])
-            logits = self.logits_fn(batch)
-            if self.tta:
-                logits = (logits + self.logits_fn(torch.flip(batch, dims=[3]))) / 2
-            out.append(logits)
+            if self.tta:  # the image and its mirror in one network run, then the mean of the two
+                both = self.logits_fn(torch.cat([batch, torch.flip(batch, dims=[3])]))
+                out.append((both[:len(batch)] + both[len(batch):]) / 2)
+            else:
+                out.append(self.logits_fn(batch))
         if not out:
             return np.zeros((0, len(self.classes)))
         logits = np.concatenate(out).astype(np.float64) / self.temperature
