@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-ASTRONAUT = "/work/shared/images/astronaut_female.png"
+ASTRONAUT = str(Path(__file__).resolve().parents[1] / ".." / "shared" / "images" / "astronaut_female.png")
 
 
 def timed(fn, repeat: int) -> float:

@@ -6,7 +6,7 @@ detection and alignment when the model was trained aligned, falling back to the 
 no face is found, exactly as in training), then the model with its recorded TTA and temperature.
 
     python benchmarks/robustness_eval.py --model output/best_model.pth \
-        --data /work/shared/datasets/faces-gdf/test [--json out.json]
+        --data ../shared/datasets/faces-gdf/test [--json out.json]
 
 Prints one row per degradation: accuracy, 95% Wilson interval, and the share of images where no
 face was found (aligned models only).
@@ -124,14 +124,14 @@ def named_labels(folders: list[str], model_path: str) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True)
-    parser.add_argument("--data", default="/work/shared/datasets/faces-gdf/test",
+    parser.add_argument("--data", default="../shared/datasets/faces-gdf/test",
                         help="folder with one subfolder per class")
     parser.add_argument("--degradations", nargs="+", default=list(DEGRADATIONS), choices=list(DEGRADATIONS))
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--limit", type=int, help="at most this many images per class (quick check)")
     parser.add_argument("--refine-steps", type=int,
                         help="override the model's landmark refinement rounds (experiment only)")
-    parser.add_argument("--extra", nargs="*", default=["/work/shared/datasets/robustness/known_label_faces"],
+    parser.add_argument("--extra", nargs="*", default=["../shared/datasets/robustness/known_label_faces"],
                         help="folders of files named <class>__*.ext to predict one by one")
     args = parser.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))

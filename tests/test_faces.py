@@ -250,6 +250,34 @@ def test_detect_maps_coordinates_back_through_border_and_shrink(monkeypatch):
     assert face.score == pytest.approx(0.97)
 
 
+def test_detection_frames_the_image_only_when_a_face_may_be_cut_off(monkeypatch):
+    """The border is added (a second network run) only when the plain image gives no face or a
+    face reaching its edge; a face well inside the photo is found in one run."""
+    det = FaceDetector(FaceAlignConfig(detect_pad=0.25, refine_steps=0, min_face=1))
+    shapes = []
+
+    def network_with(box):
+        def fake_network(rgb):
+            shapes.append(rgb.shape[:2])
+            lm = np.array([[[box[0] + 5.0, box[1] + 5.0]] * 5])
+            return np.array([box]), np.array([0.9]), lm
+        return fake_network
+
+    photo = Image.new("RGB", (200, 100))
+    monkeypatch.setattr(det, "run_network", network_with([80.0, 30.0, 120.0, 70.0]))
+    (face,) = det.detect(photo)
+    assert shapes == [(100, 200)] and not face.at_edge
+    shapes.clear()
+    monkeypatch.setattr(det, "run_network", network_with([0.0, 30.0, 40.0, 70.0]))  # cut by the left edge
+    det.detect(photo)
+    assert shapes == [(100, 200), (200, 300)]
+    shapes.clear()
+    monkeypatch.setattr(det, "run_network", lambda rgb: shapes.append(rgb.shape[:2]) or
+                        (np.zeros((0, 4)), np.zeros(0), np.zeros((0, 5, 2))))
+    assert det.detect(photo) == []
+    assert shapes == [(100, 200), (200, 300)]
+
+
 def test_importing_faces_loads_no_model():
     code = "import sys, facegender.faces; assert 'onnxruntime' not in sys.modules and 'retinaface' not in sys.modules"
     env_path = str(Path(__file__).resolve().parents[1] / "src")

@@ -81,7 +81,8 @@ class FaceAlignConfig:
     detect_pad: before detection the image is framed with a border of this fraction of its longer
         side on each side, so that faces touching the image edge (tight crops, faces cut off by the
         frame) are found. On faces-dev it changes little (train 599/600 found without, 600/600 with
-        0.1 or 0.25; the misses are crops under 64 px); it costs (1 + 2 * detect_pad)^2 in time.
+        0.1 or 0.25; the misses are crops under 64 px). The framed image costs (1 + 2 * detect_pad)^2
+        in time, so it is only used when the image alone gives no face or a face at the edge.
     detect_max_side: images with a longer side above this are shrunk before detection (RetinaFace
         runs at full resolution, so a 50 MP photo would take seconds and gigabytes).
     nms_threshold: boxes overlapping a better one by more than this IoU are dropped.
@@ -141,6 +142,7 @@ class DetectedFace:
     box: tuple[float, float, float, float]
     score: float
     landmarks: np.ndarray = field(repr=False)
+    at_edge: bool = False  # the box reached the image edge (the face may be cut off)
 
     @property
     def width(self) -> float:
@@ -284,25 +286,37 @@ class FaceDetector:
     def detect_raw(self, image: Image.Image) -> list[DetectedFace]:
         """All faces above det_threshold in original-image pixels, before min_face/max_faces.
 
-        The image is shrunk to detect_max_side if larger, then framed with a detect_pad border of
-        pad_color; coordinates are mapped back, boxes clipped to the image.
+        The image is shrunk to detect_max_side if larger. The detect_pad border is only needed for
+        faces cut by the image edge, and it costs (1 + 2 * detect_pad)^2 in time, so the network
+        first runs on the image alone; when it finds no face, or a face whose box reaches the
+        edge, it runs again on the image framed with the border and that result is used.
+        (Landmark refinement then re-estimates the landmarks in a patch that does not depend on
+        the framing.) Coordinates are mapped back, boxes clipped to the image.
         """
-        cfg = self.config
         image = image if image.mode == "RGB" else image.convert("RGB")
         width, height = image.size
-        scale = 1.0
-        if max(width, height) > cfg.detect_max_side:
-            scale = cfg.detect_max_side / max(width, height)
+        if max(width, height) > self.config.detect_max_side:
+            scale = self.config.detect_max_side / max(width, height)
             image = image.resize(
                 (max(1, round(width * scale)), max(1, round(height * scale))), Image.BILINEAR
             )
-        pad = int(round(cfg.detect_pad * max(image.size)))
+        pad = int(round(self.config.detect_pad * max(image.size)))
         if pad:
-            framed = Image.new("RGB", (image.width + 2 * pad, image.height + 2 * pad), cfg.pad_color)
+            faces = self._detect_framed(image, 0, (width, height))
+            if faces and not any(f.at_edge for f in faces):
+                return faces
+        return self._detect_framed(image, pad, (width, height))
+
+    def _detect_framed(self, image: Image.Image, pad: int, original: tuple[int, int]) -> list[DetectedFace]:
+        """Run the network on `image` framed with a `pad`-pixel border; faces in `original`-size
+        pixels, `at_edge` when the box before clipping reaches within a pixel of the image edge."""
+        if pad:
+            framed = Image.new("RGB", (image.width + 2 * pad, image.height + 2 * pad), self.config.pad_color)
             framed.paste(image, (pad, pad))
             image = framed
         boxes, scores, landmarks = self.run_network(np.asarray(image))
         # Back to original pixels: remove the border, undo the shrink (pixel centres at integers).
+        width, height = original
         sx, sy = width / (image.width - 2 * pad), height / (image.height - 2 * pad)
         faces = []
         for box, score, lm in zip(boxes, scores, landmarks):
@@ -312,8 +326,9 @@ class FaceDetector:
                 float(np.clip(x1, 0, width)), float(np.clip(y1, 0, height)),
                 float(np.clip(x2, 0, width)), float(np.clip(y2, 0, height)),
             )
+            at_edge = bool(x1 < 1 or y1 < 1 or x2 > width - 1 or y2 > height - 1)
             lm = (lm - pad + 0.5) * [sx, sy] - 0.5
-            faces.append(DetectedFace(clipped, float(score), lm.astype(np.float32)))
+            faces.append(DetectedFace(clipped, float(score), lm.astype(np.float32), at_edge))
         return faces
 
     def refine_landmarks(self, image: Image.Image, landmarks: list[np.ndarray]) -> list[np.ndarray]:
