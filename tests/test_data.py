@@ -10,7 +10,7 @@ from PIL import Image
 from conftest import make_dataset, make_image, shared_path
 from facegender.data import DatasetError, ImageLoader, load_split, scan_dataset, split_train_val
 from facegender.images import ImageError, load_image
-from facegender.transforms import EvalPreset, ImagePreparer, Preprocessing, TrainPreset
+from facegender.transforms import EvalPreset, ImagePreparer, Preprocessing, TrainPreset, visible_region
 
 
 def test_classes_come_from_folder_names(tiny_dataset):
@@ -143,3 +143,42 @@ def test_preprocessing_round_trips_through_a_plain_dict():
     assert Preprocessing.from_dict(d) == prep
     im = Image.new("RGB", (50, 20), (10, 20, 30))
     assert ImagePreparer(Preprocessing(image_size=24))(im).shape == (3, 24, 24)
+
+
+def _crop_with_content(box, size=20, pad=(128, 128, 128), seed=0):
+    """A size x size uint8 crop of padding with random (non-grey) content inside box (pixels)."""
+    g = torch.Generator().manual_seed(seed)
+    img = torch.tensor(pad, dtype=torch.uint8).view(3, 1, 1).repeat(1, size, size)
+    x0, y0, x1, y1 = box
+    content = torch.randint(0, 60, (3, y1 - y0, x1 - x0), generator=g, dtype=torch.uint8)
+    img[:, y0:y1, x0:x1] = content
+    return img
+
+
+def test_visible_region_is_the_box_that_most_training_crops_fill():
+    inner = [_crop_with_content((5, 4, 15, 18), seed=i) for i in range(6)]
+    full = [_crop_with_content((0, 0, 20, 20), seed=10 + i) for i in range(4)]
+    assert visible_region(inner + full, (128, 128, 128)) == (0.25, 0.2, 0.75, 0.9)
+    # a majority of full crops: the whole crop is visible, nothing to hide
+    assert visible_region(inner[:4] + full + full, (128, 128, 128)) is None
+    # JPEG-like noise around the padding colour still counts as padding
+    noisy = [(c.to(torch.int16) + torch.where(c == 128, 5, 0)).to(torch.uint8) for c in inner]
+    assert visible_region(noisy, (128, 128, 128)) == (0.25, 0.2, 0.75, 0.9)
+    assert visible_region([], (128, 128, 128)) is None
+
+
+def test_eval_preset_sets_pixels_outside_the_visible_box_to_the_padding_colour():
+    prep = Preprocessing(image_size=8, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+                         face={"pad_color": [0, 0, 0]}, visible=(0.25, 0.5, 0.75, 1.0))
+    out = EvalPreset(prep)(torch.full((3, 8, 8), 255, dtype=torch.uint8))
+    assert torch.allclose(out[:, 4:8, 2:6], torch.ones(3, 4, 4))  # kept
+    keep = torch.zeros(8, 8, dtype=torch.bool)
+    keep[4:8, 2:6] = True
+    assert torch.allclose(out[:, ~keep], -torch.ones(3, int((~keep).sum())))  # padding colour 0 -> -1
+    # the train preset ends with the same step, after its random geometry
+    train_out = TrainPreset(prep, "strong")(torch.full((3, 8, 8), 255, dtype=torch.uint8))
+    assert torch.allclose(train_out[:, ~keep], -torch.ones(3, int((~keep).sum())))
+    d = prep.to_dict()
+    assert d["visible"] == [0.25, 0.5, 0.75, 1.0] and Preprocessing.from_dict(d) == prep
+    del d["visible"]  # a model file from before this field: the whole crop
+    assert Preprocessing.from_dict(d).visible is None

@@ -119,6 +119,14 @@ def test_trained_on_prepared_folder_records_face_and_does_not_align_again(tmp_pa
     # aligned at the prepared crop size, then resized to the model's input, as in training
     assert predictor.face_config.size == 64 and predictor.prep.image_size == 48
     assert predictor.face_config.margin == pytest.approx(0.3)
+    # the part of the crop the training faces filled is recorded and applied at prediction
+    from facegender.data import scan_dataset, split_train_val
+    from facegender.transforms import visible_region
+
+    train_paths = split_train_val(scan_dataset(tmp_path / "aligned")[1], cfg.val_fraction, cfg.seed)[0].paths
+    expected = visible_region([predictor.prep.resize(Image.open(p).convert("RGB")) for p in train_paths],
+                              predictor.prep.pad_color)
+    assert predictor.prep.visible == expected
 
 
 def test_prepare_refuses_its_own_output_and_out_inside_data(tmp_path):

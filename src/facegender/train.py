@@ -28,7 +28,7 @@ from facegender.evaluate import compute_metrics, write_evaluation
 from facegender.metrics import fit_temperature
 from facegender.model import build_model, freeze_stem, get_spec
 from facegender.plots import plot_curves
-from facegender.transforms import EvalPreset, ImagePreparer, Preprocessing, TrainPreset
+from facegender.transforms import EvalPreset, ImagePreparer, Preprocessing, TrainPreset, visible_region
 
 BEST_MODEL = "best_model.pth"
 CHECKPOINT = "gender_checkpoint.pth"
@@ -107,7 +107,23 @@ def prepare_data(cfg: TrainConfig, scanned, log: Callable[[str], None] = print, 
             log(f"note: no face found in {len(part.no_face)} {name} image(s); used centred and padded")
     if len(train.split) == 0:
         raise ValueError("no readable training images left")
+    if prep.face is not None:
+        prep = dataclasses.replace(prep, visible=training_visible_region(train, loader, prep))
+        if prep.visible is not None:
+            log("face crops: training images fill only part of the aligned crop; keeping the part filled in "
+                f"at least half of them, x {prep.visible[0]:.2f}-{prep.visible[2]:.2f}, "
+                f"y {prep.visible[1]:.2f}-{prep.visible[3]:.2f} of the crop, in training and prediction")
     return RunData(classes, prep, loader, train, val, test)
+
+
+def training_visible_region(train, loader, prep: Preprocessing, limit: int = 512):
+    """`transforms.visible_region` of (at most `limit`, evenly spaced) training crops."""
+    step = max(1, len(train.split) // limit)
+    if train.images is not None:
+        images = train.images[::step]
+    else:
+        images = [loader(path)[0] for path in train.split.paths[::step]]
+    return visible_region(images, prep.pad_color)
 
 
 def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
