@@ -44,7 +44,7 @@ def test_align_training_records_face_stage_and_predictor_detects(aligned_model, 
 
     _, record = load_model(aligned_model)
     face = record["preprocessing"]["face"]
-    assert face is not None and face["size"] == 64 and face["margin"] == pytest.approx(0.3)
+    assert face is not None and face["size"] == 64 and face["margin"] == pytest.approx(0.0)
     assert record["config"]["align"] is True
     assert predictor.detector is not None
     assert predictor.face_config.size == 64

@@ -118,7 +118,7 @@ def test_trained_on_prepared_folder_records_face_and_does_not_align_again(tmp_pa
     assert predictor.detector is not None
     # aligned at the prepared crop size, then resized to the model's input, as in training
     assert predictor.face_config.size == 64 and predictor.prep.image_size == 48
-    assert predictor.face_config.margin == pytest.approx(0.3)
+    assert predictor.face_config.margin == pytest.approx(0.0)
     # the part of the crop the training faces filled is recorded and applied at prediction
     from facegender.data import scan_dataset, split_train_val
     from facegender.transforms import visible_region

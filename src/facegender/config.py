@@ -91,8 +91,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "scheduler": "cosine",
         "warmup_epochs": 1,
         "label_smoothing": 0.1,
-        "epochs": 12,
-        "patience": 4,
+        "image_size": 160,
+        "epochs": 8,
+        "patience": 3,
         "tta": True,
     },
 }

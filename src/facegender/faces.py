@@ -69,10 +69,14 @@ class FaceAlignConfig:
 
     margin: context kept around the face, as a fraction of the ArcFace 112x112 crop added on each
         side. The crop covers (1 + 2 * margin) times the ArcFace crop, with the face template scaled
-        into its centre. margin=0 is the tight ArcFace crop (eyebrows to chin, no hair). The default
-        0.3 is the smallest margin that keeps the whole top of the head, the ears and the chin with
-        part of the neck for all 7 faces of the shared sample photos (0.25 cuts off the top of the
-        hair of 2 of them); see benchmarks/face_margin.py.
+        into its centre. margin=0 (the default) is the tight ArcFace crop (eyebrows to chin, little
+        hair); 0.3 is the smallest margin that keeps the whole top of the head, the ears and the
+        chin for all 7 faces of the shared sample photos (benchmarks/face_margin.py). Hair is a
+        cue only where the training images show it: the faces-gdf crops are so tight that at
+        margin 0.3, 69% of an aligned training crop is padding (27% at margin 0). Trained on them
+        (best preset, 160 px, with the visible region of `transforms.visible_region`), margin 0
+        beat 0.3 on validation and on the sample photos (README, "Best recipe"). Use a larger
+        margin (`prepare --margin`) for training photos that do show the hair.
     det_threshold: minimum RetinaFace score of a kept face.
     min_face: faces whose box (clipped to the image) has a shorter side below this many pixels are
         ignored.
@@ -96,7 +100,7 @@ class FaceAlignConfig:
     """
 
     size: int = 224
-    margin: float = 0.3
+    margin: float = 0.0
     det_threshold: float = 0.6
     min_face: int = 20
     max_faces: int = 20
