@@ -50,6 +50,24 @@ def test_align_training_records_face_stage_and_predictor_detects(aligned_model, 
     assert predictor.face_config.size == 64
 
 
+def test_refine_steps_can_be_lowered_at_prediction_for_speed(aligned_model, predictor, monkeypatch):
+    from facegender.faces import FaceDetector
+    from facegender.predict import Predictor
+
+    fast = Predictor.from_file(aligned_model, device="cpu", refine_steps=0)
+    assert fast.face_config.refine_steps == 0 and fast.detector.config.refine_steps == 0
+    assert predictor.face_config.refine_steps == 2  # as trained
+    runs = []
+    real = FaceDetector.run_network_batch
+    monkeypatch.setattr(FaceDetector, "run_network_batch", lambda self, b: runs.append(len(b)) or real(self, b))
+    photo = shared_path("images", "astronaut_female.png")
+    [result] = fast.predict_paths([photo])
+    assert len(result["faces"]) == 1 and runs == [1]  # one detection run, no refinement patches
+    runs.clear()
+    [result] = predictor.predict_paths([photo])
+    assert len(result["faces"]) == 1 and runs == [1, 2, 2]  # then 2 rounds of (patch, mirror)
+
+
 def test_no_face_is_a_status_not_an_exception(predictor, tmp_path):
     from facegender.predict import NO_FACE, format_result
 

@@ -164,6 +164,8 @@ def _add_predict(sub) -> None:
                    help="treat each image as one already-cropped face")
     p.add_argument("--min-confidence", type=float, help="below this probability the label is 'uncertain'")
     p.add_argument("--tta", action=BOOL, default=None, help="flip test-time augmentation (default: as trained)")
+    p.add_argument("--refine-steps", type=int, default=None,
+                   help="face landmark refinement rounds (default: as trained; 0 is fastest)")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--annotate", metavar="DIR", help="also write copies of the images with boxes and labels into DIR")
@@ -172,7 +174,8 @@ def _add_predict(sub) -> None:
 def _run_predict(args) -> int:
     from facegender.predict import Predictor, format_result
 
-    kwargs = {"detect": args.detect, "min_confidence": args.min_confidence, "batch_size": args.batch_size}
+    kwargs = {"detect": args.detect, "min_confidence": args.min_confidence, "batch_size": args.batch_size,
+              "refine_steps": args.refine_steps}
     if args.tta is not None:
         kwargs["tta"] = args.tta
     predictor = Predictor.from_file(args.model, device=args.device, **kwargs)

@@ -40,8 +40,10 @@ class Predictor:
     def __init__(self, classes: Sequence[str], prep: Preprocessing, logits_fn: Callable[[torch.Tensor], np.ndarray],
                  temperature: float = 1.0, tta: bool = False, detect: bool | None = None,
                  min_confidence: float | None = None, batch_size: int = 32, info: dict | None = None,
-                 threads: int | None = None):
-        """`threads`: ONNX Runtime threads of the face detector (None: the runtime's default)."""
+                 threads: int | None = None, refine_steps: int | None = None):
+        """`threads`: ONNX Runtime threads of the face detector (None: the runtime's default).
+        `refine_steps`: landmark refinement rounds, instead of the trained face stage's (fewer is
+        faster; see benchmarks/predict_speed.py)."""
         self.classes = list(classes)
         self.prep = prep
         self.logits_fn = logits_fn
@@ -57,6 +59,8 @@ class Predictor:
             from facegender.faces import FaceAlignConfig, FaceDetector
 
             self.face_config = FaceAlignConfig.from_dict(prep.face)
+            if refine_steps is not None:
+                self.face_config.refine_steps = int(refine_steps)
             if detect is not False:
                 self.detector = FaceDetector(self.face_config, threads=threads)
 
