@@ -221,7 +221,8 @@ def _add_prepare(sub) -> None:
     p.add_argument("--skip-bad", action="store_true", help="leave unreadable images out instead of failing")
     p.add_argument("--format", choices=["jpg", "png"], default="jpg", help="output format (jpg: quality 95)")
     p.add_argument("--size", type=int, help="aligned crop size in pixels (default 224)")
-    p.add_argument("--margin", type=float, help="context around the face, a fraction of the ArcFace crop per side (default 0, see faces.py)")
+    p.add_argument("--margin", type=float,
+                   help="context around the face, a fraction of the ArcFace crop per side (default 0, see faces.py)")
     p.add_argument("--refine-steps", type=int, help="landmark refinement rounds (default 2)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
