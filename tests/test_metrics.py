@@ -215,9 +215,11 @@ def test_temperature_scaling_fixes_planted_overconfidence():
 
 def test_fit_temperature_edge_cases():
     assert M.fit_temperature(np.zeros((0, 2)), np.zeros(0, dtype=int)) == 1.0
-    # Perfectly separable data: T is pushed towards the lower bound but stays positive & finite.
-    t = M.fit_temperature(np.array([[3.0, -3.0], [-3.0, 3.0]]), [0, 1])
-    assert 0 < t < 1
+    # No mistakes to calibrate against: the NLL would fall all the way to T -> 0; T stays 1.
+    assert M.fit_temperature(np.array([[3.0, -3.0], [-3.0, 3.0]]), [0, 1]) == 1.0
+    # One mistake among confident right answers: a finite T, bounded away from the search limits.
+    t = M.fit_temperature(np.array([[3.0, -3.0], [-3.0, 3.0], [2.0, 0.0], [1.0, -1.0]]), [0, 1, 1, 0])
+    assert 0.05 < t < 20 and t != 1.0
 
 
 def test_nll_matches_hand_value():

@@ -160,9 +160,11 @@ def fit_temperature(
     """Temperature scaling (Guo et al. 2017): the ``T > 0`` minimising NLL of ``softmax(logits/T)``.
 
     The search is over ``log T`` in ``[log min_temperature, log max_temperature]`` with SciPy's
-    bounded scalar minimiser (the NLL is smooth in log T, and the bounds keep perfectly separable
-    data from driving T to 0). Fit on held-out data (validation split), not on training data.
-    Returns 1.0 when there are no samples.
+    bounded scalar minimiser (the NLL is smooth in log T). Fit on held-out data (validation split),
+    not on training data. Returns 1.0 when there are no samples, and when every sample is already
+    classified correctly: the NLL then keeps falling as T -> 0, so the fit would only say "be
+    certain" (on a faces-dev fold with 120/120 right it gave T = 0.01, the bound, and test ECE rose
+    from 0.043 to 0.055).
     """
     logits = np.asarray(logits, dtype=np.float64)
     labels = np.asarray(labels).astype(np.int64, copy=False).reshape(-1)
@@ -171,7 +173,7 @@ def fit_temperature(
             f"logits must be (N, C) and labels (N,), got {logits.shape} and {labels.shape}"
         )
     n = logits.shape[0]
-    if n == 0:
+    if n == 0 or bool((logits.argmax(axis=1) == labels).all()):
         return 1.0
     rows = np.arange(n)
 

@@ -370,8 +370,10 @@ def format_summary(summary: dict, out: Path) -> str:
             lines.append(f" test accuracy        {test['accuracy']:.4f}  (n={test['n']}, "
                          f"95% CI {test['accuracy_ci'][0]:.3f}-{test['accuracy_ci'][1]:.3f})")
     if test:
+        fitted = ("validation had no mistakes: nothing to fit, left at 1" if val["accuracy"] == 1.0
+                  else "fitted on validation")
         lines.append(f" test ECE {test['ece']:.4f} -> {test['ece_calibrated']:.4f} after temperature "
-                     f"{summary['temperature']:.3f} (fitted on validation)")
+                     f"{summary['temperature']:.3f} ({fitted})")
     if summary["skipped_files"]:
         lines.append(f" skipped unreadable files: {summary['skipped_files']}")
     lines += [f" time: {summary['train_seconds']:.0f} s", f" files in {out}/:",
