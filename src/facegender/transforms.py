@@ -63,7 +63,8 @@ def visible_region(images: list[torch.Tensor], pad_color: tuple[int, int, int], 
     photo comes with real hair, shoulders and background there. A model that never saw content in
     that part of the crop is then shown something new at prediction time. Keeping only this box, in
     training and prediction alike, shows the model the same kind of picture in both. A pixel counts
-    as padding when every channel is within `tolerance` (summed) of `pad_color` (JPEG noise).
+    as padding when its absolute differences from `pad_color`, summed over the 3 channels, are at
+    most `tolerance` (JPEG noise).
     """
     if not images:
         return None
