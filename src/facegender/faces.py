@@ -365,6 +365,7 @@ class FaceDetector:
                                        _REFINE_SIZE, self.config.pad_color))
                 for i, flip in jobs
             ])
+            back = {i: np.linalg.inv(m) for i, m in to_patch.items()}  # patch -> image, once per face
             estimates: dict[int, list[np.ndarray]] = {i: [] for i in to_patch}
             for (i, flip), (_, scores, found) in zip(jobs, self.run_network_batch(patches)):
                 if len(scores) == 0:
@@ -373,8 +374,7 @@ class FaceDetector:
                     found = found[:, _MIRROR_ORDER]
                     found[..., 0] = _REFINE_SIZE - 1.0 - found[..., 0]  # back to the unmirrored patch
                 best = found[np.argmin(np.abs(found - target).sum(axis=(1, 2)))]
-                back = np.linalg.inv(to_patch[i])
-                estimates[i].append(best @ back[:2, :2].T + back[:2, 2])
+                estimates[i].append(best @ back[i][:2, :2].T + back[i][:2, 2])
             for i, found_lms in estimates.items():
                 if found_lms:
                     current[i] = np.mean(found_lms, axis=0)

@@ -88,14 +88,15 @@ class _KeepVisible(torch.nn.Module):
 
     def __init__(self, visible: tuple[float, float, float, float], fill: tuple[int, int, int]):
         super().__init__()
-        self.visible, self.fill = visible, fill
+        self.visible = visible
+        self.fill = torch.tensor(fill, dtype=torch.uint8).view(3, 1, 1)
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         h, w = img.shape[-2:]
         x0, y0, x1, y1 = self.visible
         c0, r0, c1, r1 = round(x0 * w), round(y0 * h), round(x1 * w), round(y1 * h)
         out = torch.empty_like(img)
-        out[...] = torch.tensor(self.fill, dtype=img.dtype).view(3, 1, 1)
+        out[...] = self.fill
         out[..., r0:r1, c0:c1] = img[..., r0:r1, c0:c1]
         return out
 
