@@ -32,6 +32,10 @@ class TrainConfig:
     image_size: int = 224
     dropout: float = 0.2
     freeze_stem: bool = True             # keep the ImageNet stem / first stage fixed (speed; see README)
+    frozen_features: bool = False        # backbone fixed: embeddings computed once, only the head trains
+    feature_views: int = 4               # frozen features: augmented views embedded per training image
+    trainable_stages: int = -1           # fine-tuning: train only the last N stages of the body (-1: all)
+    body_lr_scale: float = 1.0           # fine-tuning: the body's learning rate is lr times this
     # optimisation
     epochs: int = 30                     # upper bound; early stopping usually ends sooner
     batch_size: int = 32
