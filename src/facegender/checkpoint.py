@@ -18,7 +18,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from facegender.model import FaceClassifier, build_model
+from facegender.model import FaceClassifier, WeightsNotFoundError, build_model, get_spec
 from facegender.transforms import Preprocessing
 
 FORMAT = "facegender/1"
@@ -85,11 +85,20 @@ def load_file(path: str | os.PathLike) -> dict:
 
 def model_record(model: FaceClassifier, config: dict, classes: list[str], prep: Preprocessing,
                  weights_source: str, **extra: Any) -> dict:
-    """Everything prediction needs, as plain data."""
+    """Everything prediction needs, as plain data.
+
+    A body that stayed fixed at pretrained weights from an installed package (`frozen_features`)
+    is not stored: the record says `body_weights: "pretrained"` and loading takes the body from
+    that package again (a few hundred KB instead of tens of MB)."""
     state = {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()}
+    body_weights = "stored"
+    if body_from_package(config):
+        state = {k: v for k, v in state.items() if not k.startswith("body.")}
+        body_weights = "pretrained"
     return {
         "format": FORMAT,
         "model_state": state,
+        "body_weights": body_weights,
         "backbone": config["backbone"],
         "dropout": config["dropout"],
         "classes": list(classes),
@@ -99,6 +108,14 @@ def model_record(model: FaceClassifier, config: dict, classes: list[str], prep: 
         "config": dict(config),
         **extra,
     }
+
+
+def body_from_package(config: dict) -> bool:
+    """True when the run kept the body at pretrained weights that an installed package provides,
+    so model files need not store them."""
+    spec = get_spec(config["backbone"])
+    return (bool(config.get("frozen_features")) and bool(config.get("pretrained")) and not config.get("weights")
+            and (spec.load_weights is not None or spec.packaged_file is not None))
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -111,10 +128,17 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"
                ) -> tuple[FaceClassifier, dict]:
     """(model in eval mode, record) from best_model.pth or gender_checkpoint.pth."""
     record = load_file(path)
-    model, _ = build_model(record["backbone"], len(record["classes"]), record.get("dropout", 0.0),
-                           pretrained=False)
+    body_pretrained = record.get("body_weights") == "pretrained"
     try:
-        model.load_state_dict(record["model_state"])
+        model, _ = build_model(record["backbone"], len(record["classes"]), record.get("dropout", 0.0),
+                               pretrained=body_pretrained)
+    except WeightsNotFoundError as exc:
+        raise CheckpointError(f"{path}: this model uses the pretrained {record['backbone']} body, which could "
+                              f"not be loaded: {exc}") from None
+    try:
+        missing, unexpected = model.load_state_dict(record["model_state"], strict=not body_pretrained)
+        if body_pretrained and (unexpected or any(not k.startswith("body.") for k in missing)):
+            raise RuntimeError(f"missing {missing}, unexpected {unexpected}")
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: weights do not fit {record['backbone']} ({exc})") from None
     model.to(device).eval()

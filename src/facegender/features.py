@@ -1,0 +1,112 @@
+"""Frozen-feature training: the fixed body's embedding of every training image, computed once.
+
+With `frozen_features` the body never changes, so its output for an image is the same in every
+epoch (and in every run and cross-validation fold on the same images). Each training image is
+embedded in `views` versions: view 0 as it is, view 1 mirrored, the others lightly jittered
+(`TrainPreset(prep, "light")`, seeded per image and view). The head then trains on those vectors,
+and an epoch takes milliseconds instead of minutes.
+
+Embeddings are cached on disk, one small .npy file per image, keyed by the prepared image's bytes,
+the preprocessing, the body's weights and the view recipe: a second run, or the next fold, reads
+them instead of running the network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from facegender.transforms import EvalPreset, Preprocessing, TrainPreset
+
+#: Bump when the views' recipe changes, so old cached embeddings are not reused.
+VIEWS_VERSION = 1
+
+
+def default_features_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "facegender" / "features"
+
+
+class FeatureExtractor:
+    """uint8 prepared images -> (N, views, D) float32 embeddings of a fixed body, cached on disk."""
+
+    def __init__(self, body: nn.Module, prep: Preprocessing, body_id: str, device: torch.device,
+                 cache_dir: Path | None = None, batch_size: int = 64):
+        self.body = body
+        self.device = device
+        self.batch_size = batch_size
+        self.eval_tf = EvalPreset(prep)
+        self.jitter_tf = TrainPreset(prep, "light")
+        self.cache_dir = cache_dir or default_features_dir()
+        self._salt = json.dumps([VIEWS_VERSION, prep.to_dict(), body_id], sort_keys=True).encode()
+
+    def _key(self, image: torch.Tensor) -> str:
+        h = hashlib.sha1(self._salt)
+        h.update(image.contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    def view(self, image: torch.Tensor, index: int, key: str) -> torch.Tensor:
+        """The normalised float tensor of view `index` of a prepared uint8 image."""
+        if index == 0:
+            return self.eval_tf(image)
+        if index == 1:
+            return self.eval_tf(torch.flip(image, dims=[-1]))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(key[:12], 16) + index)
+            return self.jitter_tf(image)
+
+    @torch.no_grad()
+    def embed(self, images: Sequence[torch.Tensor], views: int = 1, desc: str = "embedding",
+              progress: bool = True) -> torch.Tensor:
+        """(len(images), views, D): cached where possible, the rest computed in batches."""
+        keys = [f"{self._key(img)}-{views}" for img in images]
+        out: list[np.ndarray | None] = [None] * len(images)
+        todo = []
+        for i, key in enumerate(keys):
+            cached = self.cache_dir / f"{key}.npy"
+            if cached.is_file():
+                try:
+                    arr = np.load(cached, allow_pickle=False)
+                    if arr.ndim == 2 and arr.shape[0] == views:
+                        out[i] = arr
+                        continue
+                except (OSError, ValueError):
+                    pass  # a damaged cache entry is recomputed and rewritten
+            todo.append(i)
+        if todo:
+            self.body.eval()
+            items = [(i, v) for i in todo for v in range(views)]
+            results: dict[int, list[np.ndarray]] = {i: [None] * views for i in todo}  # type: ignore[misc]
+            bar = tqdm(total=len(items), desc=desc, disable=not progress, leave=False, unit="img")
+            for start in range(0, len(items), self.batch_size):
+                chunk = items[start:start + self.batch_size]
+                batch = torch.stack([self.view(images[i], v, keys[i]) for i, v in chunk]).to(self.device)
+                emb = self.body(batch).float().cpu().numpy()
+                for (i, v), e in zip(chunk, emb):
+                    results[i][v] = e
+                bar.update(len(chunk))
+            bar.close()
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            for i in todo:
+                arr = np.stack(results[i]).astype(np.float32)
+                out[i] = arr
+                target = self.cache_dir / f"{keys[i]}.npy"
+                tmp = target.with_name(f".{target.stem}.{os.getpid()}.tmp.npy")
+                np.save(tmp, arr, allow_pickle=False)
+                os.replace(tmp, target)
+        return torch.from_numpy(np.stack(out)) if out else torch.empty(0, views, 0)
+
+
+def feature_dataset(embeddings: torch.Tensor, labels: Sequence[int]) -> torch.utils.data.TensorDataset:
+    """Every view of every image as one (embedding, label) sample."""
+    n, views, dim = embeddings.shape
+    y = torch.as_tensor(list(labels), dtype=torch.long).repeat_interleave(views)
+    return torch.utils.data.TensorDataset(embeddings.reshape(n * views, dim), y)
