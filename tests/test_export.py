@@ -16,11 +16,11 @@ pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
 def exported(trained_run, tmp_path_factory):
     """(model.onnx, best_model.pth, export report) of the session's small trained model, parity
     checked on its test images."""
-    from facegender.export import export_onnx
+    import facegender
 
     model = trained_run / "out" / "best_model.pth"
     out = tmp_path_factory.mktemp("onnx") / "model.onnx"
-    report = export_onnx(model, out, data=trained_run / "data", log=lambda s: None)
+    report = facegender.load(model, device="cpu").export(out, data=trained_run / "data", log=lambda s: None)
     return out, model, report
 
 
@@ -87,10 +87,10 @@ def test_failed_parity_leaves_no_file(trained_run, tmp_path, capsys):
 
 
 def test_export_refuses_other_suffix(trained_run, tmp_path):
-    from facegender.export import export_onnx
+    import facegender
 
     with pytest.raises(ValueError, match=r"\.onnx"):
-        export_onnx(trained_run / "out" / "best_model.pth", tmp_path / "model.pth")
+        facegender.load(trained_run / "out" / "best_model.pth", device="cpu").export(tmp_path / "model.pth")
 
 
 def _plain_onnx(path, props: dict[str, str] | None = None):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Callable
 
 BOOL = argparse.BooleanOptionalAction
@@ -132,7 +133,15 @@ def _add_analysis_options(p) -> None:
     p.add_argument("--no-tta", dest="tta", action="store_const", const="none", help=argparse.SUPPRESS)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
+    _add_precision(p)
     p.add_argument("--skip-bad", action="store_true", help="leave unreadable images out")
+
+
+def _add_precision(p) -> None:
+    """The inference precision option (evaluate, report, predict, serve): one decision everywhere."""
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16", "auto"], default="fp32",
+                   help="inference precision (auto: bf16/fp16 where the hardware is fast at it); every command "
+                        "uses the same, so the same image gets the same probability")
 
 
 def _tta(args) -> bool | None:
@@ -145,7 +154,7 @@ def _run_evaluate(args) -> int:
     metrics = evaluate_model(args.model, args.data, args.out, args.batch_size, args.device, _tta(args),
                              args.skip_bad, log=(lambda s: None) if args.json else print, progress=not args.quiet,
                              groups=args.groups, min_confidence=args.min_confidence,
-                             min_group_size=args.min_group_size)
+                             min_group_size=args.min_group_size, precision=args.precision)
     if args.json:
         print(json.dumps(metrics, indent=2, ensure_ascii=False))
     return 0
@@ -167,39 +176,52 @@ def _add_predict(sub) -> None:
     p.add_argument("--refine-steps", type=int, default=None,
                    help="face landmark refinement rounds (default: as trained; 0 is fastest)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=32)
+    _add_precision(p)
+    p.add_argument("--batch-size", type=int, default=32, help="images read and classified at a time")
     p.add_argument("--annotate", metavar="DIR", help="also write copies of the images with boxes and labels into DIR")
 
 
 def _run_predict(args) -> int:
-    from facegender.predict import Predictor, format_result
+    from facegender.inference import expand_paths, load
+    from facegender.predict import format_result
 
+    files = expand_paths(args.images)
+    if not files:
+        raise ValueError(f"no images found in {', '.join(args.images)} (image files end in .jpg, .jpeg, .png, "
+                         ".bmp, .gif, .tif, .tiff or .webp)")
+    for folder in args.images:
+        if Path(folder).is_dir() and not expand_paths([folder]):
+            print(f"note: no images found in {folder}", file=sys.stderr)
     kwargs = {"detect": args.detect, "min_confidence": args.min_confidence, "batch_size": args.batch_size,
               "refine_steps": args.refine_steps}
     if args.tta is not None:
         kwargs["tta"] = args.tta
-    predictor = Predictor.from_file(args.model, device=args.device, **kwargs)
-    results = predictor.predict_paths(args.images)
-    if getattr(args, "annotate", None):
-        from facegender.annotate import annotate_results
-
-        written = annotate_results(results, args.annotate, predictor.classes)
-        print(f"annotated {len(written)} image(s) into {args.annotate}", file=sys.stderr)
-    if args.json:
-        print(json.dumps(results, indent=2, ensure_ascii=False))
-    elif args.csv:
+    model = load(args.model, device=args.device, precision=args.precision, **kwargs)
+    results = []
+    writer = None
+    if args.csv:
         import csv
 
         writer = csv.writer(sys.stdout)
         writer.writerow(["file", "face", "label", "probability", "x1", "y1", "x2", "y2", "status"])
-        for r in results:
+    for r in model.predict_iter(files):  # a batch of images at a time; printed as they come
+        results.append(r)
+        if args.json:
+            continue
+        if writer is not None:
             for i, f in enumerate(r["faces"]):
                 writer.writerow([r["file"], i + 1, f["label"], f["probability"], *f["box"], r["status"]])
             if not r["faces"]:
                 writer.writerow([r["file"], "", "", "", "", "", "", "", r.get("error") or r["status"]])
-    else:
-        for r in results:
-            print(format_result(r))
+        else:
+            print(format_result(r), flush=True)
+    if args.json:
+        print(json.dumps(results, indent=2, ensure_ascii=False))
+    if getattr(args, "annotate", None):
+        from facegender.annotate import annotate_results
+
+        written = annotate_results(results, args.annotate, model.classes)
+        print(f"annotated {len(written)} image(s) into {args.annotate}", file=sys.stderr)
     failed = [r for r in results if r.get("error")]
     if failed:
         print(f"{len(failed)} of {len(results)} file(s) could not be read", file=sys.stderr)
@@ -345,7 +367,8 @@ def _run_report(args) -> int:
     from facegender.report import build_report
 
     build_report(args.model, args.data, args.out, args.groups, args.min_confidence, args.min_group_size,
-                 _tta(args), args.batch_size, args.device, args.skip_bad, args.mistakes, progress=not args.quiet)
+                 _tta(args), args.batch_size, args.device, args.skip_bad, args.mistakes, progress=not args.quiet,
+                 precision=args.precision)
     return 0
 
 
@@ -365,11 +388,12 @@ def _add_export(sub) -> None:
 
 
 def _run_export(args) -> int:
-    from facegender.export import ParityError, export_onnx
+    from facegender.export import ParityError
+    from facegender.inference import load
 
     try:
-        export_onnx(args.model, args.out, data=args.data, opset=args.opset, tolerance=args.tolerance,
-                    parity_count=args.parity_images)
+        load(args.model, device="cpu", detect=False).export(args.out, data=args.data, opset=args.opset,
+                                                            tolerance=args.tolerance, parity_count=args.parity_images)
     except ParityError as exc:
         print(f"facegender export: parity check failed: {exc}", file=sys.stderr)
         return 1
@@ -386,6 +410,7 @@ def _add_serve(sub) -> None:
                    help="address to listen on; anything but loopback lets other machines in (warns)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument("--device", default="auto", help="for .pth models: auto, cpu, cuda, ...")
+    _add_precision(p)
     p.add_argument("--max-file-mb", type=float, default=20, help="largest uploaded file")
     p.add_argument("--max-request-mb", type=float, default=64, help="largest request body")
     p.add_argument("--max-files", type=int, default=32, help="most files in one request")
@@ -398,7 +423,8 @@ def _add_serve(sub) -> None:
 def _run_serve(args) -> int:
     from facegender.serve import MB, serve
 
-    serve(args.model, host=args.host, port=args.port, device=args.device, log_level=args.log_level,
+    serve(args.model, host=args.host, port=args.port, device=args.device, precision=args.precision,
+          log_level=args.log_level,
           threads=args.threads, max_file_bytes=int(args.max_file_mb * MB),
           max_request_bytes=int(args.max_request_mb * MB), max_files=args.max_files, max_pixels=args.max_pixels,
           max_concurrent=args.max_concurrent)

@@ -27,40 +27,15 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-
-from facegender.data import DatasetError, Split
+from facegender import checkpoint as ckpt
+from facegender import train as training
+from facegender.data import Split, fold_split, plan_folds, scan_dataset  # noqa: F401  (fold_split: cv.fold_split)
 
 RESULT = "fold_result.json"
 RESULTS = "cv_results.json"
 SUMMARY = "cv_summary.csv"
 #: Options that may differ between the run that started a fold and the one that resumes it.
 _FREE_KEYS = {"out", "device", "workers", "precision"}
-
-
-def plan_folds(labels: list[int], n_folds: int, seed: int) -> list[np.ndarray]:
-    """Validation indices of each fold (sorted): a shuffled, seeded StratifiedKFold over `labels`.
-
-    The folds are disjoint, together cover every index, and each keeps the class proportions
-    (every class count within one of its share)."""
-    from sklearn.model_selection import StratifiedKFold
-
-    labels = np.asarray(labels)
-    if n_folds < 2:
-        raise ValueError(f"--folds must be at least 2, got {n_folds}")
-    smallest = int(np.bincount(labels).min()) if labels.size else 0
-    if smallest < n_folds:
-        raise DatasetError(f"cannot make {n_folds} stratified folds: the smallest class has {smallest} training "
-                           f"images; add images or lower --folds to {max(2, smallest)} or fewer")
-    skf = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-    return [np.sort(val) for _, val in skf.split(np.zeros(len(labels)), labels)]
-
-
-def fold_split(train: Split, n_folds: int, fold: int, seed: int) -> tuple[Split, Split]:
-    """(training part, validation part) of `train` for fold `fold` (1..n_folds)."""
-    val = plan_folds(train.labels, n_folds, seed)[fold - 1]
-    held = set(val.tolist())
-    return train.subset([i for i in range(len(train)) if i not in held]), train.subset(val.tolist())
 
 
 def dataset_fingerprint(train: Split) -> str:
@@ -175,10 +150,6 @@ def run_cv(cfg, n_folds: int = 5, time_budget_min: float | None = None, log: Cal
 
     Returns the content of cv_results.json; `complete` is False when the time budget stopped it
     before every fold had finished (rerun the same command to continue)."""
-    from facegender import checkpoint as ckpt
-    from facegender import train as training
-    from facegender.data import scan_dataset
-
     if cfg.val_on_test:
         raise ValueError("--val-on-test cannot be combined with cv: each fold validates on its held-out part")
     cfg = dataclasses.replace(cfg, data=os.path.abspath(cfg.data), cv_folds=0, cv_fold=0)

@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
-from sklearn.model_selection import train_test_split
+from sklearn.model_selection import StratifiedKFold, train_test_split
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -126,11 +127,37 @@ def split_train_val(train: Split, val_fraction: float, seed: int) -> tuple[Split
     return train.subset(sorted(tr)), train.subset(sorted(va))
 
 
+def plan_folds(labels: list[int], n_folds: int, seed: int) -> list[np.ndarray]:
+    """Validation indices of each fold (sorted): a shuffled, seeded StratifiedKFold over `labels`.
+
+    The folds are disjoint, together cover every index, and each keeps the class proportions
+    (every class count within one of its share)."""
+    labels = np.asarray(labels)
+    if n_folds < 2:
+        raise ValueError(f"--folds must be at least 2, got {n_folds}")
+    smallest = int(np.bincount(labels).min()) if labels.size else 0
+    if smallest < n_folds:
+        raise DatasetError(f"cannot make {n_folds} stratified folds: the smallest class has {smallest} training "
+                           f"images; add images or lower --folds to {max(2, smallest)} or fewer")
+    skf = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    return [np.sort(val) for _, val in skf.split(np.zeros(len(labels)), labels)]
+
+
+def fold_split(train: Split, n_folds: int, fold: int, seed: int) -> tuple[Split, Split]:
+    """(training part, validation part) of `train` for fold `fold` (1..n_folds)."""
+    val = plan_folds(train.labels, n_folds, seed)[fold - 1]
+    held = set(val.tolist())
+    return train.subset([i for i in range(len(train)) if i not in held]), train.subset(val.tolist())
+
+
 # ----------------------------------------------------------------------------- decoding and caching
 
 def _aligned_cache_path(cache_dir: Path, path: Path, face: dict) -> Path:
+    from facegender.faces import FaceAlignConfig, template_landmarks
+
     st = path.stat()
-    key = json.dumps([str(path.resolve()), st.st_size, st.st_mtime_ns, face], sort_keys=True)
+    template = template_landmarks(FaceAlignConfig.from_dict(face)).round(3).tolist()  # the geometry itself
+    key = json.dumps([str(path.resolve()), st.st_size, st.st_mtime_ns, face, template], sort_keys=True)
     return cache_dir / (hashlib.sha1(key.encode()).hexdigest() + ".png")
 
 

@@ -93,11 +93,10 @@ def train_one_epoch(model: nn.Module, loader, criterion, optimizer, device: torc
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, loader, device: torch.device, precision: str = "fp32",
-                   channels_last: bool = False, tta: bool = False, desc: str = "eval",
-                   progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits (N, C) float32 on CPU, labels (N,)) for every batch of `loader`.
-
-    With `tta` the logits are the mean of the image's and its mirror image's logits."""
+                   channels_last: bool = False, desc: str = "eval", progress: bool = True
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits (N, C) float32 on CPU, labels (N,)) for every batch of `loader`, at the training
+    precision (validation during training; inference after training is `inference.Model`)."""
     set_train_mode(model, False)
     all_logits, all_labels = [], []
     for images, labels in tqdm(loader, desc=desc, leave=False, disable=not progress, unit="batch"):
@@ -106,8 +105,6 @@ def predict_logits(model: nn.Module, loader, device: torch.device, precision: st
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast(device, precision):
             logits = model(images).float()
-            if tta:
-                logits = (logits + model(torch.flip(images, dims=[3])).float()) / 2
         all_logits.append(logits.cpu())
         all_labels.append(labels.cpu())
     if not all_logits:
@@ -116,9 +113,9 @@ def predict_logits(model: nn.Module, loader, device: torch.device, precision: st
 
 
 def evaluate(model: nn.Module, loader, criterion, device: torch.device, precision: str = "fp32",
-             channels_last: bool = False, tta: bool = False, desc: str = "eval", progress: bool = True) -> dict:
+             channels_last: bool = False, desc: str = "eval", progress: bool = True) -> dict:
     """{'loss', 'acc', 'n', 'logits', 'labels'} on `loader` (model in eval mode, no gradients)."""
-    logits, labels = predict_logits(model, loader, device, precision, channels_last, tta, desc, progress)
+    logits, labels = predict_logits(model, loader, device, precision, channels_last, desc, progress)
     return summarize_logits(logits, labels, criterion)
 
 

@@ -1,4 +1,4 @@
-"""`facegender export`: a trained model as one ONNX file that runs without PyTorch.
+"""The ONNX file format: writing a trained model as one ONNX file, and running it without PyTorch.
 
 The file holds the classifier network (input `input`: normalised float32 images (N, 3, S, S) with a
 dynamic batch size; output `logits` (N, C)) and, in its `metadata_props`, everything else a
@@ -9,10 +9,13 @@ JSON and read back with `json.loads`.
 The network is exported with PyTorch's TorchScript-based exporter (`dynamo=False`). It needs no
 package beyond `onnx`; the newer torch.export-based exporter needs `onnxscript`, which this
 project does not install. Before the file is written, onnxruntime's probabilities are compared
-with PyTorch's on real images (or synthetic ones) and the export fails above a tolerance.
+with PyTorch's on real images (or synthetic ones) and the export fails above a tolerance
+(`export_model`, called by `inference.Model.export` and so by `facegender export`).
 
-`load_onnx_classifier` reads such a file back for `predict.Predictor` (and so for `predict` and
-`serve`): `Predictor.from_file("model.onnx")` works like `Predictor.from_file("best_model.pth")`.
+`OnnxBackend` runs such a file for `inference.Model` (and so for `predict` and `serve`):
+`facegender.load("model.onnx")` works like `facegender.load("best_model.pth")`. This module imports
+neither torch nor the rest of facegender at import time: the ONNX path is meant to run without
+PyTorch one day (torch is imported only to write a file, `checkpoint` only to raise its errors).
 """
 
 from __future__ import annotations
@@ -24,9 +27,6 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
-import torch
-
-from facegender import checkpoint as ckpt
 
 #: metadata_props key that marks a facegender ONNX file, with its format version as value.
 FORMAT_KEY = "facegender_format"
@@ -42,6 +42,13 @@ METADATA_KEYS = ("classes", "preprocessing", "temperature", "tta", "backbone", "
 
 class ParityError(ValueError):
     """onnxruntime and PyTorch disagree by more than the tolerance."""
+
+
+def _error(message: str) -> Exception:
+    """checkpoint.CheckpointError (what the command line reports as a problem with the input)."""
+    from facegender.checkpoint import CheckpointError
+
+    return CheckpointError(message)
 
 
 # ----------------------------------------------------------------------------- metadata
@@ -62,9 +69,8 @@ def read_metadata(model_proto, path: str | os.PathLike) -> dict[str, Any]:
     """The metadata written by `onnx_metadata`, decoded; CheckpointError when it is not ours."""
     raw = {p.key: p.value for p in model_proto.metadata_props}
     if raw.get(FORMAT_KEY) != FORMAT:
-        raise ckpt.CheckpointError(
-            f"{path}: not an ONNX file made by `facegender export` (no {FORMAT_KEY}={FORMAT} in its metadata); "
-            "export the model with `facegender export --model best_model.pth --out model.onnx`")
+        raise _error(f"{path}: not an ONNX file made by `facegender export` (no {FORMAT_KEY}={FORMAT} in its "
+                     "metadata); export the model with `facegender export --model best_model.pth --out model.onnx`")
     meta: dict[str, Any] = {}
     for key, value in raw.items():
         if key == FORMAT_KEY:
@@ -72,18 +78,17 @@ def read_metadata(model_proto, path: str | os.PathLike) -> dict[str, Any]:
         try:
             meta[key] = json.loads(value)
         except json.JSONDecodeError:
-            raise ckpt.CheckpointError(f"{path}: metadata field {key!r} is not valid JSON; re-export the model") \
-                from None
+            raise _error(f"{path}: metadata field {key!r} is not valid JSON; re-export the model") from None
     missing = [k for k in ("classes", "preprocessing") if k not in meta]
     if missing:
-        raise ckpt.CheckpointError(f"{path}: metadata lacks {', '.join(missing)}; re-export the model")
+        raise _error(f"{path}: metadata lacks {', '.join(missing)}; re-export the model")
     meta.setdefault("temperature", 1.0)
     meta.setdefault("tta", False)
     meta["format"] = FORMAT
     return meta
 
 
-# ----------------------------------------------------------------------------- loading
+# ----------------------------------------------------------------------------- running
 
 def onnx_session(source: str | os.PathLike | bytes, threads: int | None = None):
     """An onnxruntime CPU session. `threads` intra-op threads (default: the CPU count, at most 4, so
@@ -102,50 +107,60 @@ def onnx_session(source: str | os.PathLike | bytes, threads: int | None = None):
                                 providers=["CPUExecutionProvider"])
 
 
-def load_onnx_classifier(path: str | os.PathLike, threads: int | None = None
-                         ) -> tuple[Callable[[torch.Tensor], np.ndarray], dict[str, Any]]:
-    """(logits_fn, meta) for an exported model. logits_fn takes a normalised float batch
-    (N, 3, S, S) (torch tensor or numpy array) and returns numpy float32 logits (N, C); meta has the
-    checkpoint record's keys that `Predictor` needs (classes, preprocessing, temperature, tta) and
-    backbone, metrics. The session is thread-safe, so one logits_fn serves concurrent requests."""
+class OnnxBackend:
+    """The classifier of an exported file on onnxruntime: `logits(batch)` takes a normalised float
+    batch (N, 3, S, S) (numpy, or anything with `.numpy()`) and returns numpy float32 logits (N, C).
+    The session is thread-safe, so one backend serves concurrent requests. Always fp32."""
+
+    runtime = "onnxruntime"
+    precision = "fp32"
+
+    def __init__(self, session):
+        self.session = session
+
+    def logits(self, batch) -> np.ndarray:
+        if not isinstance(batch, np.ndarray) and hasattr(batch, "numpy"):
+            batch = batch.detach().cpu().numpy()  # a torch tensor
+        return self.session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+
+    __call__ = logits
+
+
+def load_onnx_classifier(path: str | os.PathLike, threads: int | None = None) -> tuple[OnnxBackend, dict[str, Any]]:
+    """(backend, meta) for an exported model. The backend is also callable as a logits function;
+    meta has the checkpoint record's keys that `inference.Model` needs (classes, preprocessing,
+    temperature, tta) and backbone, metrics."""
     import onnx
 
     path = Path(path)
     if not path.is_file():
-        raise ckpt.CheckpointError(f"{path}: ONNX model file not found; make one with `facegender export`")
+        raise _error(f"{path}: ONNX model file not found; make one with `facegender export`")
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # noqa: BLE001 - protobuf raises several types for damaged files
-        raise ckpt.CheckpointError(f"{path}: cannot be read as an ONNX model ({exc.__class__.__name__}: {exc})") \
-            from None
+        raise _error(f"{path}: cannot be read as an ONNX model ({exc.__class__.__name__}: {exc})") from None
     meta = read_metadata(proto, path)
     del proto
-    session = onnx_session(path, threads)
-
-    def logits_fn(batch: torch.Tensor | np.ndarray) -> np.ndarray:
-        array = batch.detach().cpu().numpy() if isinstance(batch, torch.Tensor) else np.asarray(batch)
-        return session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(array, dtype=np.float32)})[0]
-
-    return logits_fn, meta
+    return OnnxBackend(onnx_session(path, threads)), meta
 
 
 # ----------------------------------------------------------------------------- parity images
 
-def parity_images(prep, data: str | os.PathLike | None = None, count: int = 64, seed: int = 0
-                  ) -> tuple[list[torch.Tensor], str]:
+def parity_images(prep, data: str | os.PathLike | None = None, count: int = 64, seed: int = 0) -> tuple[list, str]:
     """Prepared uint8 crops (3, S, S) for the parity check, and where they came from.
 
     With `data`: up to `count` images, evenly spread over the sorted files of DATASET/test (when
     `data` has a test/ folder) or of `data` itself, prepared as in evaluation (aligned when the
     model was trained on aligned faces). Without: `count` seeded random images.
     """
+    import torch
+
     if data is None:
         gen = torch.Generator().manual_seed(seed)
         size = prep.image_size
         return [torch.randint(0, 256, (3, size, size), generator=gen, dtype=torch.uint8)
                 for _ in range(count)], f"{count} synthetic random images"
-    from facegender.images import load_image
-    from facegender.predict import expand_paths
+    from facegender.images import expand_paths, load_image
     from facegender.transforms import ImagePreparer
 
     root = Path(data)
@@ -160,72 +175,75 @@ def parity_images(prep, data: str | os.PathLike | None = None, count: int = 64, 
     return [preparer(load_image(files[i])) for i in picks], f"{len(picks)} images from {folder}"
 
 
-def max_probability_difference(reference, candidate, crops: Sequence[torch.Tensor]) -> float:
-    """Largest |p_reference - p_candidate| over `crops` for two Predictors (calibrated probabilities,
-    with the model's TTA). The candidate runs in uneven batches and on a single image too, so that
-    a fixed batch size in the exported graph would show."""
-    p_ref = reference.classify(crops)
-    p_new = candidate.classify(crops)
+def max_probability_difference(reference, candidate, crops: Sequence) -> float:
+    """Largest |p_reference - p_candidate| over `crops` for two `inference.Model`s (calibrated
+    probabilities, with the model's TTA). The candidate runs in uneven batches (13) and on a single
+    image too, so that a fixed batch size in the exported graph would show."""
+    p_ref = reference.classify(crops, batch_size=32)
+    p_new = candidate.classify(crops, batch_size=13)
     single = candidate.classify(crops[:1])
     return float(max(np.abs(p_ref - p_new).max(), np.abs(p_ref[:1] - single).max()))
 
 
 # ----------------------------------------------------------------------------- export
 
-def export_onnx(model_path: str | os.PathLike, out: str | os.PathLike, data: str | os.PathLike | None = None,
-                opset: int = DEFAULT_OPSET, tolerance: float = DEFAULT_TOLERANCE, parity_count: int = 64,
-                log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Export best_model.pth to `out` (.onnx), check it, and compare it with PyTorch.
+def export_model(model, out: str | os.PathLike, data: str | os.PathLike | None = None, opset: int = DEFAULT_OPSET,
+                 tolerance: float = DEFAULT_TOLERANCE, parity_count: int = 64, log: Callable[[str], None] = print,
+                 source_name: str | None = None) -> dict[str, Any]:
+    """Write the PyTorch network of `model` (an `inference.Model` loaded from best_model.pth) to `out`
+    (.onnx), check it, and compare it with PyTorch (see `inference.Model.export`).
 
     The file is written through a temporary file and only replaces `out` when `onnx.checker`
     passes and the largest probability difference on the parity images is at most `tolerance`
     (ParityError otherwise). Returns {'out', 'parity_max_abs_diff', 'parity_images', 'opset', ...}.
     """
     import onnx
+    import torch
 
-    from facegender.predict import Predictor, torch_logits_fn
+    from facegender.checkpoint import atomic_path
     from facegender.transforms import Preprocessing
 
     out = Path(out)
     if out.suffix.lower() != ".onnx":
         raise ValueError(f"--out {out}: the file name must end in .onnx")
-    model, record = ckpt.load_model(model_path, "cpu")
-    prep = Preprocessing.from_dict(record["preprocessing"])
-    size = prep.image_size
-    crops, source = parity_images(prep, data, parity_count)
-    torch_predictor = Predictor(record["classes"], prep, torch_logits_fn(model, torch.device("cpu")),
-                                temperature=record.get("temperature", 1.0), tta=record.get("tta", False),
-                                detect=False, batch_size=32)
+    network = getattr(model.backend, "module", None)
+    if network is None:
+        raise ValueError("only a PyTorch model (best_model.pth) can be exported to ONNX")
+    record = model.info
+    size = model.prep.image_size
+    crops, source = parity_images(model.prep, data, parity_count)
 
-    with ckpt.atomic_path(out) as tmp:
-        example = torch.zeros(2, 3, size, size)
+    with atomic_path(out) as tmp:
+        example = torch.zeros(2, 3, size, size, device=next(network.parameters()).device)
         with warnings.catch_warnings():
             # The TorchScript exporter warns that it is the legacy one, and about constant folding.
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.simplefilter("ignore", UserWarning)
-            torch.onnx.export(model, (example,), str(tmp), dynamo=False, opset_version=opset,
+            torch.onnx.export(network, (example,), str(tmp), dynamo=False, opset_version=opset,
                               input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                               dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
                               do_constant_folding=True)
         proto = onnx.load(str(tmp))
         proto.doc_string = (f"facegender {record['backbone']} classifier: normalised RGB float32 "
                             f"(N, 3, {size}, {size}) -> logits over {record['classes']}")
-        for key, value in onnx_metadata(record, source_model=Path(model_path).name).items():
+        extra = {"source_model": source_name} if source_name else {}
+        for key, value in onnx_metadata({**record, "temperature": model.temperature, "tta": model.tta},
+                                        **extra).items():
             entry = proto.metadata_props.add()
             entry.key, entry.value = key, value
         onnx.checker.check_model(proto, full_check=True)
         onnx.save(proto, str(tmp))
         del proto
 
-        logits_fn, meta = load_onnx_classifier(tmp)
-        onnx_predictor = Predictor(meta["classes"], Preprocessing.from_dict(meta["preprocessing"]), logits_fn,
-                                   temperature=meta["temperature"], tta=meta["tta"], detect=False, batch_size=13)
-        diff = max_probability_difference(torch_predictor, onnx_predictor, crops)
+        backend, meta = load_onnx_classifier(tmp)
+        candidate = type(model)(meta["classes"], Preprocessing.from_dict(meta["preprocessing"]), backend,
+                                temperature=meta["temperature"], tta=meta["tta"], detect=False)
+        diff = max_probability_difference(model, candidate, crops)
         log(f"parity on {source}: max |p_onnx - p_torch| = {diff:.2e} (tolerance {tolerance:g})")
         if not diff <= tolerance:  # also catches NaN
-            raise ParityError(f"{model_path}: the ONNX model's probabilities differ from PyTorch's by {diff:.3g} "
-                              f"(more than {tolerance:g}); {out} was not written. Try another --opset, or report "
-                              "the backbone as not exportable.")
+            raise ParityError(f"{source_name or 'the model'}: the ONNX model's probabilities differ from PyTorch's "
+                              f"by {diff:.3g} (more than {tolerance:g}); {out} was not written. Try another --opset, "
+                              "or report the backbone as not exportable.")
     log(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, opset {opset}, dynamic batch, "
         f"{record['backbone']}, classes {record['classes']})")
     return {"out": str(out), "parity_max_abs_diff": diff, "parity_images": source, "opset": opset,

@@ -10,7 +10,7 @@ import io
 import os
 import warnings
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Iterable
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -28,6 +28,18 @@ class ImageError(ValueError):
 
 def is_image_name(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith(IMAGE_EXTENSIONS)
+
+
+def expand_paths(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """Files as given; folders walked recursively for image files (sorted). Missing paths are kept,
+    so that they are reported as errors in their place."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.is_file() and is_image_name(f))
+        else:
+            files.append(p)
+    return files
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,6 +38,7 @@ __all__ = [
     "per_group_metrics",
     "coverage_curve",
     "selective_metrics",
+    "Predictions",
 ]
 
 
@@ -385,7 +388,7 @@ def per_group_metrics(
 # --------------------------------------------------------------------------------------------
 
 
-def _default_thresholds() -> list[float]:
+def default_thresholds() -> list[float]:
     return [0.0] + [round(t, 2) for t in np.arange(0.5, 0.951, 0.05)] + [0.99]
 
 
@@ -423,7 +426,7 @@ def coverage_curve(probs, labels, thresholds: Sequence[float] | None = None) -> 
     a sample is kept when its top probability is >= threshold; ``accuracy`` is None when nothing
     is kept. Default thresholds: 0, 0.5, 0.55, ..., 0.95, 0.99.
     """
-    ts = _default_thresholds() if thresholds is None else sorted(float(t) for t in thresholds)
+    ts = default_thresholds() if thresholds is None else sorted(float(t) for t in thresholds)
     curve = []
     for t in ts:
         s = selective_metrics(probs, labels, t)
@@ -436,3 +439,26 @@ def coverage_curve(probs, labels, thresholds: Sequence[float] | None = None) -> 
             }
         )
     return curve
+
+
+# --------------------------------------------------------------------------------------------
+# the predictions record
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Predictions:
+    """Logits of a labelled image set, with what is needed to read them (`inference.Model.evaluate`
+    makes one; `evaluate.analyse`, `report` and `train` read it)."""
+
+    classes: list[str]
+    paths: list[Path]
+    labels: np.ndarray               # (N,) class indices
+    logits: np.ndarray               # (N, C) as evaluated: the mean with the mirror image when `tta`
+    temperature: float = 1.0
+    tta: bool = False
+    logits_plain: np.ndarray | None = None  # (N, C) without test-time augmentation, when `tta`
+    skipped: list[str] = field(default_factory=list)  # unreadable files left out (--skip-bad)
+
+    def probs(self, calibrated: bool = True) -> np.ndarray:
+        return apply_temperature(self.logits, self.temperature if calibrated else 1.0)

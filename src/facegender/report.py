@@ -1,12 +1,5 @@
-"""Evaluation beyond accuracy, and `facegender report`: one self-contained HTML page per model.
-
-What `evaluate` and `report` add to the plain metrics of `evaluate.compute_metrics`:
-
-* calibration: reliability bins (15 equal-width bins) before and after the model's temperature;
-* test-time augmentation reported beside the plain model (both are computed when TTA is on);
-* per-group accuracy and per-class recall with Wilson 95% intervals, from a groups.csv
-  (`facegender import` writes one: `path,label,<group columns>`, path relative to the dataset);
-* selective prediction: coverage and accuracy at a minimum confidence, and the whole curve.
+"""`facegender report`: one self-contained HTML page per model, from the analysis of
+`evaluate.analyse` (calibration, TTA beside the plain model, per-group accuracy, coverage).
 
 `build_report` writes ONE HTML file: every figure and thumbnail is embedded as a base64 data URI,
 the CSS is inline, and a Content-Security-Policy forbids loading anything from elsewhere, so the
@@ -21,221 +14,22 @@ import csv
 import html
 import io
 import os
-import re
 import tempfile
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-import numpy as np
-import torch
-
-N_BINS = 15
-GROUPS_FILE = "groups.csv"
-
-
-# ----------------------------------------------------------------------------- predictions
-
-@dataclass
-class Predictions:
-    """Logits of a labelled image set, with what is needed to read them."""
-
-    classes: list[str]
-    paths: list[Path]
-    labels: np.ndarray               # (N,) class indices
-    logits: np.ndarray               # (N, C) as evaluated: the mean with the mirror image when `tta`
-    temperature: float = 1.0
-    tta: bool = False
-    logits_plain: np.ndarray | None = None  # (N, C) without test-time augmentation, when `tta`
-
-    def probs(self, calibrated: bool = True) -> np.ndarray:
-        from facegender.metrics import apply_temperature
-
-        return apply_temperature(self.logits, self.temperature if calibrated else 1.0)
-
-
-class _Mirrored:
-    """A transform followed by a horizontal flip (the second view of flip TTA)."""
-
-    def __init__(self, transform):
-        self.transform = transform
-
-    def __call__(self, img: torch.Tensor) -> torch.Tensor:
-        return torch.flip(self.transform(img), dims=[-1])
-
-
-def predict_loaded(model, loaded, prep, classes: list[str], temperature: float = 1.0, tta: bool = False,
-                   device: torch.device | str = "cpu", precision: str = "fp32", batch_size: int = 64,
-                   loader=None, channels_last: bool = False, progress: bool = True) -> Predictions:
-    """Logits of `model` on a `data.LoadedSplit`. With `tta` the plain logits are kept too, so both
-    can be reported (two passes: the images and their mirror images; their mean is flip TTA)."""
-    from facegender.data import FaceDataset, make_loader
-    from facegender.engine import predict_logits
-    from facegender.transforms import EvalPreset
-
-    device = torch.device(device)
-    tf = EvalPreset(prep)
-
-    def run(transform, desc):
-        batches = make_loader(FaceDataset(loaded, transform, loader), batch_size, False)
-        return predict_logits(model, batches, device, precision, channels_last, False, desc, progress)
-
-    plain, labels = run(tf, "evaluate")
-    logits, logits_plain = plain, None
-    if tta:
-        mirrored, _ = run(_Mirrored(tf), "evaluate (mirrored)")
-        logits, logits_plain = (plain + mirrored) / 2, plain
-    as_np = lambda t: None if t is None else t.numpy().astype(np.float64)  # noqa: E731
-    return Predictions(list(classes), list(loaded.split.paths), labels.numpy(), as_np(logits),
-                       float(temperature), bool(tta), as_np(logits_plain))
-
-
-# ----------------------------------------------------------------------------- groups
-
-def read_groups(csv_path: str | os.PathLike, paths: Sequence[str | os.PathLike],
-                data_dir: str | os.PathLike) -> tuple[dict[str, list[str | None]], int]:
-    """Group values of each image in `paths`, from a CSV with a `path` column and group columns.
-
-    A row's path may be relative to the evaluated folder (`female/x.jpg`), to its parent, the
-    dataset root (`test/female/x.jpg`, as `facegender import` writes it), to the CSV's own folder,
-    or absolute. The `label` column, if any, is not a group. Images without a row get None (shown
-    as group "unknown"). Returns ({column: values in `paths` order}, number of images matched)."""
-    csv_path, data_dir = Path(csv_path), Path(data_dir)
-    if not csv_path.is_file():
-        raise FileNotFoundError(f"{csv_path}: groups file not found; pass a CSV with a path column and group "
-                                "columns (facegender import writes DATASET/groups.csv)")
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        fields = [c.strip() for c in (reader.fieldnames or [])]
-        rows = [{(k or "").strip(): v for k, v in row.items()} for row in reader]
-    if "path" not in fields:
-        raise ValueError(f"{csv_path}: no 'path' column (found {fields or 'no header'}); the first row must name "
-                         "the columns, e.g. path,label,age_band")
-    columns = [c for c in fields if c not in ("path", "label") and c]
-    if not columns:
-        raise ValueError(f"{csv_path}: no group columns besides path/label; add columns such as age_band or source")
-
-    def key(p) -> str:
-        return os.path.normcase(os.path.abspath(p))
-
-    index: dict[str, dict] = {}
-    for row in rows:
-        rel = (row.get("path") or "").strip().replace("\\", "/")
-        if rel:
-            for base in (data_dir, data_dir.parent, csv_path.parent):
-                index.setdefault(key(base / rel), row)
-    values: dict[str, list[str | None]] = {c: [] for c in columns}
-    matched = 0
-    for p in paths:
-        row = index.get(key(p))
-        matched += row is not None
-        for c in columns:
-            values[c].append(None if row is None else row.get(c))
-    if paths and not matched:
-        example = Path(paths[0])
-        raise ValueError(f"{csv_path}: none of its {len(rows)} paths names an image in {data_dir} (e.g. "
-                         f"{example.relative_to(data_dir).as_posix() if example.is_relative_to(data_dir) else example}"
-                         f"); write paths relative to {data_dir} or to {data_dir.parent}")
-    return values, matched
-
-
-# ----------------------------------------------------------------------------- analysis
-
-def analyse(pred: Predictions, groups: Mapping[str, Sequence] | None = None, min_confidence: float | None = None,
-            min_group_size: int = 30) -> dict[str, Any]:
-    """All evaluation numbers of `pred` as plain data (JSON-safe).
-
-    The metrics of `evaluate.compute_metrics` (TTA logits when TTA is on), plus `reliability`
-    (`before`/`after` temperature, 15 bins), `without_tta` (the same metrics without TTA, only when
-    TTA is on), `coverage_curve` and, when asked, `selective` (at `min_confidence`) and `groups`
-    (`metrics.per_group_metrics`, groups under `min_group_size` images flagged `too_few`).
-    Confidence thresholds apply to calibrated probabilities, as in `facegender predict`."""
-    from facegender.evaluate import compute_metrics
-    from facegender.metrics import coverage_curve, per_group_metrics, reliability_bins, selective_metrics
-
-    logits, labels = torch.from_numpy(pred.logits), torch.from_numpy(pred.labels)
-    metrics = compute_metrics(logits, labels, pred.classes, pred.temperature)
-    metrics["tta"] = pred.tta
-    metrics["n_bins"] = N_BINS
-    metrics["reliability"] = {"before": reliability_bins(pred.probs(False), pred.labels, N_BINS),
-                              "after": reliability_bins(pred.probs(True), pred.labels, N_BINS)}
-    if pred.logits_plain is not None:
-        metrics["without_tta"] = compute_metrics(torch.from_numpy(pred.logits_plain), labels, pred.classes,
-                                                 pred.temperature)
-    probs = pred.probs(True)
-    thresholds = None
-    if min_confidence is not None:
-        if not 0.0 <= min_confidence <= 1.0:
-            raise ValueError(f"--min-confidence must be between 0 and 1, got {min_confidence}")
-        from facegender.metrics import _default_thresholds
-
-        thresholds = sorted(set(_default_thresholds()) | {float(min_confidence)})
-        metrics["selective"] = {"min_confidence": float(min_confidence),
-                                **selective_metrics(probs, pred.labels, min_confidence)}
-    metrics["coverage_curve"] = coverage_curve(probs, pred.labels, thresholds)
-    if groups:
-        metrics["groups"] = per_group_metrics(pred.labels, probs.argmax(1), groups, pred.classes, min_group_size)
-    return metrics
-
-
-def mistakes(pred: Predictions, limit: int = 12) -> list[dict]:
-    """The `limit` wrong predictions with the highest (calibrated) probability, most confident first."""
-    probs = pred.probs(True)
-    guess = probs.argmax(1)
-    wrong = np.flatnonzero(guess != pred.labels)
-    order = wrong[np.argsort(-probs[wrong, guess[wrong]], kind="stable")][:limit]
-    return [{"path": str(pred.paths[i]), "true": pred.classes[pred.labels[i]], "predicted": pred.classes[guess[i]],
-             "probability": float(probs[i, guess[i]])} for i in order]
-
-
-def predictions_csv(pred: Predictions) -> str:
-    """One row per image: path, true class, predicted class, calibrated probability of each class."""
-    probs = pred.probs(True)
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(["path", "true", "predicted", "probability", *[f"p_{c}" for c in pred.classes]])
-    for p, y, row in zip(pred.paths, pred.labels, probs):
-        writer.writerow([str(p), pred.classes[y], pred.classes[int(row.argmax())], f"{row.max():.6f}",
-                         *[f"{v:.6f}" for v in row]])
-    return buf.getvalue()
-
-
-def safe_name(text: str) -> str:
-    """A file-name-safe version of a group column name."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(text)).strip("._") or "group"
-
-
-def write_figures(metrics: dict, folder: str | os.PathLike, title: str = "") -> dict[str, Path]:
-    """The PNG figures of an analysis in `folder`; returns {figure name: path}: confusion_matrix,
-    reliability (before temperature), reliability_calibrated, coverage, groups_<column> (one per
-    group column)."""
-    from facegender.plots import plot_confusion_matrix, plot_coverage, plot_group_accuracy, plot_reliability
-
-    folder = Path(folder)
-    figs: dict[str, Path] = {}
-    prefix = f"{title}: " if title else ""
-    figs["confusion_matrix"] = plot_confusion_matrix(
-        metrics["confusion_matrix"], metrics["class_names"], folder / "confusion_matrix.png",
-        f"{prefix}accuracy {metrics['accuracy']:.3f} (n={metrics['n']})")
-    figs["reliability"] = plot_reliability(metrics["reliability"]["before"], folder / "reliability.png",
-                                           f"Before temperature scaling: ECE {metrics['ece']:.3f}")
-    figs["reliability_calibrated"] = plot_reliability(
-        metrics["reliability"]["after"], folder / "reliability_calibrated.png",
-        f"After temperature {metrics['temperature']:.2f}: ECE {metrics['ece_calibrated']:.3f}")
-    figs["coverage"] = plot_coverage(metrics["coverage_curve"], folder / "coverage.png")
-    for column, col_metrics in (metrics.get("groups") or {}).items():
-        figs[f"groups_{column}"] = plot_group_accuracy(col_metrics, folder / f"groups_{safe_name(column)}.png",
-                                                       f"Accuracy by {column}")
-    return figs
+from facegender import checkpoint as ckpt
+from facegender.evaluate import GROUPS_FILE, analyse, mistakes, read_groups, write_figures
+from facegender.inference import DEFAULT_PRECISION, load
+from facegender.metrics import Predictions
+from facegender.plots import plot_curves
 
 
 def training_curves(model_path: str | os.PathLike, folder: str | os.PathLike,
                     best_epoch: int | None = None) -> dict[str, Path]:
     """loss_curve/accuracy_curve of the model's run: the PNGs `train` wrote next to the model, or
     drawn into `folder` from the run's history (`load_history`); {} when there is no history."""
-    from facegender.plots import plot_curves
-
     run = Path(model_path).parent
     names = {"loss_curve": ("loss", "Loss per epoch"), "accuracy_curve": ("acc", "Accuracy per epoch")}
     if Path(model_path).name == "best_model.pth" and all((run / f"{n}.png").is_file() for n in names):
@@ -245,29 +39,6 @@ def training_curves(model_path: str | os.PathLike, folder: str | os.PathLike,
         return {}
     return {n: plot_curves(history, key, Path(folder) / f"{n}.png", title, best_epoch)
             for n, (key, title) in names.items()}
-
-
-def describe(metrics: dict) -> list[str]:
-    """Terminal lines for what `analyse` adds to the plain accuracy line."""
-    lines = []
-    if "without_tta" in metrics:
-        w = metrics["without_tta"]
-        lines.append(f"  with flip TTA: accuracy {metrics['accuracy']:.4f}, ECE {metrics['ece_calibrated']:.4f}; "
-                     f"without TTA: accuracy {w['accuracy']:.4f}, ECE {w['ece_calibrated']:.4f} (calibrated)")
-    if "selective" in metrics:
-        s = metrics["selective"]
-        acc = "-" if s["accuracy_on_covered"] is None else f"{s['accuracy_on_covered']:.4f}"
-        lines.append(f"  min confidence {s['min_confidence']:g}: coverage {s['coverage']:.3f} "
-                     f"({s['n_covered']} of {s['n']} answered), accuracy on answered {acc}")
-    for column, g in (metrics.get("groups") or {}).items():
-        few = [k for k, v in g["groups"].items() if v["too_few"]]
-        parts = [f"{k} {v['accuracy']:.3f} (n={v['n']})" for k, v in g["groups"].items()]
-        lines.append(f"  by {column}: " + ", ".join(parts))
-        if g["worst_group"] is not None:
-            lines.append(f"    worst {g['worst_group']} {g['worst_accuracy']:.3f}, gap {g['accuracy_gap']:.3f}"
-                         + (f"; too few images (<{g['min_count']}): {', '.join(few)}" if few else "")
-                         + (" (every group is small: unreliable)" if g["compared_all_groups"] else ""))
-    return lines
 
 
 # ----------------------------------------------------------------------------- training history
@@ -282,8 +53,6 @@ def load_history(model_path: str | os.PathLike) -> list[dict] | None:
             rows = [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
         if rows and {"epoch", "train_loss", "val_loss", "train_acc", "val_acc"} <= set(rows[0]):
             return rows
-    from facegender import checkpoint as ckpt
-
     for candidate in (folder / "gender_checkpoint.pth", Path(model_path)):
         if candidate.is_file():
             try:
@@ -550,8 +319,6 @@ def write_report(pred: Predictions, record: dict, out: str | os.PathLike, model_
                  groups_file: str | os.PathLike | None = None, min_confidence: float | None = None,
                  min_group_size: int = 30, n_mistakes: int = 12, note: str | None = None) -> tuple[Path, dict]:
     """Analyse `pred` and write the HTML report to `out`; returns (path, metrics)."""
-    from facegender import checkpoint as ckpt
-
     groups, matched = (None, 0)
     if groups_file is not None:
         groups, matched = read_groups(groups_file, pred.paths, data_dir)
@@ -573,44 +340,32 @@ def write_report(pred: Predictions, record: dict, out: str | os.PathLike, model_
 def build_report(model_path: str, data_dir: str, out: str = "report.html", groups: str | None = None,
                  min_confidence: float | None = None, min_group_size: int = 30, tta: bool | None = None,
                  batch_size: int = 64, device: str = "auto", skip_bad: bool = False, n_mistakes: int = 12,
-                 log: Callable[[str], None] = print, progress: bool = True) -> Path:
+                 log: Callable[[str], None] = print, progress: bool = True,
+                 precision: str = DEFAULT_PRECISION) -> Path:
     """`facegender report`: evaluate the model on `data_dir`/<class>/* and write one HTML file.
 
     `groups` None uses DATASET/groups.csv when `data_dir` is DATASET/<split> and that file exists."""
-    from facegender.engine import select_device, select_precision
-    from facegender.evaluate import load_labelled
-
-    model, record, loaded, prep, loader = load_labelled(model_path, data_dir, skip_bad, log, progress)
-    dev = select_device(device)
-    model.to(dev)
-    tta = record.get("tta", False) if tta is None else tta
-    pred = predict_loaded(model, loaded, prep, record["classes"], record.get("temperature", 1.0), tta, dev,
-                          select_precision("auto", dev), batch_size, loader=loader, progress=progress)
+    model = load(model_path, device=device, precision=precision, detect=False,
+                 **({} if tta is None else {"tta": tta}))
+    pred = model.evaluate(data_dir, skip_bad, batch_size, log=log, progress=progress)
     if groups is None and (Path(data_dir).parent / GROUPS_FILE).is_file():
         groups = str(Path(data_dir).parent / GROUPS_FILE)
         log(f"using groups from {groups}")
-    path, metrics = write_report(pred, record, out, model_path, data_dir, groups, min_confidence, min_group_size,
-                                 n_mistakes=n_mistakes)
+    path, metrics = write_report(pred, model.record, out, model_path, data_dir, groups, min_confidence,
+                                 min_group_size, n_mistakes=n_mistakes)
     log(f"{path}: accuracy {metrics['accuracy']:.4f} (n={metrics['n']}), ECE {metrics['ece']:.4f} -> "
         f"{metrics['ece_calibrated']:.4f}")
     return path
 
 
-def write_run_report(cfg, out: Path, data, log: Callable[[str], None] = print, progress: bool = True) -> Path | None:
-    """report.html of a finished training run (`train.finish`): the best model on the test images
-    already in memory, the run's history, and DATASET/groups.csv when it exists. A failure here is
-    reported and does not fail the finished run."""
-    from facegender import checkpoint as ckpt
-    from facegender.engine import select_device, select_precision
-
+def write_run_report(cfg, out: Path, pred: Predictions | None, record: dict,
+                     log: Callable[[str], None] = print) -> Path | None:
+    """report.html of a finished training run (`train.finish`): the test predictions made there
+    (`pred`, None without a test set), the best model's `record`, the run's history, and
+    DATASET/groups.csv when it exists. A failure here is reported and does not fail the finished run."""
     try:
-        if data.test is None or not len(data.test.split):
+        if pred is None or not len(pred.paths):
             return None
-        device = select_device(cfg.device)
-        model, record = ckpt.load_model(out / "best_model.pth", device)
-        pred = predict_loaded(model, data.test, data.prep, record["classes"], record.get("temperature", 1.0),
-                              bool(record.get("tta", False)), device, select_precision(cfg.precision, device),
-                              cfg.batch_size * 2, loader=data.loader, progress=progress)
         groups = Path(cfg.data) / GROUPS_FILE
         note = ("The test set also chose the best epoch (--val-on-test): its accuracy is optimistic."
                 if cfg.val_on_test else None)

@@ -1,4 +1,4 @@
-"""`facegender serve`: an HTTP API and a small web page over `predict.Predictor`.
+"""`facegender serve`: an HTTP API and a small web page over `inference.Model`.
 
 Endpoints (see /docs for the OpenAPI description):
 
@@ -10,8 +10,8 @@ Endpoints (see /docs for the OpenAPI description):
 - `GET /health`: liveness and the loaded model's file name.
 - `GET /model`: backbone, classes, preprocessing, temperature, training metrics, the limits.
 
-The model (`best_model.pth` or an exported `.onnx`) is loaded once, when the app is made, into
-`app.state.predictor`; it holds no per-request state. Inference runs in a worker thread, never
+The model (`best_model.pth` or an exported `.onnx`) is loaded once (`inference.load`), when the app
+is made, into `app.state.predictor`; it holds no per-request state. Inference runs in a worker thread, never
 on the event loop, and at most `max_concurrent` requests run inference at once (the others wait).
 
 Limits, all answered with a JSON `{"detail": "..."}` that says what to change:
@@ -103,6 +103,7 @@ def model_summary(predictor, model_path: str | Path, limits: ServeLimits) -> dic
     return json.loads(json.dumps({
         "file": Path(model_path).name,
         "runtime": "onnxruntime" if str(model_path).lower().endswith(".onnx") else "pytorch",
+        "precision": getattr(predictor, "precision", "fp32"),
         "backbone": info.get("backbone"),
         "classes": predictor.classes,
         "preprocessing": predictor.prep.to_dict(),
@@ -119,7 +120,7 @@ def model_summary(predictor, model_path: str | Path, limits: ServeLimits) -> dic
 def predict_uploads(predictor, uploads: list[tuple[str, bytes]], max_pixels: int) -> list[dict]:
     """Results for (name, bytes) pairs, in order: faces, `no face found`, or a per-file error.
     Runs in a worker thread; uses only its arguments (no shared per-request state)."""
-    from facegender.predict import NO_FACE
+    from facegender.inference import NO_FACE
 
     results: list[dict] = []
     images, where = [], []
@@ -198,9 +199,9 @@ def index_html() -> str:
 
 
 def create_app(model_path: str | Path, device: str = "auto", limits: ServeLimits | None = None,
-               predictor=None, threads: int | None = None, **limit_overrides: int):
+               predictor=None, threads: int | None = None, precision: str = "fp32", **limit_overrides: int):
     """The FastAPI app serving `model_path` (.pth or .onnx). Limits come from `limits` and/or
-    keyword overrides (`max_file_bytes=...`). `predictor` reuses an already loaded Predictor;
+    keyword overrides (`max_file_bytes=...`). `predictor` reuses an already loaded `inference.Model`;
     `threads` are the ONNX Runtime threads per inference (detector, and the classifier of a .onnx)."""
     from fastapi import FastAPI, File, Request, UploadFile
     from fastapi.exception_handlers import http_exception_handler
@@ -208,11 +209,11 @@ def create_app(model_path: str | Path, device: str = "auto", limits: ServeLimits
     from starlette.concurrency import run_in_threadpool
 
     from facegender import __version__
-    from facegender.predict import Predictor
+    from facegender.inference import load
 
     limits = ServeLimits(**{**asdict(limits or ServeLimits()), **limit_overrides})
     if predictor is None:
-        predictor = Predictor.from_file(model_path, device=device, threads=threads)
+        predictor = load(model_path, device=device, precision=precision, threads=threads)
     summary = model_summary(predictor, model_path, limits)
     page = index_html()
 
@@ -290,7 +291,7 @@ def _file_too_large(name: str, size: int, limits: ServeLimits) -> str:
 
 
 def serve(model_path: str | Path, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, device: str = "auto",
-          log_level: str = "info", threads: int | None = None, **limits: int) -> None:
+          log_level: str = "info", threads: int | None = None, precision: str = "fp32", **limits: int) -> None:
     """Load the model and run the server until Ctrl-C (uvicorn, one process).
 
     `threads` per inference (PyTorch and ONNX Runtime) defaults to the CPU count divided by
@@ -308,7 +309,7 @@ def serve(model_path: str | Path, host: str = DEFAULT_HOST, port: int = DEFAULT_
     concurrent = limits.get("max_concurrent", ServeLimits.max_concurrent)
     threads = threads or max(1, (os.cpu_count() or 1) // concurrent)
     torch.set_num_threads(threads)
-    app = create_app(model_path, device=device, threads=threads, **limits)
+    app = create_app(model_path, device=device, threads=threads, precision=precision, **limits)
     shown = f"[{host}]" if ":" in host else host
     print(f"facegender: serving {app.state.summary['file']} on http://{shown}:{port}/  (API docs: /docs); "
           f"{concurrent} concurrent inference(s) x {threads} thread(s)")

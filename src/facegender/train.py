@@ -8,7 +8,9 @@ import dataclasses
 import io
 import math
 import random
+import sys
 import time
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -20,15 +22,17 @@ from torch import nn
 
 from facegender import checkpoint as ckpt
 from facegender import distributed
-from facegender.config import TrainConfig
-from facegender.data import (FaceDataset, ImageLoader, LoadedSplit, load_split, make_loader, scan_dataset,
-                             split_train_val)
-from facegender.engine import EarlyStopping, evaluate, select_device, select_precision, train_one_epoch
+from facegender.config import TrainConfig, build_config
+from facegender.data import (FaceDataset, ImageLoader, LoadedSplit, fold_split, load_split, make_loader,
+                             scan_dataset, split_train_val)
+from facegender.engine import EarlyStopping, select_device, select_precision, train_one_epoch
 from facegender.evaluate import compute_metrics, write_evaluation
+from facegender.inference import load
 from facegender.metrics import fit_temperature
 from facegender.features import FeatureExtractor, feature_dataset
 from facegender.model import build_model, freeze_body, freeze_stem, get_spec
 from facegender.plots import plot_curves
+from facegender.report import write_run_report
 from facegender.transforms import EvalPreset, ImagePreparer, Preprocessing, TrainPreset, visible_region
 
 BEST_MODEL = "best_model.pth"
@@ -81,8 +85,6 @@ def prepare_data(cfg: TrainConfig, scanned, log: Callable[[str], None] = print, 
             "course report. The test accuracy is then optimistic; the default validation split is honest.")
         val_split = test_split
     elif cfg.cv_fold:  # `facegender cv`: this fold of a stratified k-fold split validates
-        from facegender.cv import fold_split
-
         train_split, val_split = fold_split(train_split, cfg.cv_folds, cfg.cv_fold, cfg.seed)
     else:
         train_split, val_split = split_train_val(train_split, cfg.val_fraction, cfg.seed)
@@ -338,27 +340,26 @@ def _train(cfg: TrainConfig, state: dict | None, log: Callable[[str], None], pro
 
 def finish(cfg: TrainConfig, out: Path, data: RunData, device, precision: str, channels_last: bool,
            history: list[dict], stopper: EarlyStopping, started: float, log, progress: bool) -> dict:
-    """Best epoch: fit the temperature on validation, evaluate once on test, write the outputs."""
-    model, best = ckpt.load_model(out / BEST_MODEL, device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    eval_tf = EvalPreset(data.prep)
-    loader = make_loader(FaceDataset(data.val, eval_tf, data.loader), cfg.batch_size * 2, False, cfg.workers)
-    val = evaluate(model, loader, nn.CrossEntropyLoss(), device, precision, channels_last, cfg.tta,
-                   desc="calibrate", progress=progress)
-    temperature = fit_temperature(val["logits"].numpy(), val["labels"].numpy()) if val["n"] else 1.0
-    val_metrics = compute_metrics(val["logits"], val["labels"], data.classes, temperature)
+    """Best epoch: fit the temperature on validation, evaluate once on test, write the outputs.
+
+    The best model is loaded as every command loads it (`inference.load`: inference precision, not
+    the training `precision`; `channels_last` is training's too), so the test numbers here are those
+    `facegender evaluate` gives. The test set is inferred once; report.html uses those predictions."""
+    model = load(out / BEST_MODEL, device=device, tta=cfg.tta, detect=False)
+    best = ckpt.load_file(out / BEST_MODEL)
+    val = model.evaluate(data.val, loader=data.loader, batch_size=cfg.batch_size * 2, progress=progress)
+    temperature = fit_temperature(val.logits, val.labels) if len(val.labels) else 1.0
+    model.temperature = val.temperature = temperature
+    val_metrics = compute_metrics(val.logits, val.labels, data.classes, temperature)
     best.update(temperature=temperature, tta=cfg.tta)
     best["metrics"] = {"best_epoch": stopper.best_epoch, "val": _brief(val_metrics)}
-    test_metrics = None
+    test_metrics, test = None, None
     if data.test is not None and not cfg.val_on_test:
-        loader = make_loader(FaceDataset(data.test, eval_tf, data.loader), cfg.batch_size * 2, False, cfg.workers)
-        te = evaluate(model, loader, nn.CrossEntropyLoss(), device, precision, channels_last, cfg.tta,
-                      desc="test", progress=progress)
-        test_metrics = compute_metrics(te["logits"], te["labels"], data.classes, temperature)
+        test = model.evaluate(data.test, loader=data.loader, batch_size=cfg.batch_size * 2, progress=progress)
+        test_metrics = compute_metrics(test.logits, test.labels, data.classes, temperature)
         best["metrics"]["test"] = _brief(test_metrics)
     elif cfg.val_on_test:
-        test_metrics = val_metrics
+        test, test_metrics = val, val_metrics
         best["metrics"]["test"] = _brief(val_metrics)
     ckpt.save_atomic(best, out / BEST_MODEL)
     summary = {
@@ -377,9 +378,7 @@ def finish(cfg: TrainConfig, out: Path, data: RunData, device, precision: str, c
     }
     write_evaluation(summary, test_metrics, data.classes, out, title="Test set" if not cfg.val_on_test
                      else "Test set (also used for model selection)")
-    from facegender.report import write_run_report
-
-    write_run_report(cfg, out, data, log, progress)  # report.html: test metrics, calibration, groups, mistakes
+    write_run_report(cfg, out, test, best, log)  # report.html: test metrics, calibration, groups, mistakes
     log(format_summary(summary, out))
     return summary
 
@@ -411,3 +410,43 @@ def format_summary(summary: dict, out: Path) -> str:
               "   summary.csv, config.yaml, loss_curve.png, accuracy_curve.png, confusion_matrix.png, metrics.json, report.html",
               "=" * 64]
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- Python API
+
+@dataclass
+class TrainRun:
+    """What `facegender.train(...)` returns: where the run's files are, and its numbers."""
+
+    out: Path
+    model_path: Path                  # best_model.pth: `facegender.load(run.model_path)`
+    summary: dict                     # as in metrics.json: best epoch, protocol, validation and test metrics
+    config: TrainConfig
+
+    @property
+    def metrics(self) -> dict:
+        """{'validation': ..., 'test': ...} metrics of the best epoch (test None without a test set)."""
+        return {"validation": self.summary["validation"], "test": self.summary["test"]}
+
+
+def run(data: str | Path, preset: str | None = None, out: str | Path = "output", log: Callable[[str], None] = print,
+        progress: bool = True, **overrides) -> TrainRun:
+    """Train on `data` (DATASET/train/<class>/, DATASET/test/<class>/) into `out`, as
+    `facegender train --data DATA --preset PRESET --out OUT` does; `overrides` are TrainConfig fields
+    (`epochs=5`, `backbone="resnet18"`). This is `facegender.train(...)`."""
+    cfg = build_config(preset, data=str(data), out=str(out), **overrides)
+    summary = train(cfg, log=log, progress=progress)
+    return TrainRun(Path(cfg.out), Path(cfg.out) / BEST_MODEL, summary, cfg)
+
+
+class _CallableModule(types.ModuleType):
+    """`facegender.train` is this module; calling it trains (`run`), so that `facegender.train(...)`
+    is the Python API whichever way the name was reached, while `from facegender.train import train`
+    (the training function taking a TrainConfig) keeps working."""
+
+    def __call__(self, data: str | Path, preset: str | None = None, out: str | Path = "output",
+                 **kwargs) -> TrainRun:
+        return run(data, preset, out, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

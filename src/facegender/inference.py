@@ -1,0 +1,396 @@
+"""One loaded model for every command: `load(path) -> Model`.
+
+A `Model` holds what a prediction needs, read once from best_model.pth or an exported .onnx: the
+model record (classes, preprocessing, face stage, temperature, test-time augmentation) and a
+backend that turns a normalised float batch (N, 3, S, S) into logits (N, C):
+
+- `TorchBackend`: the PyTorch network at one precision, fp32 unless asked otherwise. Inference
+  precision is one decision for every command (`load(..., precision=...)`, `--precision` on the
+  command line), so `evaluate`, `report`, `predict`, `serve`, the final test evaluation of `train`
+  and export's parity check give the same probability for the same image.
+- `export.OnnxBackend`: the exported network on onnxruntime.
+- any callable `batch -> logits` (tests, benchmarks) is wrapped as a backend.
+
+Backends take and return numpy arrays; torch is imported only by the PyTorch backend (and, for
+now, by the preprocessing in `transforms`).
+
+What a Model does:
+- `predict(items)`: faces, labels and calibrated probabilities for image files, folders, PIL
+  images or bytes, read and classified a batch of images at a time (bounded memory), results in
+  input order, an unreadable file as an error in its place;
+- `classify(crops)` / `logits(batch)`: probabilities / logits of prepared crops or a batch;
+- `evaluate(folder or loaded split) -> metrics.Predictions`: the one predictions record of a
+  labelled image set, with the plain logits beside the TTA ones;
+- `export(out)`: the ONNX file, checked against this model (`export.export_model`).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+from PIL import Image
+
+from facegender import export
+from facegender.images import DEFAULT_MAX_PIXELS, ImageError, expand_paths, load_image
+from facegender.metrics import Predictions, apply_temperature
+from facegender.transforms import EvalPreset, Preprocessing
+
+UNCERTAIN = "uncertain"
+NO_FACE = "no face found"
+#: The precision of inference unless a command is told otherwise.
+DEFAULT_PRECISION = "fp32"
+
+__all__ = ["Model", "TorchBackend", "load", "default_model_path", "UNCERTAIN", "NO_FACE", "expand_paths"]
+
+
+def default_model_path() -> Path:
+    """The model that `load()` uses without a path: the bundled default model."""
+    raise FileNotFoundError("facegender has no bundled default model yet; pass the path of a trained model, "
+                            "e.g. facegender.load('output/best_model.pth') (train one with facegender.train)")
+
+
+# ----------------------------------------------------------------------------- backends
+
+class TorchBackend:
+    """A PyTorch network (eval mode) on `device` at `precision` (fp32, bf16, fp16 or auto)."""
+
+    runtime = "pytorch"
+
+    def __init__(self, module, device="cpu", precision: str = DEFAULT_PRECISION, channels_last: bool = False):
+        import torch
+
+        from facegender.engine import select_precision
+
+        self.device = torch.device(device)
+        self.module = module.to(self.device).eval()
+        self.precision = select_precision(precision, self.device)
+        self.channels_last = channels_last and self.device.type != "mps"
+        if self.channels_last:
+            self.module.to(memory_format=torch.channels_last)
+
+    def logits(self, batch) -> np.ndarray:
+        import torch
+
+        from facegender.engine import autocast
+
+        x = batch if isinstance(batch, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(batch, np.float32))
+        x = x.to(self.device, non_blocking=True)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), autocast(self.device, self.precision):
+            return self.module(x).float().cpu().numpy()
+
+    __call__ = logits
+
+
+class FunctionBackend:
+    """Any `batch -> logits` callable as a backend."""
+
+    runtime = "function"
+    precision = "fp32"
+
+    def __init__(self, fn: Callable):
+        self.logits = self.__call__ = fn
+
+
+def as_backend(backend):
+    return backend if hasattr(backend, "logits") else FunctionBackend(backend)
+
+
+# ----------------------------------------------------------------------------- the model
+
+@dataclass
+class _Crop:
+    image_index: int
+    tensor: Any  # uint8 (3, S, S)
+    box: list[float]
+    landmarks: list[list[float]] | None
+    detection_score: float | None
+
+
+class Model:
+    """A loaded classifier: classifies faces in files, PIL images or bytes, evaluates labelled
+    folders, exports. Safe to reuse across calls and threads; holds no per-request state."""
+
+    def __init__(self, classes: Sequence[str], prep: Preprocessing, backend, temperature: float = 1.0,
+                 tta: bool = False, detect: bool | None = None, min_confidence: float | None = None,
+                 batch_size: int = 32, info: dict | None = None, threads: int | None = None,
+                 refine_steps: int | None = None):
+        """`backend`: `TorchBackend`, `export.OnnxBackend` or a `batch -> logits` callable.
+        `detect=False`: every image is one already-cropped face. `threads`: ONNX Runtime threads of
+        the face detector (None: the runtime's default). `refine_steps`: landmark refinement rounds,
+        instead of the trained face stage's (fewer is faster; see benchmarks/predict_speed.py)."""
+        self.classes = list(classes)
+        self.prep = prep
+        self.backend = as_backend(backend)
+        self.temperature = float(temperature)
+        self.tta = bool(tta)
+        self.min_confidence = min_confidence
+        self.batch_size = batch_size
+        self.info = info or {}
+        self.normalize = EvalPreset(prep)
+        self.face_config = None
+        self.detector = None
+        if prep.face is not None:
+            from facegender.faces import FaceAlignConfig, FaceDetector
+
+            self.face_config = FaceAlignConfig.from_dict(prep.face)
+            if refine_steps is not None:
+                self.face_config.refine_steps = int(refine_steps)
+            if detect is not False:
+                self.detector = FaceDetector(self.face_config, threads=threads)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike | None = None, **kwargs: Any) -> "Model":
+        """`load(path, **kwargs)`."""
+        return load(path, **kwargs)
+
+    @property
+    def record(self) -> dict:
+        """The model record (best_model.pth without weights, or the ONNX metadata)."""
+        return self.info
+
+    @property
+    def precision(self) -> str:
+        return getattr(self.backend, "precision", DEFAULT_PRECISION)
+
+    @property
+    def runtime(self) -> str:
+        return getattr(self.backend, "runtime", "function")
+
+    @property
+    def logits_fn(self):
+        return self.backend.logits
+
+    def replace(self, **changes: Any) -> "Model":
+        """A copy with other attributes (e.g. `tta=False`); the backend and detector are shared."""
+        other = copy.copy(self)
+        for key, value in changes.items():
+            if not hasattr(other, key):
+                raise AttributeError(f"Model has no attribute {key!r}")
+            setattr(other, key, value)
+        return other
+
+    # ------------------------------------------------------------------ logits and probabilities
+
+    def logit_views(self, batch, tta: bool | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """(logits of `batch`, logits of its mirror images or None): with TTA, the images and their
+        mirrors go through the network in one run. `batch`: normalised float (N, 3, S, S)."""
+        tta = self.tta if tta is None else tta
+        batch = batch.numpy() if hasattr(batch, "numpy") else np.asarray(batch)
+        if not tta:
+            return np.asarray(self.backend.logits(batch), dtype=np.float32), None
+        both = np.asarray(self.backend.logits(np.concatenate([batch, batch[..., ::-1]])), dtype=np.float32)
+        return both[:len(batch)], both[len(batch):]
+
+    def logits(self, batch, tta: bool | None = None) -> np.ndarray:
+        """Logits (N, C) of a normalised batch; with TTA the mean of the image's and its mirror's."""
+        plain, mirrored = self.logit_views(batch, tta)
+        return plain if mirrored is None else (plain + mirrored) / 2
+
+    def probabilities(self, logits) -> np.ndarray:
+        """Calibrated class probabilities: softmax(logits / temperature), float64."""
+        return apply_temperature(logits, self.temperature)
+
+    def classify(self, crops: Sequence, batch_size: int | None = None) -> np.ndarray:
+        """Calibrated class probabilities (N, C) for prepared uint8 crops (3, S, S), in batches."""
+        size = batch_size or self.batch_size
+        out = [self.logits(np.stack([self.normalize(t).numpy() for t in crops[start:start + size]]))
+               for start in range(0, len(crops), size)]
+        if not out:
+            return np.zeros((0, len(self.classes)))
+        return self.probabilities(np.concatenate(out))
+
+    # ------------------------------------------------------------------ faces in images
+
+    def _crops(self, index: int, image: Image.Image) -> list[_Crop]:
+        full_box = [0.0, 0.0, float(image.width), float(image.height)]
+        if self.face_config is None:
+            return [_Crop(index, self.prep.resize(image), full_box, None, None)]
+        from facegender.faces import align_face, fallback_crop
+
+        if self.detector is None:  # --no-detect on an aligned model: centre the crop as in training
+            return [_Crop(index, self.prep.resize(fallback_crop(image, self.face_config)), full_box, None, None)]
+        return [_Crop(index, self.prep.resize(align_face(image, f.landmarks, self.face_config)),
+                      [float(v) for v in f.box], f.landmarks.tolist(), float(f.score))
+                for f in self.detector.detect(image)]
+
+    def _face_result(self, crop: _Crop, probs: np.ndarray) -> dict:
+        best = int(probs.argmax())
+        label = self.classes[best]
+        confident = self.min_confidence is None or probs[best] >= self.min_confidence
+        return {
+            "box": [round(v, 1) for v in crop.box],
+            "landmarks": [[round(x, 1), round(y, 1)] for x, y in crop.landmarks] if crop.landmarks else None,
+            "detection_score": None if crop.detection_score is None else round(crop.detection_score, 4),
+            "label": label if confident else UNCERTAIN,
+            "predicted_class": label,
+            "probability": round(float(probs[best]), 6),
+            "probabilities": {c: round(float(p), 6) for c, p in zip(self.classes, probs)},
+        }
+
+    def predict_images(self, images: Sequence[Image.Image]) -> list[list[dict]]:
+        """Faces (largest first) for each PIL image; an empty list means no face was found."""
+        crops = [c for i, im in enumerate(images) for c in self._crops(i, im)]
+        probs = self.classify([c.tensor for c in crops])
+        results: list[list[dict]] = [[] for _ in images]
+        for crop, p in zip(crops, probs):
+            results[crop.image_index].append(self._face_result(crop, p))
+        return results
+
+    def predict_iter(self, items: Iterable[Any], batch_size: int | None = None,
+                     max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[dict]:
+        """One result per image, in input order, reading and classifying `batch_size` images at a
+        time (so a folder is never decoded whole). Items: file paths and folders (walked for image
+        files), PIL images, bytes, or (name, path-or-bytes-or-image) pairs. A file that cannot be
+        read gets `status: error` and its `error`, and the others go on; an image without a face
+        gets `faces: []` and `status: no face found`."""
+        size = batch_size or self.batch_size
+        chunk: list[tuple[str, Any]] = []
+        for source in _sources(items):
+            chunk.append(source)
+            if len(chunk) >= size:
+                yield from self._predict_chunk(chunk, max_pixels)
+                chunk = []
+        if chunk:
+            yield from self._predict_chunk(chunk, max_pixels)
+
+    def _predict_chunk(self, sources: list[tuple[str, Any]], max_pixels: int) -> list[dict]:
+        images, positions, results = [], [], []
+        for name, src in sources:
+            try:
+                im = src if isinstance(src, Image.Image) else load_image(src, max_pixels=max_pixels, name=name)
+                if im.mode != "RGB":
+                    im = im.convert("RGB")
+                results.append({"file": name, "width": im.width, "height": im.height})
+                images.append(im)
+                positions.append(len(results) - 1)
+            except ImageError as exc:
+                results.append({"file": name, "error": str(exc), "status": "error", "faces": []})
+        for i, faces in zip(positions, self.predict_images(images)):
+            results[i].update(faces=faces, status="ok" if faces else NO_FACE)
+        return results
+
+    def predict(self, items: Any, batch_size: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> list[dict]:
+        """`predict_iter` as a list; one item (a path, an image) may be passed without a list."""
+        if isinstance(items, (str, os.PathLike, bytes, Image.Image)):
+            items = [items]
+        return list(self.predict_iter(items, batch_size, max_pixels))
+
+    def predict_sources(self, sources: Sequence[tuple[str, Any]], max_pixels: int = DEFAULT_MAX_PIXELS) -> list[dict]:
+        """Results for (name, path-or-bytes) pairs (see `predict_iter`)."""
+        return list(self.predict_iter(sources, max_pixels=max_pixels))
+
+    def predict_paths(self, paths: Iterable[str | os.PathLike]) -> list[dict]:
+        return list(self.predict_iter(paths))
+
+    # ------------------------------------------------------------------ labelled images
+
+    def evaluate(self, data, skip_bad: bool = False, batch_size: int | None = None, loader=None,
+                 log: Callable[[str], None] = print, progress: bool = True) -> Predictions:
+        """Logits of every image of a labelled set: a folder with one subfolder per class of this
+        model (e.g. DATASET/test), or a `data.LoadedSplit` already read (training's test split,
+        with its image `loader`). Each image is one face, prepared as in training (the largest face
+        aligned when the model aligns faces). With TTA the plain logits are kept too."""
+        from tqdm.auto import tqdm
+
+        from facegender.data import FaceDataset, make_loader
+
+        if isinstance(data, (str, os.PathLike)):
+            loaded, loader = read_labelled(data, self.classes, self.prep, skip_bad, log, progress)
+        else:
+            loaded = data
+        batches = make_loader(FaceDataset(loaded, self.normalize, loader), batch_size or 2 * self.batch_size, False)
+        plain, mirrored, labels = [], [], []
+        for images, y in tqdm(batches, desc="evaluate", leave=False, disable=not progress, unit="batch"):
+            a, b = self.logit_views(images)
+            plain.append(a)
+            mirrored.append(b)
+            labels.append(y.numpy())
+        n_classes = len(self.classes)
+        plain_all = np.concatenate(plain).astype(np.float64) if plain else np.zeros((0, n_classes))
+        logits, logits_plain = plain_all, None
+        if self.tta:
+            mirrored_all = np.concatenate(mirrored).astype(np.float64) if mirrored else np.zeros((0, n_classes))
+            logits, logits_plain = (plain_all + mirrored_all) / 2, plain_all
+        return Predictions(list(self.classes), list(loaded.split.paths),
+                           np.concatenate(labels) if labels else np.zeros(0, dtype=np.int64),
+                           logits, self.temperature, self.tta, logits_plain, list(loaded.bad))
+
+    # ------------------------------------------------------------------ export
+
+    def export(self, out: str | os.PathLike, data: str | os.PathLike | None = None, **kwargs: Any) -> dict[str, Any]:
+        """Write this (PyTorch) model as ONNX to `out`, checked against it on the images of `data`
+        (DATASET, its test/ is used, or any image folder; None: synthetic images). Keyword arguments
+        of `export.export_model` (opset, tolerance, parity_count, log)."""
+        kwargs.setdefault("source_name", Path(self.info.get("path", "")).name or None)
+        return export.export_model(self, out, data, **kwargs)
+
+
+def _sources(items: Iterable[Any]) -> Iterator[tuple[str, Any]]:
+    """(name, source) for each input of `predict_iter`; folders expand to their image files."""
+    for n, item in enumerate(items):
+        if isinstance(item, tuple):
+            yield str(item[0]), item[1]
+        elif isinstance(item, Image.Image):
+            yield getattr(item, "filename", "") or f"image {n + 1}", item
+        elif isinstance(item, bytes):
+            yield f"image {n + 1}", item
+        else:
+            for path in expand_paths([item]):
+                yield str(path), path
+
+
+def read_labelled(folder: str | os.PathLike, classes: list[str], prep: Preprocessing, skip_bad: bool = False,
+                  log: Callable[[str], None] = print, progress: bool = True):
+    """(loaded split, image loader) of `folder`/<class>/* for a model with `classes` (the class
+    folders must be classes of the model; labels are the model's class indices)."""
+    from facegender.data import DatasetError, ImageLoader, find_classes, load_split, scan_split
+    from facegender.prepare import loader_preprocessing
+    from facegender.transforms import ImagePreparer
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DatasetError(f"{folder}: folder not found; pass a folder with one subfolder per class")
+    folders = find_classes(folder)
+    unknown = sorted(set(folders) - set(classes))
+    if unknown or not folders:
+        raise DatasetError(f"{folder}: class folders {unknown or folders or 'none'} are not classes of this "
+                           f"model ({classes}); pass a folder like DATASET/test with subfolders {classes}")
+    present = [c for c in classes if c in folders]
+    split, problems = scan_split(folder, present)
+    split.labels = [classes.index(present[i]) for i in split.labels]  # the model's class indices
+    if problems and not skip_bad:
+        raise DatasetError("\n".join(problems))
+    loader = ImageLoader(ImagePreparer(loader_preprocessing(prep, folder, log)))  # no 2nd alignment
+    return load_split(split, loader, skip_bad=skip_bad, desc="reading images", progress=progress), loader
+
+
+# ----------------------------------------------------------------------------- loading
+
+def load(path: str | os.PathLike | None = None, device: str = "auto", precision: str = DEFAULT_PRECISION,
+         threads: int | None = None, **kwargs: Any) -> Model:
+    """The model at `path`: best_model.pth (PyTorch, on `device` at `precision`) or an exported .onnx
+    (onnxruntime, `threads` threads); None: the bundled default model (`default_model_path`).
+    Keyword arguments of `Model` (tta, detect, min_confidence, batch_size, refine_steps) override
+    the recorded ones."""
+    path = Path(default_model_path() if path is None else path)
+    if path.suffix.lower() == ".onnx":
+        backend, meta = export.load_onnx_classifier(path, threads=threads)
+    else:
+        from facegender import checkpoint as ckpt
+        from facegender.engine import select_device
+
+        network, meta = ckpt.load_model(path, select_device(device))
+        backend = TorchBackend(network, next(network.parameters()).device, precision)
+        meta = {k: v for k, v in meta.items() if k != "model_state"}
+    meta["path"] = str(path)
+    kwargs.setdefault("temperature", meta.get("temperature", 1.0))
+    kwargs.setdefault("tta", meta.get("tta", False))
+    return Model(meta["classes"], Preprocessing.from_dict(meta["preprocessing"]), backend, info=meta,
+                 threads=threads, **kwargs)

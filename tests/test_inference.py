@@ -1,0 +1,129 @@
+"""The inference core and the Python API: one Model for every command, the same probabilities from
+`evaluate` and `predict`, streaming prediction in input order, no torch at `import facegender`."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REPO, make_dataset
+
+
+def test_import_facegender_loads_no_torch():
+    code = ("import sys, facegender; assert 'torch' not in sys.modules, 'torch imported'; "
+            "assert {'train', 'load', 'Model', 'TrainRun'} <= set(dir(facegender)); print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_evaluate_and_predict_give_the_same_probability(trained_run, tmp_path):
+    """predictions.csv of `evaluate` and `predict --csv`/the Python API agree to 1e-5 per file."""
+    import facegender
+    from facegender.cli import main
+
+    model_path = trained_run / "out" / "best_model.pth"
+    test_dir = trained_run / "data" / "test"
+    assert main(["evaluate", "--model", str(model_path), "--data", str(test_dir), "--out", str(tmp_path),
+                 "--quiet"]) == 0
+    with open(tmp_path / "predictions.csv", newline="") as f:
+        evaluated = {row["path"]: float(row["p_wanita"]) for row in csv.DictReader(f)}
+    predicted = {r["file"]: r["faces"][0]["probabilities"]["wanita"]
+                 for r in facegender.load(model_path).predict(sorted(evaluated), batch_size=5)}
+    assert len(evaluated) == len(predicted) == 16
+    for path, p in evaluated.items():
+        assert predicted[path] == pytest.approx(p, abs=1e-5), path
+
+
+def test_final_test_evaluation_matches_evaluate(trained_run):
+    """train's test metrics (one inference at the end of training) are evaluate's."""
+    import json
+
+    import facegender
+
+    model = facegender.load(trained_run / "out" / "best_model.pth")
+    pred = model.evaluate(trained_run / "data" / "test", log=lambda s: None, progress=False)
+    from facegender.evaluate import compute_metrics
+
+    metrics = compute_metrics(pred.logits, pred.labels, pred.classes, pred.temperature)
+    recorded = json.loads((trained_run / "out" / "metrics.json").read_text())["test"]
+    assert metrics["accuracy"] == recorded["accuracy"]
+    assert metrics["loss_calibrated"] == pytest.approx(recorded["loss_calibrated"], abs=1e-5)
+
+
+def test_streaming_predict_keeps_order_and_errors_in_place(trained_run, tmp_path):
+    import facegender
+
+    model = facegender.load(trained_run / "out" / "best_model.pth")
+    good = sorted((trained_run / "data" / "test").rglob("*.jpg"))[:5]
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    items = [good[0], tmp_path / "broken.jpg", good[1], tmp_path / "missing.png", Image.open(good[2]),
+             good[3].read_bytes(), ("named.jpg", good[4])]
+    chunks = []
+    original = model._predict_chunk
+
+    def spy(sources, max_pixels):
+        chunks.append(len(sources))
+        return original(sources, max_pixels)
+
+    model._predict_chunk = spy
+    results = list(model.predict_iter(items, batch_size=2))
+    assert chunks == [2, 2, 2, 1], "images are read a batch at a time, not all first"
+    assert [r["status"] for r in results] == ["ok", "error", "ok", "error", "ok", "ok", "ok"]
+    assert results[0]["file"] == str(good[0]) and results[2]["file"] == str(good[1])
+    assert results[6]["file"] == "named.jpg" and "broken.jpg" in results[1]["error"]
+    # the same image gives the same answer whichever way it came in and whatever its batch
+    alone = model.predict(good[1])[0]["faces"][0]["probabilities"]
+    assert results[2]["faces"][0]["probabilities"] == pytest.approx(alone, abs=1e-5)
+    single = model.predict([good[3]])[0]["faces"][0]["probability"]
+    assert results[5]["faces"][0]["probability"] == pytest.approx(single, abs=1e-5)
+
+
+def test_one_temperature_softmax_and_tta(trained_run):
+    import facegender
+    from facegender.metrics import apply_temperature
+
+    model = facegender.load(trained_run / "out" / "best_model.pth", tta=True)
+    batch = np.random.default_rng(0).normal(size=(3, 3, 64, 64)).astype(np.float32)
+    plain, mirrored = model.logit_views(batch)
+    np.testing.assert_allclose(model.logits(batch), (plain + mirrored) / 2, rtol=1e-6)
+    np.testing.assert_allclose(mirrored, model.logits(batch[..., ::-1].copy(), tta=False), atol=1e-4)
+    np.testing.assert_allclose(model.probabilities(plain), apply_temperature(plain, model.temperature))
+
+
+def test_predict_on_an_empty_folder_says_so(trained_run, tmp_path, capsys):
+    from facegender.cli import main
+
+    (tmp_path / "empty").mkdir()
+    code = main(["predict", "--model", str(trained_run / "out" / "best_model.pth"), str(tmp_path / "empty")])
+    assert code == 1 and "no images found in" in capsys.readouterr().err
+
+
+def test_default_model_is_explained():
+    import facegender
+
+    with pytest.raises(FileNotFoundError, match="no bundled default model"):
+        facegender.load()
+
+
+def test_python_api_end_to_end(tmp_path):
+    """The README's example: train on a tiny dataset, load the model, predict."""
+    import facegender
+
+    data = make_dataset(tmp_path / "data", n_train=8, n_test=4)
+    run = facegender.train(data, out=tmp_path / "run", backbone="resnet18", pretrained=False, image_size=48,
+                           epochs=1, batch_size=8, freeze_stem=False, log=lambda s: None, progress=False)
+    assert run.model_path == tmp_path / "run" / "best_model.pth" and run.model_path.is_file()
+    assert run.metrics["test"]["n"] == 8 and 0 <= run.metrics["test"]["accuracy"] <= 1
+    model = facegender.load(run.model_path)
+    [result] = model.predict([next((data / "test" / "pria").glob("*.jpg"))])
+    assert result["status"] == "ok" and result["faces"][0]["label"] in ("pria", "wanita")
+    # the submodule keeps its functions, and the name is the API whichever way it was reached
+    from facegender import train as by_from_import
+    from facegender.train import TrainRun, train
+
+    assert by_from_import is facegender.train and callable(train) and isinstance(run, TrainRun)
