@@ -79,6 +79,17 @@ def test_down_block_adds_like_dlib_zero_padding_at_the_end():
         assert torch.allclose(block(x), torch.relu(expected), atol=1e-6)
 
 
+def test_chip_from_landmarks_puts_the_landmarks_on_the_template():
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (150, 150, 3), dtype=np.uint8))
+    chip = D.chip_from_landmarks(image, D.DLIB_CHIP_TEMPLATE_150)  # identity transform
+    assert np.abs(np.asarray(chip, np.int16) - np.asarray(image, np.int16)).max() <= 1
+    shifted = D.chip_from_landmarks(image, D.DLIB_CHIP_TEMPLATE_150 + [40.0, 0.0])
+    assert (np.asarray(shifted)[:, -20:] == 0).all()  # outside the photo: black, as dlib
+
+
 # ---------------------------------------------------------------------------------------------- reader
 
 
