@@ -72,12 +72,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="alternating PyTorch/ONNX rounds")
     args = parser.parse_args()
 
-    from facegender.export import export_onnx, load_onnx_classifier
+    import facegender
+    from facegender.export import load_onnx_classifier
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         pth = build_model_file(Path(tmp) / "best_model.pth", args.backbone, args.image_size)
-        report = export_onnx(pth, Path(tmp) / "model.onnx", data=args.data)
+        report = facegender.load(pth, device="cpu", detect=False).export(Path(tmp) / "model.onnx", data=args.data)
         model, _ = ckpt.load_model(pth)
         onnx_fn, _ = load_onnx_classifier(report["out"], threads=args.threads)
 

@@ -40,7 +40,7 @@ def predictor_with(base, refine_steps: int, tta: bool | None = None):
     from facegender.predict import Predictor
 
     prep = dataclasses.replace(base.prep, face={**base.prep.face, "refine_steps": refine_steps})
-    return Predictor(base.classes, prep, base.logits_fn, base.temperature, base.tta if tta is None else tta)
+    return Predictor(base.classes, prep, base.backend, base.temperature, base.tta if tta is None else tta)
 
 
 def main() -> None:
@@ -63,12 +63,12 @@ def main() -> None:
           f"({base.info.get('backbone')}, input {base.prep.image_size}, TTA {base.tta}, "
           f"trained with refine_steps={trained_steps})")
 
-    backends = {"pytorch": base.logits_fn}
+    backends = {"pytorch": base.backend}
     try:
-        from facegender.export import export_onnx, load_onnx_classifier
+        from facegender.export import load_onnx_classifier
 
         onnx_path = Path(tempfile.mkdtemp()) / "model.onnx"
-        export_onnx(args.model, onnx_path, log=lambda s: None)
+        base.export(onnx_path, log=lambda s: None)
         backends["onnxruntime"] = load_onnx_classifier(onnx_path)[0]
     except ImportError as exc:
         print(f"(onnxruntime classifier skipped: {exc})")
@@ -76,7 +76,7 @@ def main() -> None:
     crop = base._crops(0, image)[0].tensor
     print("\nstages alone (median ms):")
     for name, fn in backends.items():
-        base.logits_fn = fn
+        base.backend = fn
         for tta in (False, True):
             base.tta = tta
             print(f"  classify 1 crop, {name}, TTA {tta}: {timed(lambda: base.classify([crop]), args.repeat):.1f}")
@@ -91,7 +91,7 @@ def main() -> None:
             row = []
             for steps in (0, 1, 2):
                 p = predictor_with(base, steps, tta)
-                p.logits_fn = fn
+                p.backend = fn
                 row.append(timed(lambda: p.predict_paths([args.image]), args.repeat))
             print(f"  {name:<12}{str(tta):<6}" + "".join(f"{ms:>10.1f}" for ms in row))
 

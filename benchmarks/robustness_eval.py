@@ -72,14 +72,14 @@ def evaluate_degradations(model_path: str, data: str, names: list[str], batch_si
     from facegender import checkpoint as ckpt
     from facegender.images import load_image
     from facegender.metrics import wilson_interval
-    from facegender.predict import torch_logits_fn
+    from facegender.inference import TorchBackend
     from facegender.transforms import EvalPreset, ImagePreparer, Preprocessing
 
     model, record = ckpt.load_model(model_path)
     classes, prep = record["classes"], Preprocessing.from_dict(record["preprocessing"])
     if refine_steps is not None and prep.face is not None:
         prep.face = {**prep.face, "refine_steps": refine_steps}
-    logits_fn = torch_logits_fn(model, torch.device("cpu"))
+    logits_fn = TorchBackend(model, "cpu").logits
     preparer, normalize = ImagePreparer(prep), EvalPreset(prep)
     tta, temperature = record.get("tta", False), record.get("temperature", 1.0)
     items = labelled_images(Path(data), classes, limit)

@@ -127,3 +127,51 @@ def test_python_api_end_to_end(tmp_path):
     from facegender.train import TrainRun, train
 
     assert by_from_import is facegender.train and callable(train) and isinstance(run, TrainRun)
+
+
+def test_model_options_refuse_checkpoints_and_other_files(trained_run, tmp_path, capsys):
+    """gender_checkpoint.pth and foreign files get facegender's own message, never PyTorch's advice."""
+    import argparse
+
+    import torch
+
+    from facegender.cli import main
+
+    image = str(next((trained_run / "data" / "test").rglob("*.jpg")))
+    torch.save({"config": argparse.Namespace(lr=1)}, tmp_path / "pickled.pth")
+    (tmp_path / "junk.pth").write_bytes(b"junk" * 10)
+    for model, expected in ((trained_run / "out" / "gender_checkpoint.pth", "best_model.pth"),
+                            (tmp_path / "pickled.pth", "not a facegender model file"),
+                            (tmp_path / "junk.pth", "cannot be read as a facegender model")):
+        assert main(["predict", "--model", str(model), image]) == 1
+        err = capsys.readouterr().err
+        assert expected in err and "weights_only" not in err, err
+
+
+def test_usage_errors_name_the_closest_option(capsys):
+    from facegender.cli import main
+
+    for argv, expected in ((["predict", "--modle", "m.pth", "a.jpg"], "did you mean --model?"),
+                           (["train", "--epoch", "2", "--data", "d"], "did you mean --epochs?")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2 and expected in capsys.readouterr().err
+
+
+def test_train_options_come_from_the_config(capsys):
+    """Every TrainConfig option, its default shown once, and what a preset changes."""
+    import dataclasses
+
+    from facegender.cli import build_parser
+    from facegender.config import TrainConfig
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for f in dataclasses.fields(TrainConfig):
+        if f.metadata.get("cli"):
+            assert "--" + f.name.replace("_", "-") in text
+    assert text.count("(default: 0.0001; --preset best 0.0003)") == 1  # --lr
+    assert "None" not in text
+    args = build_parser().parse_args(["train", "--data", "d", "--lr", "0.5", "--no-cache"])
+    assert args.lr == 0.5 and args.cache is False and args.epochs is None  # not given: the preset's or default

@@ -9,6 +9,7 @@ strings and numbers, so `torch.load(..., weights_only=True)` reads them.
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import tempfile
 from contextlib import contextmanager
@@ -75,9 +76,12 @@ def load_file(path: str | os.PathLike) -> dict:
                               "or pass the path to best_model.pth")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001
-        raise CheckpointError(f"{path}: cannot be read as a facegender model ({exc.__class__.__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    except pickle.UnpicklingError:  # Python objects beyond plain data: never loaded (no weights_only=False)
+        raise CheckpointError(f"{path}: not a facegender model file: it holds Python objects, not the plain data "
+                              "of a model file; pass best_model.pth from `facegender train`") from None
+    except Exception as exc:  # noqa: BLE001 - a damaged file, or not a PyTorch file at all
+        raise CheckpointError(f"{path}: cannot be read as a facegender model (damaged, or not a model file: "
+                              f"{exc.__class__.__name__}); pass best_model.pth from `facegender train`") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a facegender model file (expected format {FORMAT})")
     return obj

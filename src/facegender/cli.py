@@ -7,7 +7,10 @@ Exit status: 0 success, 1 a problem with the input (a clear message, no tracebac
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import difflib
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Callable
@@ -25,66 +28,113 @@ EXAMPLES = """examples:
 """
 
 
+# ----------------------------------------------------------------------------- parser
+
+class _Parser(argparse.ArgumentParser):
+    """argparse without abbreviations (`--epoch` is not `--epochs`), and a misspelt option names
+    the closest real one (`--modle`: did you mean `--model`?). Usage errors exit with status 2."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+        self._seen: list[str] = []
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._seen = list(sys.argv[1:] if args is None else args)
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras and self._subparsers is None:  # a command's own parser: its unknown options are errors
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
+    def error(self, message: str):
+        unknown = self._unknown_option()
+        if unknown:
+            name, close = unknown
+            hint = f"unrecognized option {name}" + (f": did you mean {close}?" if close else "")
+            message = hint if message.startswith("unrecognized") else f"{hint} ({message})"
+        super().error(message)
+
+    def _unknown_option(self) -> tuple[str, str | None] | None:
+        """The first option given to this parser that it does not know, and the closest known one."""
+        known = [s for action in self._actions for s in action.option_strings]
+        for token in self._seen:
+            if token == "--" or (self._subparsers is not None and not token.startswith("-")):
+                break  # the rest belongs to a subcommand
+            if not token.startswith("-") or token == "-" or re.fullmatch(r"-[\d.e+-]+", token):
+                continue
+            name = token.split("=", 1)[0]
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+                return name, close[0] if close else None
+        return None
+
+
 # ----------------------------------------------------------------------------- train
 
-def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="fine-tune a classifier on DATASET/train, evaluate on DATASET/test",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                       description="Fine-tune an ImageNet backbone. DATASET/train/<class>/ and DATASET/test/<class>/ "
-                                   "hold the images; class names are the folder names. The best epoch is chosen on a "
-                                   "stratified validation split of train/ and test/ is used once, at the end.")
-    g = p.add_argument_group("data")
-    g.add_argument("--data", help="dataset folder with train/ and test/")
-    g.add_argument("--out", help="run folder for models, curves and metrics (default: output)")
-    g.add_argument("--resume", metavar="CHECKPOINT", help="continue an interrupted run from its gender_checkpoint.pth")
-    g.add_argument("--preset", choices=["report", "best"], help="named recipe; explicit flags override it")
-    g.add_argument("--val-fraction", type=float, help="share of train/ held out for validation (default 0.15)")
-    g.add_argument("--val-on-test", action=BOOL, default=None,
-                   help="choose the best epoch on test/ like the course report (optimistic; warns)")
-    g.add_argument("--skip-bad", action=BOOL, default=None, help="leave unreadable images out instead of stopping")
-    g.add_argument("--cache", action=BOOL, default=None, help="keep decoded images in memory (default on)")
-    g.add_argument("--align", action=BOOL, default=None, help="detect and align faces before training")
-    g = p.add_argument_group("model")
-    g.add_argument("--backbone", help="efficientnet_lite0 (default, offline weights), resnet18, resnet50, "
-                                      "mobilenet_v3_large, efficientnet_b0")
-    g.add_argument("--weights", metavar="FILE", help="ImageNet weight file for the backbone")
-    g.add_argument("--no-pretrained", dest="pretrained", action="store_false", default=None,
-                   help="train from random weights (recorded in the model file)")
-    g.add_argument("--image-size", type=int, help="input size in pixels (default 224)")
-    g.add_argument("--dropout", type=float, help="dropout before the final layer (default 0.2)")
-    g.add_argument("--freeze-stem", action=BOOL, default=None,
-                   help="keep the backbone's first layers fixed (faster; default on)")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, help="maximum epochs (default 30)")
-    g.add_argument("--batch-size", type=int, help="default 32")
-    g.add_argument("--lr", type=float, help="learning rate (default 1e-4)")
-    g.add_argument("--optimizer", choices=["adam", "adamw"])
-    g.add_argument("--weight-decay", type=float)
-    g.add_argument("--scheduler", choices=["none", "cosine"])
-    g.add_argument("--warmup-epochs", type=int)
-    g.add_argument("--label-smoothing", type=float)
-    g.add_argument("--augment", choices=["report", "strong", "none"], help="augmentation recipe (default report)")
-    g.add_argument("--patience", type=int, help="early stopping: epochs without improvement (default 3)")
-    g.add_argument("--monitor", choices=["val_acc", "val_loss"], help="what early stopping watches")
-    g.add_argument("--tta", action=BOOL, default=None, help="flip test-time augmentation in evaluation")
-    g = p.add_argument_group("runtime")
-    g.add_argument("--seed", type=int, help="default 42")
-    g.add_argument("--device", help="auto (cuda, mps, cpu), cpu, cuda, cuda:1, mps")
-    g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="auto: bf16/fp16 where the hardware is fast at it, else fp32")
-    g.add_argument("--channels-last", action=BOOL, default=None, help="channels-last memory format (default on)")
-    g.add_argument("--workers", type=int, help="DataLoader worker processes (default 0)")
-    g.add_argument("--compile", action=BOOL, default=None,
-                   help="torch.compile the model for training (compiles first; model files stay plain)")
-    g.add_argument("--sync-bn", action=BOOL, default=None,
-                   help="with torchrun on CUDA: batch-norm statistics over all processes (docs/scaling.md)")
+def _train_fields() -> list:
+    """The TrainConfig fields that are options of `train` and `cv` (config.option(..., cli=True))."""
+    from facegender.config import TrainConfig
+
+    return [f for f in dataclasses.fields(TrainConfig) if f.metadata.get("cli")]
+
+
+def _shown(value) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if value is None or value == "":
+        return "none"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _option_help(f, presets: dict) -> str:
+    """The field's help, its default (once), and what each preset sets it to."""
+    text = f.metadata["help"]
+    if f.name == "data":
+        return f"{text} (required unless --resume)"
+    changed = [f"{name} {_shown(values[f.name])}" for name, values in presets.items()
+               if values.get(f.name, f.default) != f.default]
+    return f"{text} (default: {_shown(f.default)}" + (f"; --preset {', '.join(changed)}" if changed else "") + ")"
+
+
+def _changes(preset: dict) -> dict:
+    """What a preset sets differently from the defaults."""
+    defaults = {f.name: f.default for f in _train_fields()}
+    return {k: v for k, v in preset.items() if k in defaults and defaults[k] != v}
+
+
+def _add_train_options(p) -> None:
+    """One option per TrainConfig field, grouped as in config.py; every default None (= not given,
+    so that a preset's value is not overridden), the real default shown in the help."""
+    from facegender.config import PRESETS
+
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in _train_fields():
+        meta = dict(f.metadata)
+        group = groups.get(meta["group"]) or groups.setdefault(meta["group"], p.add_argument_group(meta["group"]))
+        if meta["group"] == "data" and len(groups) == 1 and "--preset" not in p._option_string_actions:
+            group.add_argument("--resume", metavar="CHECKPOINT",
+                               help="continue an interrupted run from its gender_checkpoint.pth")
+            group.add_argument("--preset", choices=sorted(PRESETS), help="named recipe (its values are listed "
+                               "with each option below); explicit options override it. " + "; ".join(
+                                   f"{name}: " + ", ".join(f"{k} {_shown(v)}" for k, v in _changes(values).items())
+                                   for name, values in PRESETS.items()))
+        flag = "--" + f.name.replace("_", "-")
+        kwargs = {k: meta[k] for k in ("choices", "metavar") if k in meta}
+        if isinstance(f.default, bool):
+            kwargs["action"] = BOOL
+        else:
+            kind = type(f.default) if f.default is not None else str
+            kwargs["type"] = kind
+        group.add_argument(flag, default=None, help=_option_help(f, PRESETS), **kwargs)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-_TRAIN_KEYS = ["data", "out", "val_fraction", "val_on_test", "skip_bad", "cache", "align", "backbone", "weights",
-               "pretrained", "image_size", "dropout", "freeze_stem", "epochs", "batch_size", "lr", "optimizer",
-               "weight_decay", "scheduler", "warmup_epochs", "label_smoothing", "augment", "patience", "monitor",
-               "tta", "seed", "device", "precision", "channels_last", "workers", "compile", "sync_bn"]
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="fine-tune a classifier on DATASET/train, evaluate on DATASET/test",
+                       description="Fine-tune an ImageNet backbone. DATASET/train/<class>/ and DATASET/test/<class>/ "
+                                   "hold the images; class names are the folder names. The best epoch is chosen on a "
+                                   "stratified validation split of train/ and test/ is used once, at the end.")
+    _add_train_options(p)
 
 
 def _run_train(args) -> int:
@@ -98,7 +148,7 @@ def _run_train(args) -> int:
         else:
             if not args.data:
                 raise ValueError("--data DATASET is required (or --resume CHECKPOINT)")
-            cfg = build_config(args.preset, **{k: getattr(args, k) for k in _TRAIN_KEYS})
+            cfg = build_config(args.preset, **{f.name: getattr(args, f.name) for f in _train_fields()})
             state = None
         train(cfg, state, progress=not args.quiet)
     except TrainingInterrupted:
@@ -309,21 +359,18 @@ def _run_import(args) -> int:
 # ----------------------------------------------------------------------------- cv
 
 def _add_cv(sub) -> None:
-    # Every train option, taken from the train parser itself so the two never drift apart.
-    scratch = argparse.ArgumentParser(add_help=False).add_subparsers()
-    _add_train(scratch)
-    p = sub.add_parser("cv", parents=[scratch.choices["train"]], conflict_handler="resolve",
-                       help="stratified k-fold cross-validation of a training recipe on DATASET/train",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = sub.add_parser("cv", help="stratified k-fold cross-validation of a training recipe on DATASET/train",
                        description="Train the recipe once per fold of a seeded stratified k-fold split of "
                                    "DATASET/train (each fold's held-out part validates and stops training early), "
                                    "and report mean ± std of accuracy and per-class recall. Folds run one after "
                                    "another in OUT/fold_<k>/; rerunning the same command skips finished folds "
                                    "and resumes an interrupted one. Takes every train option.")
     g = p.add_argument_group("cross-validation")
-    g.add_argument("--folds", type=int, default=5, help="number of folds")
+    g.add_argument("--folds", type=int, default=5, help="number of folds (default: 5)")
     g.add_argument("--time-budget", type=float, metavar="MINUTES",
                    help="start no new fold after this many minutes (rerun to continue)")
+    _add_train_options(p)
+    p._option_string_actions["--out"].help = "cross-validation folder: OUT/fold_<k>/, results (default: cv_output)"
 
 
 def _run_cv(args) -> int:
@@ -336,7 +383,7 @@ def _run_cv(args) -> int:
                          "interrupted fold continues from its gender_checkpoint.pth)")
     if not args.data:
         raise ValueError("--data DATASET is required")
-    values = {k: getattr(args, k) for k in _TRAIN_KEYS}
+    values = {f.name: getattr(args, f.name) for f in _train_fields()}
     values["out"] = args.out or "cv_output"
     cfg = build_config(args.preset, **values)
     try:
@@ -447,7 +494,7 @@ COMMANDS: dict[str, tuple[Callable, Callable]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="facegender", description="Train, evaluate and serve face gender "
+    parser = _Parser(prog="facegender", description="Train, evaluate and serve face gender "
                                      "classifiers by transfer learning.", epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     from facegender import __version__

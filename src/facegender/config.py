@@ -12,52 +12,69 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+def option(default: Any, help: str, group: str = "runtime", cli: bool = True, **argparse_kwargs: Any):
+    """A TrainConfig field with its command-line help: `facegender train` and `cv` make one option
+    per field from these (`cli.py`), so name, type, default and help live here only. `group` is the
+    --help section; `argparse_kwargs` (choices, metavar, flag) go to argparse; `cli=False`: no option."""
+    return field(default=default, metadata={"help": help, "group": group, "cli": cli, **argparse_kwargs})
+
+
 @dataclass
 class TrainConfig:
     # data
-    data: str = ""                       # dataset root with train/ and test/
-    out: str = "output"                  # run folder
-    val_fraction: float = 0.15           # stratified validation split carved from train/
-    val_on_test: bool = False            # the report's protocol: select/stop on test/ (optimistic)
-    cv_folds: int = 0                    # `facegender cv`: number of stratified folds of train/ ...
-    cv_fold: int = 0                     # ... and which one (1..cv_folds) is this run's validation part
-    skip_bad: bool = False               # skip unreadable files instead of failing
-    cache: bool = True                   # keep decoded, resized images in memory between epochs
-    align: bool = False                  # detect + align faces before training (see faces.py)
-    face: dict | None = None             # FaceAlignConfig as a dict when align is on
+    data: str = option("", "dataset folder with train/ and test/", "data")
+    out: str = option("output", "run folder for models, curves and metrics", "data")
+    val_fraction: float = option(0.15, "share of train/ held out (stratified) for validation", "data")
+    val_on_test: bool = option(False, "choose the best epoch on test/ like the course report (optimistic; warns)",
+                               "data")
+    cv_folds: int = option(0, "`facegender cv`: number of stratified folds of train/", "data", cli=False)
+    cv_fold: int = option(0, "`facegender cv`: the fold (1..cv_folds) that validates this run", "data", cli=False)
+    skip_bad: bool = option(False, "leave unreadable images out (with a warning) instead of stopping", "data")
+    cache: bool = option(True, "keep decoded, resized images in memory between epochs", "data")
+    align: bool = option(False, "detect and align faces before training (see docs/faces.md)", "data")
+    face: dict | None = option(None, "face alignment settings (FaceAlignConfig) when align is on", "data", cli=False)
     # model
-    backbone: str = "efficientnet_lite0"
-    pretrained: bool = True              # False only with --no-pretrained; recorded in checkpoints
-    weights: str | None = None           # explicit pretrained weight file
-    image_size: int = 224
-    dropout: float = 0.2
-    freeze_stem: bool = True             # keep the ImageNet stem / first stage fixed (speed; see README)
-    frozen_features: bool = False        # backbone fixed: embeddings computed once, only the head trains
-    feature_views: int = 4               # frozen features: augmented views embedded per training image
-    trainable_stages: int = -1           # fine-tuning: train only the last N stages of the body (-1: all)
-    body_lr_scale: float = 1.0           # fine-tuning: the body's learning rate is lr times this
+    backbone: str = option("efficientnet_lite0", "efficientnet_lite0 (offline weights), resnet18, resnet50, "
+                           "mobilenet_v3_large, efficientnet_b0, ... (model.py)", "model")
+    pretrained: bool = option(True, "start from ImageNet weights; --no-pretrained: random weights (recorded in "
+                              "the model file)", "model")
+    weights: str | None = option(None, "ImageNet weight file for the backbone", "model", metavar="FILE")
+    image_size: int = option(224, "input size in pixels", "model")
+    dropout: float = option(0.2, "dropout before the final layer", "model")
+    freeze_stem: bool = option(True, "keep the backbone's first layers fixed (faster)", "model")
+    frozen_features: bool = option(False, "backbone fixed: embeddings computed once, only the head trains", "model")
+    feature_views: int = option(4, "frozen features: augmented views embedded per training image", "model")
+    trainable_stages: int = option(-1, "fine-tuning: train only the last N stages of the body (-1: all)", "model")
+    body_lr_scale: float = option(1.0, "fine-tuning: the body's learning rate is lr times this", "model")
     # optimisation
-    epochs: int = 30                     # upper bound; early stopping usually ends sooner
-    batch_size: int = 32
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    optimizer: str = "adam"              # adam | adamw
-    scheduler: str = "none"              # none | cosine
-    warmup_epochs: int = 0
-    label_smoothing: float = 0.0
-    augment: str = "report"              # report | strong
-    patience: int = 3
-    monitor: str = "val_acc"             # val_acc | val_loss
-    tta: bool = False                    # horizontal-flip test-time augmentation in evaluation
+    epochs: int = option(30, "maximum epochs (early stopping usually ends sooner)", "optimisation")
+    batch_size: int = option(32, "images per training step", "optimisation")
+    lr: float = option(1e-4, "learning rate", "optimisation")
+    weight_decay: float = option(0.0, "weight decay", "optimisation")
+    optimizer: str = option("adam", "optimizer", "optimisation", choices=["adam", "adamw"])
+    scheduler: str = option("none", "learning-rate schedule: none, or cosine decay after the warm-up",
+                            "optimisation", choices=["none", "cosine"])
+    warmup_epochs: int = option(0, "epochs of linear learning-rate warm-up (with --scheduler cosine)",
+                                "optimisation")
+    label_smoothing: float = option(0.0, "label smoothing of the training loss", "optimisation")
+    augment: str = option("report", "augmentation recipe", "optimisation",
+                          choices=["report", "strong", "light", "none"])
+    patience: int = option(3, "early stopping: epochs without improvement", "optimisation")
+    monitor: str = option("val_acc", "what early stopping and the best epoch watch", "optimisation",
+                          choices=["val_acc", "val_loss"])
+    tta: bool = option(False, "horizontal-flip test-time augmentation in evaluation (recorded in the model)",
+                       "optimisation")
     # runtime
-    seed: int = 42
-    device: str = "auto"                 # auto | cpu | cuda | cuda:N | mps
-    precision: str = "auto"              # auto | fp32 | bf16 | fp16
-    channels_last: bool = True
-    workers: int = 0                     # DataLoader workers (0: load in the training process)
-    sync_bn: bool = False                # torchrun with CUDA: batch-norm statistics over all processes
-    compile: bool = False                # torch.compile the training model (checkpoints stay plain)
-    preset: str | None = None
+    seed: int = option(42, "seed of the validation split, shuffling and augmentation")
+    device: str = option("auto", "auto (cuda, mps, cpu), cpu, cuda, cuda:1, mps")
+    precision: str = option("auto", "training precision; auto: bf16/fp16 where the hardware is fast at it, "
+                            "else fp32", choices=["auto", "fp32", "bf16", "fp16"])
+    channels_last: bool = option(True, "channels-last memory format")
+    workers: int = option(0, "DataLoader worker processes")
+    sync_bn: bool = option(False, "with torchrun on CUDA: batch-norm statistics over all processes "
+                           "(docs/scaling.md)")
+    compile: bool = option(False, "torch.compile the model for training (compiles first; model files stay plain)")
+    preset: str | None = option(None, "named recipe; explicit options override it", "data", cli=False)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -387,6 +387,11 @@ def load(path: str | os.PathLike | None = None, device: str = "auto", precision:
         from facegender.engine import select_device
 
         network, meta = ckpt.load_model(path, select_device(device))
+        if "optimizer_state" in meta:
+            raise ckpt.CheckpointError(
+                f"{path}: a training checkpoint (for `facegender train --resume`), not a model to predict with: "
+                f"it holds the last epoch ({meta.get('epoch')}), not the best one, and no calibrated temperature; "
+                f"pass {path.parent / 'best_model.pth'}")
         backend = TorchBackend(network, next(network.parameters()).device, precision)
         meta = {k: v for k, v in meta.items() if k != "model_state"}
     meta["path"] = str(path)
