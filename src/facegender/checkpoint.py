@@ -19,6 +19,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from facegender.distributed import plain_module
 from facegender.model import FaceClassifier, WeightsNotFoundError, build_model, get_spec
 from facegender.transforms import Preprocessing
 
@@ -94,7 +95,7 @@ def model_record(model: FaceClassifier, config: dict, classes: list[str], prep: 
     A body that stayed fixed at pretrained weights from an installed package (`frozen_features`)
     is not stored: the record says `body_weights: "pretrained"` and loading takes the body from
     that package again (a few hundred KB instead of tens of MB)."""
-    state = {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()}
+    state = {k: v.detach().cpu() for k, v in plain_module(model).state_dict().items()}
     body_weights = "stored"
     if body_from_package(config):
         state = {k: v for k, v in state.items() if not k.startswith("body.")}
@@ -120,12 +121,6 @@ def body_from_package(config: dict) -> bool:
     spec = get_spec(config["backbone"])
     return (bool(config.get("frozen_features")) and bool(config.get("pretrained")) and not config.get("weights")
             and (spec.load_weights is not None or spec.packaged_file is not None))
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain model inside DistributedDataParallel / torch.compile wrappers."""
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"

@@ -26,12 +26,10 @@ What a distributed run means (docs/scaling.md says it for users):
 from __future__ import annotations
 
 import os
-import random
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -290,10 +288,7 @@ def decorrelate_rng(ctx: DistContext, seed: int, epoch: int) -> None:
     not draw the same augmentations; rank 0 keeps the single-process stream."""
     if ctx.rank == 0:
         return
-    s = seed + 1_000_003 * ctx.rank + epoch
-    random.seed(s)
-    np.random.seed(s % 2**32)
-    torch.manual_seed(s)
+    engine.seed_everything(seed + 1_000_003 * ctx.rank + epoch)
 
 
 def align_schedule(scheduler, optimizer: torch.optim.Optimizer, step: int) -> None:

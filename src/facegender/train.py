@@ -7,7 +7,6 @@ import csv
 import dataclasses
 import io
 import math
-import random
 import sys
 import time
 import types
@@ -15,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 import yaml
 from torch import nn
@@ -25,7 +23,7 @@ from facegender import distributed
 from facegender.config import TrainConfig, build_config
 from facegender.data import (FaceDataset, ImageLoader, LoadedSplit, fold_split, load_split, make_loader,
                              scan_dataset, split_train_val)
-from facegender.engine import EarlyStopping, select_device, select_precision, train_one_epoch
+from facegender.engine import EarlyStopping, seed_everything, select_device, select_precision, train_one_epoch
 from facegender.evaluate import compute_metrics, write_evaluation
 from facegender.inference import load
 from facegender.metrics import fit_temperature
@@ -51,12 +49,6 @@ class RunData:
     train: LoadedSplit
     val: LoadedSplit
     test: LoadedSplit | None
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def preprocessing_for(cfg: TrainConfig, prepared: dict | None = None) -> Preprocessing:
