@@ -129,9 +129,15 @@ def build_config(preset: str | None = None, **overrides: Any) -> TrainConfig:
         values.update(PRESETS[preset])
         values["preset"] = preset
     values.update({k: v for k, v in overrides.items() if v is not None})
+    if "image_size" not in values and values.get("backbone") in NATIVE_SIZE:
+        values["image_size"] = NATIVE_SIZE[values["backbone"]]
     cfg = TrainConfig.from_dict(values)
     validate(cfg)
     return cfg
+
+
+#: Backbones trained on one input size only (the default image_size otherwise is TrainConfig's).
+NATIVE_SIZE = {"dlib_resnet": 150}
 
 
 def validate(cfg: TrainConfig) -> None:

@@ -43,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from facegender.faces import DLIB_CHIP_FILL, DLIB_CHIP_TEMPLATE_150, FaceAlignConfig, align_face  # noqa: F401
+
 #: dlib's `input_rgb_image_sized` means (R, G, B) and scale, as `Normalize(mean, std)` of `x / 255`.
 DLIB_MEAN = (122.782 / 255.0, 117.001 / 255.0, 104.298 / 255.0)
 DLIB_STD = (256.0 / 255.0, 256.0 / 255.0, 256.0 / 255.0)
@@ -58,22 +60,9 @@ WEIGHTS_FILENAME = "dlib_face_recognition_resnet_model_v1.dat"
 WEIGHTS_SHA256 = "55533b28a95800a551ba546ba62fe69625c7e95a7061c338adffead08719da30"
 _CACHE_FORMAT = "facegender-dlib-resnet-v1"
 
-#: Where RetinaFace's 5 landmarks (left eye, right eye, nose tip, left and right mouth corner, as in
-#: facegender.faces; pixel centres at integers) sit in dlib's chip `get_face_chip(img, shape, 150,
-#: 0.25)` of its own 5-point landmarks: `similarity_transform(retina_landmarks, template)` gives
-#: dlib's chip. From `python benchmarks/dlib_chip_template.py` (template "mapped"): the mean, over
-#: the 600 faces-dev/train images, of RetinaFace's refined landmarks mapped into dlib's chip (dlib's
-#: shape predictor run in the whole tight crop). On the 200 faces-dev/test images the descriptors of
-#: chips from RetinaFace + this template vs dlib's own chips: cosine mean 0.9913, 5th percentile
-#: 0.9819, min 0.8983; Euclidean distance mean 0.175 (different faces: 0.834; dlib's same-person
-#: threshold 0.6). Running RetinaFace on dlib's chips instead gives a template within 1 px and the
-#: same figures (0.9912 / 0.9818 / 0.8951).
-DLIB_CHIP_TEMPLATE_150 = np.array(
-    [[47.03, 47.98], [99.85, 48.03], [73.11, 78.36], [50.69, 101.06], [96.09, 101.09]], dtype=np.float64
-)
-#: dlib's extract_image_chip fills pixels outside the photo with 0 (checked: a chip reaching past
-#: the image has exactly (0, 0, 0) there); use black for chips fed to DlibResNet.
-CHIP_FILL = (0, 0, 0)
+#: The chip geometry (DLIB_CHIP_TEMPLATE_150: RetinaFace's landmarks in dlib's 150 px chip) and
+#: its fill (black, as dlib's extract_image_chip) live with the rest of the face stage, in faces.py.
+CHIP_FILL = DLIB_CHIP_FILL
 
 # (channels, number of blocks, first block downsamples) for dlib's level4 .. level0.
 _LEVELS = ((32, 3, False), (64, 4, True), (128, 3, True), (256, 3, True), (256, 1, True))
@@ -192,10 +181,8 @@ def load_dlib_resnet(cache_dir: str | os.PathLike | None = None) -> DlibResNet:
 def chip_from_landmarks(image, landmarks: np.ndarray, size: int = CHIP_SIZE):
     """dlib-style face chip (PIL RGB, size x size, black outside the photo) from RetinaFace's 5
     landmarks (`facegender.faces.DetectedFace.landmarks`), using DLIB_CHIP_TEMPLATE_150."""
-    from facegender.faces import similarity_transform, warp_affine
-
-    template = (DLIB_CHIP_TEMPLATE_150 + 0.5) * (size / CHIP_SIZE) - 0.5
-    return warp_affine(image, similarity_transform(landmarks, template), size, CHIP_FILL)
+    config = FaceAlignConfig(size=size, template="dlib", pad_color=DLIB_CHIP_FILL)
+    return align_face(image, landmarks, config)
 
 
 def to_input(chips: np.ndarray | list) -> torch.Tensor:

@@ -10,12 +10,15 @@ to put where. Random weights happen only when asked for (`pretrained=False`).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
+
+from facegender import dlib_resnet
+from facegender.faces import DLIB_CHIP_FILL
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -40,7 +43,7 @@ class BackboneSpec:
     # Fine-tuning: the body's stages, first to last (`trainable_stages` unfreezes the last N).
     stages: Callable[[nn.Module], list[nn.Module]] | None = None
     pretrained_on: str = "ImageNet"                    # what the pretrained weights learned from
-    face_template: str = "arcface"                     # the aligned crop it wants (faces.FaceAlignConfig)
+    face: dict = field(default_factory=dict)           # face stage settings it wants (faces.FaceAlignConfig)
 
 
 BACKBONES: dict[str, BackboneSpec] = {}
@@ -254,21 +257,9 @@ register(BackboneSpec(
 
 
 def _load_dlib_weights() -> tuple[dict, str]:
-    from facegender import dlib_resnet
-
     return dlib_resnet.converted_weights(), f"{dlib_resnet.weights_file()} (sha256 {dlib_resnet.WEIGHTS_SHA256[:12]})"
 
 
-def _make_dlib() -> nn.Module:
-    from facegender.dlib_resnet import DlibResNet
-
-    return DlibResNet()
-
-
-def _dlib_mean_std():
-    # dlib normalises input as (pixel - mean) / 256; as torchvision's Normalize on [0, 1] images.
-    mean = (122.782 / 255, 117.001 / 255, 104.298 / 255)
-    return mean, (256 / 255,) * 3
 
 
 # dlib's ResNet face descriptor (dlib_face_recognition_resnet_model_v1, ~3 million faces, CC0),
@@ -276,14 +267,14 @@ def _dlib_mean_std():
 # descriptor. It wants dlib's aligned face chip (FaceAlignConfig(template="dlib"), 150 px).
 register(BackboneSpec(
     name="dlib_resnet",
-    make=_make_dlib,
+    make=dlib_resnet.DlibResNet,
     cut=lambda net: (net, 128),
     stem=lambda body: [body.stem],
     stages=lambda body: [body.stem, body.layer1, body.layer2, body.layer3, body.layer4, body.fc],
-    mean=_dlib_mean_std()[0], std=_dlib_mean_std()[1],
+    mean=dlib_resnet.DLIB_MEAN, std=dlib_resnet.DLIB_STD,
     load_weights=_load_dlib_weights,
     pretrained_on="faces (dlib face recognition, ~3M faces)",
-    face_template="dlib",
+    face={"template": "dlib", "pad_color": DLIB_CHIP_FILL},
 ))
 
 

@@ -64,8 +64,7 @@ def preprocessing_for(cfg: TrainConfig, prepared: dict | None = None) -> Preproc
     elif cfg.align:
         from facegender.faces import FaceAlignConfig
 
-        face = FaceAlignConfig.from_dict({"size": cfg.image_size, "template": spec.face_template,
-                                          **(cfg.face or {})}).to_dict()
+        face = FaceAlignConfig.from_dict({"size": cfg.image_size, **spec.face, **(cfg.face or {})}).to_dict()
     return Preprocessing(image_size=cfg.image_size, mean=spec.mean, std=spec.std, face=face)
 
 

@@ -1,0 +1,126 @@
+"""The dlib face backbone inside facegender: frozen-feature training, fine-tuning, the recorded
+preprocessing, model files without the package-provided body, ONNX export."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from conftest import make_dataset
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("face_recognition_models") is None,
+                                reason="face_recognition_models (dlib's face ResNet weights) is not installed")
+
+
+def _config(data, out, **overrides):
+    from facegender.config import build_config
+
+    values = dict(data=str(data), out=str(out), backbone="dlib_resnet", align=False, frozen_features=True,
+                  feature_views=2, epochs=12, batch_size=8, lr=0.05, patience=12)
+    values.update(overrides)
+    return build_config(None, **values)
+
+
+@pytest.fixture(scope="module")
+def frozen_run(tmp_path_factory):
+    """A head trained on frozen dlib embeddings of a tiny synthetic set (features cached in the
+    test's own folder)."""
+    import os
+
+    from facegender.train import train
+
+    root = tmp_path_factory.mktemp("frozen")
+    os.environ["XDG_CACHE_HOME"] = str(root / "cache")  # read at call time by the feature cache
+    try:
+        data = make_dataset(root / "data", n_train=16, n_test=4)
+        summary = train(_config(data, root / "out"), log=lambda s: None, progress=False)
+    finally:
+        del os.environ["XDG_CACHE_HOME"]
+    return root, summary
+
+
+def test_dlib_backbone_uses_its_native_size_and_mean():
+    from facegender import dlib_resnet
+    from facegender.config import build_config
+    from facegender.train import preprocessing_for
+
+    cfg = build_config(None, backbone="dlib_resnet", align=True)
+    assert cfg.image_size == 150
+    prep = preprocessing_for(cfg)
+    assert prep.mean == dlib_resnet.DLIB_MEAN and prep.std == dlib_resnet.DLIB_STD
+    assert prep.face["template"] == "dlib" and prep.face["size"] == 150
+    assert tuple(prep.face["pad_color"]) == (0, 0, 0)
+    assert build_config(None, backbone="dlib_resnet", image_size=112).image_size == 112  # explicit wins
+
+
+def test_frozen_features_model_file_holds_only_the_head(frozen_run):
+    from facegender import checkpoint as ckpt
+
+    root, summary = frozen_run
+    path = root / "out" / "best_model.pth"
+    record = ckpt.load_file(path)
+    assert record["body_weights"] == "pretrained"
+    assert set(record["model_state"]) == {"head.1.weight", "head.1.bias"}
+    assert path.stat().st_size < 100_000
+    from facegender.dlib_resnet import converted_weights
+
+    model, _ = ckpt.load_model(path)  # the body comes back from the package: dlib's weights
+    for key, value in converted_weights().items():
+        assert torch.equal(model.body.state_dict()[key], value), key
+    assert summary["test"]["n"] == 8
+
+
+def test_frozen_features_learn_and_the_cache_is_reused(frozen_run, tmp_path, monkeypatch):
+    """The head learns the synthetic classes from embeddings; a second run with the same images
+    reads every embedding from the cache instead of running the body."""
+    from facegender.dlib_resnet import DlibResNet
+    from facegender.train import train
+
+    root, summary = frozen_run
+    assert summary["validation"]["accuracy"] >= 0.75
+    monkeypatch.setenv("XDG_CACHE_HOME", str(root / "cache"))
+    calls = []
+    original = DlibResNet.forward
+    monkeypatch.setattr(DlibResNet, "forward", lambda self, x: calls.append(len(x)) or original(self, x))
+    cfg = _config(root / "data", tmp_path / "again")
+    again = train(cfg, log=lambda s: None, progress=False)
+    # only the final evaluation (temperature on validation, then test) runs the full model; the
+    # embeddings of the training views and of validation come from the cache
+    passes = 2 if cfg.tta else 1
+    assert sum(calls) == passes * (again["validation"]["n"] + again["test"]["n"])
+    assert again["validation"]["accuracy"] == summary["validation"]["accuracy"]
+
+
+def test_fine_tuning_trains_only_the_last_stages_at_the_scaled_rate(tmp_path):
+    from facegender.model import build_model, freeze_body
+    from facegender.train import make_optimizer
+
+    cfg = _config(tmp_path, tmp_path, frozen_features=False, trainable_stages=2, body_lr_scale=0.1, lr=1e-3)
+    model, _ = build_model("dlib_resnet", 2, pretrained=True)
+    freeze_body(model, cfg.trainable_stages, cfg.backbone)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = make_optimizer(cfg, model)
+    assert sorted(g["lr"] for g in optimizer.param_groups) == pytest.approx([1e-4, 1e-3])
+    model.train()
+    x = torch.randn(4, 3, 150, 150)
+    loss = torch.nn.functional.cross_entropy(model(x), torch.tensor([0, 1, 0, 1]))
+    loss.backward()
+    optimizer.step()
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(k.startswith("body.layer4.") for k in changed)
+    assert any(k.startswith("body.fc.") for k in changed)
+    assert any(k.startswith("head.") for k in changed)
+    assert not any(k.startswith(("body.stem.", "body.layer1.", "body.layer2.", "body.layer3.")) for k in changed)
+
+
+def test_frozen_model_exports_to_onnx_with_parity(frozen_run, tmp_path):
+    import facegender
+
+    root, _ = frozen_run
+    report = facegender.load(root / "out" / "best_model.pth", device="cpu").export(
+        tmp_path / "model.onnx", data=root / "data", log=lambda s: None)
+    assert report["parity_max_abs_diff"] <= 1e-3
+    assert (tmp_path / "model.onnx").stat().st_size > 5_000_000  # the body is inside the ONNX file
