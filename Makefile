@@ -3,7 +3,9 @@
 #   make test                         # the test suite
 #   make predict FILES="a.jpg b.png"  # label every face in your photos (no FILES: the shipped sample photo)
 #   make serve                        # web page + HTTP API on http://127.0.0.1:8000/
-# MODEL=path/to/best_model.pth picks the model for predict and serve; ARGS passes more options.
+#   make default-model                # rebuild the bundled default model from ../shared (docs/model-card.md)
+# MODEL=path/to/best_model.pth picks the model for predict and serve (default: the bundled model);
+# ARGS passes more options.
 PYTHON ?= python3
 VENV ?= .venv
 DATA ?= ../shared/datasets/faces-dev
@@ -11,12 +13,13 @@ OUT ?= output
 ARGS ?=
 FILES ?=
 MODEL ?=
+SHARED ?= ../shared
 
 BIN := $(VENV)/bin
 SAMPLE := src/facegender/samples/astronaut.jpg
 MODEL_ARG := $(if $(MODEL),--model $(MODEL))
 
-.PHONY: venv train evaluate test predict serve clean
+.PHONY: venv train evaluate test predict serve default-model clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +61,10 @@ predict: venv
 
 serve: venv
 	$(BIN)/facegender serve $(MODEL_ARG) $(ARGS)
+
+default-model: venv
+	$(BIN)/facegender train --data $(SHARED)/datasets/faces-gdf --preset best --out runs/default-model $(ARGS)
+	$(BIN)/python -m facegender.bundle runs/default-model/best_model.pth --shared $(SHARED)
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache

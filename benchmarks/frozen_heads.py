@@ -52,7 +52,11 @@ def load(shared: Path, views: int, visible: bool):
         prep = dataclasses.replace(prep, visible=training_visible_region(splits["train"], loader, prep))
         print("visible region", prep.visible)
     model, source = build_model("dlib_resnet", 2)
-    extractor = FeatureExtractor(model.body, prep, source, torch.device("cpu"))
+    # the 256-d pooled features before dlib's last layer: the 128-d descriptor is fc(pooled), so one
+    # pass gives both (`descriptor` below)
+    body = model.body
+    pooled = type("Pooled", (torch.nn.Module,), {"forward": lambda self, x: body.features(x)})()
+    extractor = FeatureExtractor(pooled, prep, source + " pooled", torch.device("cpu"))
     t0 = time.perf_counter()
     emb = {name: extractor.embed(s.images, views if name == "train" else 2, f"embedding {name}")
            for name, s in splits.items()}
@@ -63,7 +67,7 @@ def load(shared: Path, views: int, visible: bool):
         rows = {r["file"]: r for r in csv.DictReader(f)}
     for col in ("age_group", "race"):
         groups[col] = [rows[p.name][col] for p in splits["ood"].split.paths]
-    return classes, emb, labels, groups
+    return classes, emb, labels, groups, body.fc.weight.detach()
 
 
 def report(name: str, classes, probs: dict, labels: dict, groups: dict) -> None:
@@ -90,7 +94,14 @@ def main() -> None:
     parser.add_argument("--no-visible", action="store_true", help="do not grey out the unfilled part of the chip")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    classes, emb, labels, groups = load(Path(args.shared), args.views, not args.no_visible)
+    classes, pooled, labels, groups, fc = load(Path(args.shared), args.views, not args.no_visible)
+    descriptor = {k: v @ fc.T for k, v in pooled.items()}
+    for feats, emb in (("descriptor", descriptor), ("pooled", pooled)):
+        print(f"--- {feats} ({emb['train'].shape[-1]}-d)")
+        fit_heads(classes, emb, labels, groups, args.views)
+
+
+def fit_heads(classes, emb, labels, groups, max_views: int) -> None:
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import normalize
 
@@ -99,10 +110,10 @@ def main() -> None:
         return {s: (fn(emb[s][:, 0].numpy()) + fn(emb[s][:, 1].numpy())) / 2 for s in ("val", "test", "ood")}
 
     ytr = labels["train"]
-    for views in sorted({1, 2, args.views}):
+    for views in sorted({1, max_views}):
         x = emb["train"][:, :views].reshape(-1, emb["train"].shape[-1]).numpy()
         y = np.repeat(ytr, views)
-        for c in (0.1, 1.0, 10.0, 100.0):
+        for c in (0.1, 1.0, 10.0):
             for norm in (False, True):
                 prep = (lambda a: normalize(a)) if norm else (lambda a: a)
                 clf = LogisticRegression(C=c, max_iter=5000).fit(prep(x), y)

@@ -8,7 +8,8 @@ and an epoch takes milliseconds instead of minutes.
 
 Embeddings are cached on disk, one small .npy file per image, keyed by the prepared image's bytes,
 the preprocessing, the body's weights and the view recipe: a second run, or the next fold, reads
-them instead of running the network.
+them instead of running the network. View k of an image is the same whatever the number of views,
+so a file with more views also serves a request for fewer.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ class FeatureExtractor:
     def embed(self, images: Sequence[torch.Tensor], views: int = 1, desc: str = "embedding",
               progress: bool = True) -> torch.Tensor:
         """(len(images), views, D): cached where possible, the rest computed in batches."""
-        keys = [f"{self._key(img)}-{views}" for img in images]
+        keys = [self._key(img) for img in images]
         out: list[np.ndarray | None] = [None] * len(images)
         todo = []
         for i, key in enumerate(keys):
@@ -75,34 +76,35 @@ class FeatureExtractor:
             if cached.is_file():
                 try:
                     arr = np.load(cached, allow_pickle=False)
-                    if arr.ndim == 2 and arr.shape[0] == views:
-                        out[i] = arr
+                    if arr.ndim == 2 and arr.shape[0] >= views:  # view k is the same whatever the count
+                        out[i] = arr[:views]
                         continue
                 except (OSError, ValueError):
                     pass  # a damaged cache entry is recomputed and rewritten
             todo.append(i)
         if todo:
             self.body.eval()
-            items = [(i, v) for i in todo for v in range(views)]
-            results: dict[int, list[np.ndarray]] = {i: [None] * views for i in todo}  # type: ignore[misc]
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            items = [(i, v) for i in todo for v in range(views)]  # image by image: each is written when done
+            parts: dict[int, list[np.ndarray]] = {i: [] for i in todo}
             bar = tqdm(total=len(items), desc=desc, disable=not progress, leave=False, unit="img")
             for start in range(0, len(items), self.batch_size):
                 chunk = items[start:start + self.batch_size]
                 batch = torch.stack([self.view(images[i], v, keys[i]) for i, v in chunk]).to(self.device)
-                emb = self.body(batch).float().cpu().numpy()
-                for (i, v), e in zip(chunk, emb):
-                    results[i][v] = e
+                for (i, _), e in zip(chunk, self.body(batch).float().cpu().numpy()):
+                    parts[i].append(e)
+                    if len(parts[i]) == views:
+                        out[i] = self._store(keys[i], np.stack(parts.pop(i)).astype(np.float32))
                 bar.update(len(chunk))
             bar.close()
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
-            for i in todo:
-                arr = np.stack(results[i]).astype(np.float32)
-                out[i] = arr
-                target = self.cache_dir / f"{keys[i]}.npy"
-                tmp = target.with_name(f".{target.stem}.{os.getpid()}.tmp.npy")
-                np.save(tmp, arr, allow_pickle=False)
-                os.replace(tmp, target)
         return torch.from_numpy(np.stack(out)) if out else torch.empty(0, views, 0)
+
+    def _store(self, key: str, arr: np.ndarray) -> np.ndarray:
+        target = self.cache_dir / f"{key}.npy"
+        tmp = target.with_name(f".{target.stem}.{os.getpid()}.tmp.npy")
+        np.save(tmp, arr, allow_pickle=False)
+        os.replace(tmp, target)
+        return arr
 
 
 def feature_dataset(embeddings: torch.Tensor, labels: Sequence[int]) -> torch.utils.data.TensorDataset:
