@@ -37,6 +37,7 @@ from PIL import Image
 
 from facegender import export
 from facegender.images import DEFAULT_MAX_PIXELS, ImageError, expand_paths, load_image
+from facegender.bundle import default_model_path  # the model `load()` uses without a path
 from facegender.metrics import Predictions, apply_temperature
 from facegender.transforms import EvalPreset, Preprocessing
 
@@ -46,12 +47,6 @@ NO_FACE = "no face found"
 DEFAULT_PRECISION = "fp32"
 
 __all__ = ["Model", "TorchBackend", "load", "default_model_path", "UNCERTAIN", "NO_FACE", "expand_paths"]
-
-
-def default_model_path() -> Path:
-    """The model that `load()` uses without a path: the bundled default model."""
-    raise FileNotFoundError("facegender has no bundled default model yet; pass the path of a trained model, "
-                            "e.g. facegender.load('output/best_model.pth') (train one with facegender.train)")
 
 
 # ----------------------------------------------------------------------------- backends
@@ -165,7 +160,12 @@ class Model:
 
     @property
     def logits_fn(self):
+        """The backend's `batch -> logits` function (assigning a function replaces the backend)."""
         return self.backend.logits
+
+    @logits_fn.setter
+    def logits_fn(self, fn) -> None:
+        self.backend = as_backend(fn)
 
     def replace(self, **changes: Any) -> "Model":
         """A copy with other attributes (e.g. `tta=False`); the backend and detector are shared."""
