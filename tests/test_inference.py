@@ -103,10 +103,16 @@ def test_predict_on_an_empty_folder_says_so(trained_run, tmp_path, capsys):
     assert code == 1 and "no images found in" in capsys.readouterr().err
 
 
-def test_default_model_is_explained():
+def test_default_model_is_the_bundled_one(monkeypatch):
+    """`facegender.load()` without a path goes through `default_model_path` (bundle.py)."""
     import facegender
+    from facegender import inference
 
-    with pytest.raises(FileNotFoundError, match="no bundled default model"):
+    def missing():
+        raise FileNotFoundError("the bundled default model is missing")
+
+    monkeypatch.setattr(inference, "default_model_path", missing)
+    with pytest.raises(FileNotFoundError, match="bundled default model"):
         facegender.load()
 
 
