@@ -1,7 +1,8 @@
 # On a fresh machine (each target sets up the virtual environment .venv first):
 #   make train DATA=path/to/dataset   # train + evaluate, outputs in output/ (without a dataset: what to do next)
 #   make test                         # the test suite
-#   make predict FILES="a.jpg b.png"  # label every face in your photos (no FILES: the shipped sample photo)
+#   make predict FILES="a.jpg b.png"  # label every face in your photos with the bundled model
+#                                     # (no FILES: the shipped sample photo)
 #   make serve                        # web page + HTTP API on http://127.0.0.1:8000/
 #   make default-model                # rebuild the bundled default model from ../shared (docs/model-card.md)
 # MODEL=path/to/best_model.pth picks the model for predict and serve (default: the bundled model);
@@ -16,7 +17,6 @@ MODEL ?=
 SHARED ?= ../shared
 
 BIN := $(VENV)/bin
-SAMPLE := src/facegender/samples/astronaut.jpg
 MODEL_ARG := $(if $(MODEL),--model $(MODEL))
 
 .PHONY: venv train evaluate test predict serve default-model clean
@@ -57,7 +57,7 @@ test: venv
 	$(BIN)/python -m pytest -q
 
 predict: venv
-	$(BIN)/facegender predict $(MODEL_ARG) $(or $(FILES),$(SAMPLE)) $(ARGS)
+	$(BIN)/facegender predict $(strip $(MODEL_ARG) $(or $(FILES),--sample) $(ARGS))
 
 serve: venv
 	$(BIN)/facegender serve $(MODEL_ARG) $(ARGS)

@@ -42,11 +42,13 @@ def test_predict_and_serve_targets():
     run = make("-n", "predict", "FILES=a.jpg b.png")
     assert run.returncode == 0 and ".venv/bin/facegender predict" in run.stdout and "a.jpg b.png" in run.stdout
     run = make("-n", "predict")
-    assert run.returncode == 0 and "src/facegender/samples/astronaut.jpg" in run.stdout
-    assert (REPO / "src/facegender/samples/astronaut.jpg").is_file()
+    assert run.returncode == 0 and ".venv/bin/facegender predict --sample" in run.stdout
     run = make("-n", "predict", "MODEL=m.pth", "FILES=x.jpg")
     assert "predict --model m.pth x.jpg" in run.stdout
     run = make("-n", "serve")
     assert run.returncode == 0 and ".venv/bin/facegender serve" in run.stdout
+    run = make("-n", "default-model")
+    assert run.returncode == 0 and "--preset best --out runs/default-model" in run.stdout
+    assert "python -m facegender.bundle runs/default-model/best_model.pth --shared ../shared" in run.stdout
     run = make("-n", "test")
     assert run.returncode == 0 and ".venv/bin/python -m pytest -q" in run.stdout

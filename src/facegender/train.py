@@ -20,7 +20,7 @@ from torch import nn
 
 from facegender import checkpoint as ckpt
 from facegender import distributed
-from facegender.config import TrainConfig, build_config
+from facegender.config import DEFAULT_PRESET, TrainConfig, build_config
 from facegender.data import (FaceDataset, ImageLoader, LoadedSplit, fold_split, load_split, make_loader,
                              scan_dataset, split_train_val)
 from facegender.engine import EarlyStopping, seed_everything, select_device, select_precision, train_one_epoch
@@ -102,7 +102,7 @@ def prepare_data(cfg: TrainConfig, scanned, log: Callable[[str], None] = print, 
             log(f"note: no face found in {len(part.no_face)} {name} image(s); used centred and padded")
     if len(train.split) == 0:
         raise ValueError("no readable training images left")
-    if prep.face is not None:
+    if prep.face is not None and cfg.visible_region:
         prep = dataclasses.replace(prep, visible=training_visible_region(train, loader, prep))
         if prep.visible is not None:
             log("face crops: training images fill only part of the aligned crop; keeping the part filled in "
@@ -270,7 +270,9 @@ def _train(cfg: TrainConfig, state: dict | None, log: Callable[[str], None], pro
         ckpt.write_text_atomic(yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True),
                                out / "config.yaml")
     val_name = "test (--val-on-test)" if cfg.val_on_test else "validation"
-    log(f"{cfg.backbone} ({'ImageNet: ' + weights_source if cfg.pretrained else 'random weights'}) on {device}, "
+    pretrained_on = get_spec(cfg.backbone).pretrained_on
+    log(f"{cfg.backbone} ({pretrained_on + ': ' + weights_source if cfg.pretrained else 'random weights'}"
+        f"{', frozen: training the head on embeddings' if cfg.frozen_features else ''}) on {device}, "
         f"{precision}{', channels_last' if channels_last else ''}; classes {classes}; "
         f"train {len(data.train.split)}, {val_name} {len(data.val.split)}, "
         f"test {len(data.test.split) if data.test else 0} images")
@@ -420,7 +422,7 @@ class TrainRun:
         return {"validation": self.summary["validation"], "test": self.summary["test"]}
 
 
-def run(data: str | Path, preset: str | None = None, out: str | Path = "output", log: Callable[[str], None] = print,
+def run(data: str | Path, preset: str | None = DEFAULT_PRESET, out: str | Path = "output", log: Callable[[str], None] = print,
         progress: bool = True, **overrides) -> TrainRun:
     """Train on `data` (DATASET/train/<class>/, DATASET/test/<class>/) into `out`, as
     `facegender train --data DATA --preset PRESET --out OUT` does; `overrides` are TrainConfig fields
@@ -435,7 +437,7 @@ class _CallableModule(types.ModuleType):
     is the Python API whichever way the name was reached, while `from facegender.train import train`
     (the training function taking a TrainConfig) keeps working."""
 
-    def __call__(self, data: str | Path, preset: str | None = None, out: str | Path = "output",
+    def __call__(self, data: str | Path, preset: str | None = DEFAULT_PRESET, out: str | Path = "output",
                  **kwargs) -> TrainRun:
         return run(data, preset, out, **kwargs)
 
