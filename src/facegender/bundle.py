@@ -20,25 +20,9 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-from facegender.resources import PACKAGE_DIR
+from facegender.resources import DEFAULT_DIR, MODEL_FILE, RECORD_FILE, default_model_path, default_model_record
 
-DEFAULT_DIR = PACKAGE_DIR / "default_model"
-MODEL_FILE = "gender.pth"
-RECORD_FILE = "gender.json"
 REBUILD_COMMAND = "make default-model"
-
-
-def default_model_path() -> Path:
-    path = DEFAULT_DIR / MODEL_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"the bundled default model {path} is missing from this installation; reinstall "
-                                "facegender, or pass --model with a model you trained (facegender train)")
-    return path
-
-
-def default_model_record() -> dict[str, Any]:
-    """The bundled model's record (gender.json)."""
-    return json.loads((DEFAULT_DIR / RECORD_FILE).read_text(encoding="utf-8"))
 
 
 def sha256_file(path: str | os.PathLike) -> str:

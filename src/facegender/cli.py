@@ -213,7 +213,7 @@ def _model_path(args, quiet: bool = False) -> str:
     """--model, or the bundled default model (saying so in one line on stderr)."""
     if args.model:
         return args.model
-    from facegender.bundle import default_model_path, default_model_record
+    from facegender.resources import default_model_path, default_model_record
 
     path = default_model_path()
     if not quiet:

@@ -37,7 +37,7 @@ from PIL import Image
 
 from facegender import export
 from facegender.images import DEFAULT_MAX_PIXELS, ImageError, expand_paths, load_image
-from facegender.bundle import default_model_path  # the model `load()` uses without a path
+from facegender.resources import default_model_path  # the model `load()` uses without a path
 from facegender.metrics import Predictions, apply_temperature
 from facegender.transforms import EvalPreset, Preprocessing
 

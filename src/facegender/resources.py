@@ -1,4 +1,5 @@
-"""Files that ship inside the package, by path: the sample photo (and, later, the bundled model).
+"""Files that ship inside the package, by path: the sample photo and the bundled default model
+(bundle.py says what that model is and rebuilds it).
 
 They live beside this module (`pyproject.toml` lists them in `package-data`), so they are there in
 an installed package as well as in a source checkout.
@@ -10,6 +11,9 @@ from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 SAMPLES_DIR = PACKAGE_DIR / "samples"
+DEFAULT_DIR = PACKAGE_DIR / "default_model"
+MODEL_FILE = "gender.pth"
+RECORD_FILE = "gender.json"
 
 #: A public-domain portrait (NASA, Eileen Collins; scikit-image's `astronaut`), 512x512 JPEG.
 SAMPLE_PHOTO = "astronaut.jpg"
@@ -22,3 +26,19 @@ def sample_photo_path() -> Path:
         raise FileNotFoundError(f"the sample photo {path} is missing from this installation of facegender; "
                                 "reinstall it (pip install --force-reinstall facegender)")
     return path
+
+
+def default_model_path() -> Path:
+    """The bundled default model, which `facegender.load()` and the commands use without a path."""
+    path = DEFAULT_DIR / MODEL_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"the bundled default model {path} is missing from this installation; reinstall "
+                                "facegender, or pass --model with a model you trained (facegender train)")
+    return path
+
+
+def default_model_record() -> dict:
+    """The bundled model's record (gender.json: hash, classes, preprocessing, recipe, measured accuracy)."""
+    import json
+
+    return json.loads((DEFAULT_DIR / RECORD_FILE).read_text(encoding="utf-8"))
