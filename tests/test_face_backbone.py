@@ -124,3 +124,30 @@ def test_frozen_model_exports_to_onnx_with_parity(frozen_run, tmp_path):
         tmp_path / "model.onnx", data=root / "data", log=lambda s: None)
     assert report["parity_max_abs_diff"] <= 1e-3
     assert (tmp_path / "model.onnx").stat().st_size > 5_000_000  # the body is inside the ONNX file
+
+
+def test_frozen_features_train_with_torchrun(tmp_path):
+    """Two processes (torchrun, Gloo on the CPU) train the head together; one model file, head only."""
+    import os
+    import subprocess
+    import sys
+
+    from test_distributed import _free_port
+
+    from facegender import checkpoint as ckpt
+
+    data = make_dataset(tmp_path / "data", n_train=16, n_test=4)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
+                                                              "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", XDG_CACHE_HOME=str(tmp_path / "cache"))
+    if os.path.exists("/sys/class/net/lo"):
+        env["GLOO_SOCKET_IFNAME"] = "lo"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master-addr", "127.0.0.1",
+           "--master-port", str(_free_port()), "-m", "facegender", "train", "--data", str(data), "--out",
+           str(tmp_path / "out"), "--no-align", "--epochs", "2", "--quiet"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("Best epoch") == 1  # rank 0 alone reports
+    record = ckpt.load_file(tmp_path / "out" / "best_model.pth")
+    assert record["backbone"] == "dlib_resnet" and record["body_weights"] == "pretrained"
+    assert record["config"]["frozen_features"] is True
