@@ -151,3 +151,24 @@ def test_frozen_features_train_with_torchrun(tmp_path):
     record = ckpt.load_file(tmp_path / "out" / "best_model.pth")
     assert record["backbone"] == "dlib_resnet" and record["body_weights"] == "pretrained"
     assert record["config"]["frozen_features"] is True
+
+
+def test_prepared_folder_must_have_the_backbones_chip(tmp_path):
+    """`prepare --template dlib` makes a folder the face backbone trains on; an ArcFace-aligned folder
+    is refused with the fix instead of feeding the network crops of another geometry."""
+    from facegender import checkpoint as ckpt
+    from facegender.config import build_config
+    from facegender.prepare import prepare_dataset
+    from facegender.train import train
+
+    data = make_dataset(tmp_path / "data", n_train=8, n_test=3)
+    prepare_dataset(data, tmp_path / "arcface", {}, progress=False)
+    cfg = build_config("best", data=str(tmp_path / "arcface"), out=str(tmp_path / "o1"), epochs=1)
+    with pytest.raises(ValueError, match="--template dlib"):
+        train(cfg, log=lambda s: None, progress=False)
+    prepare_dataset(data, tmp_path / "dlib", {"size": 150, "template": "dlib", "pad_color": (0, 0, 0)},
+                    progress=False)
+    cfg = build_config("best", data=str(tmp_path / "dlib"), out=str(tmp_path / "o2"), epochs=1)
+    train(cfg, log=lambda s: None, progress=False)
+    face = ckpt.load_file(tmp_path / "o2" / "best_model.pth")["preprocessing"]["face"]
+    assert face["template"] == "dlib" and face["size"] == 150 and list(face["pad_color"]) == [0, 0, 0]

@@ -329,6 +329,9 @@ def _add_prepare(sub) -> None:
     p.add_argument("--margin", type=float,
                    help="context around the face, a fraction of the ArcFace crop per side (default 0, see faces.py)")
     p.add_argument("--refine-steps", type=int, help="landmark refinement rounds (default 2)")
+    p.add_argument("--template", choices=["arcface", "dlib"], default="arcface",
+                   help="crop geometry: arcface (for ImageNet backbones, --preset imagenet) or dlib (dlib's 150 px "
+                        "face chip, black outside the photo: for the face backbone, --preset best)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -337,6 +340,10 @@ def _run_prepare(args) -> int:
 
     face = {k: v for k, v in (("size", args.size), ("margin", args.margin),
                               ("refine_steps", args.refine_steps)) if v is not None}
+    if args.template == "dlib":
+        from facegender.faces import DLIB_CHIP_FILL
+
+        face = {"size": 150, **face, "template": "dlib", "pad_color": DLIB_CHIP_FILL}
     prepare_dataset(args.data, args.out, face, single_face_only=args.single_face_only, skip_bad=args.skip_bad,
                     fmt=args.format, progress=not args.quiet)
     return 0

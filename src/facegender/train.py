@@ -82,6 +82,13 @@ def prepare_data(cfg: TrainConfig, scanned, log: Callable[[str], None] = print, 
     from facegender.prepare import read_marker
 
     prepared = read_marker(cfg.data)
+    if prepared is not None:
+        wanted = get_spec(cfg.backbone).face.get("template", "arcface")
+        have = prepared["face"].get("template", "arcface")
+        if have != wanted:
+            raise ValueError(f"{cfg.data} holds faces aligned by `facegender prepare` with the {have} template, but "
+                             f"{cfg.backbone} wants {wanted} crops: run `facegender prepare --template {wanted}` on "
+                             "the original images, or train on them directly with --align")
     prep = preprocessing_for(cfg, prepared)
     if prepared is not None:  # already aligned by `facegender prepare`: record the face stage, only resize
         log(f"note: {cfg.data} holds faces aligned by `facegender prepare`; the model records that face stage "
