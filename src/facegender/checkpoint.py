@@ -25,6 +25,14 @@ from facegender.transforms import Preprocessing
 
 FORMAT = "facegender/1"
 
+# The files of a run folder (`facegender train --out`), named in one place.
+BEST_MODEL = "best_model.pth"
+CHECKPOINT = "gender_checkpoint.pth"
+SUMMARY_CSV = "summary.csv"
+CONFIG_YAML = "config.yaml"
+METRICS_JSON = "metrics.json"
+REPORT_HTML = "report.html"
+
 
 class CheckpointError(ValueError):
     """A model or checkpoint file is missing, damaged or not a facegender file."""

@@ -63,7 +63,7 @@ def write_evaluation(report: dict, metrics: dict | None, classes: list[str], out
                      title: str = "Test set") -> None:
     """metrics.json (the whole report) and confusion_matrix.png (of `metrics`) in `out`."""
     out.mkdir(parents=True, exist_ok=True)
-    ckpt.write_text_atomic(json.dumps(report, indent=2, ensure_ascii=False), out / "metrics.json")
+    ckpt.write_text_atomic(json.dumps(report, indent=2, ensure_ascii=False), out / ckpt.METRICS_JSON)
     if metrics is not None:
         plot_confusion_matrix(metrics["confusion_matrix"], classes, out / "confusion_matrix.png",
                               f"{title}: accuracy {metrics['accuracy']:.3f} (n={metrics['n']})")

@@ -32,7 +32,7 @@ def training_curves(model_path: str | os.PathLike, folder: str | os.PathLike,
     drawn into `folder` from the run's history (`load_history`); {} when there is no history."""
     run = Path(model_path).parent
     names = {"loss_curve": ("loss", "Loss per epoch"), "accuracy_curve": ("acc", "Accuracy per epoch")}
-    if Path(model_path).name == "best_model.pth" and all((run / f"{n}.png").is_file() for n in names):
+    if Path(model_path).name == ckpt.BEST_MODEL and all((run / f"{n}.png").is_file() for n in names):
         return {n: run / f"{n}.png" for n in names}
     history = load_history(model_path)
     if not history:
@@ -47,13 +47,13 @@ def load_history(model_path: str | os.PathLike) -> list[dict] | None:
     """Training history of the run a model file belongs to: summary.csv next to it, else the
     `history` of gender_checkpoint.pth there (or in the file itself); None when there is neither."""
     folder = Path(model_path).parent
-    summary = folder / "summary.csv"
+    summary = folder / ckpt.SUMMARY_CSV
     if summary.is_file():
         with open(summary, newline="", encoding="utf-8") as f:
             rows = [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
         if rows and {"epoch", "train_loss", "val_loss", "train_acc", "val_acc"} <= set(rows[0]):
             return rows
-    for candidate in (folder / "gender_checkpoint.pth", Path(model_path)):
+    for candidate in (folder / ckpt.CHECKPOINT, Path(model_path)):
         if candidate.is_file():
             try:
                 history = ckpt.load_file(candidate).get("history")
@@ -369,7 +369,7 @@ def write_run_report(cfg, out: Path, pred: Predictions | None, record: dict,
         groups = Path(cfg.data) / GROUPS_FILE
         note = ("The test set also chose the best epoch (--val-on-test): its accuracy is optimistic."
                 if cfg.val_on_test else None)
-        path, _ = write_report(pred, record, out / "report.html", str(out / "best_model.pth"),
+        path, _ = write_report(pred, record, out / ckpt.REPORT_HTML, str(out / ckpt.BEST_MODEL),
                                str(Path(cfg.data) / "test"), groups if groups.is_file() else None, note=note)
         return path
     except Exception as exc:  # noqa: BLE001 - the trained model is saved; the report is extra

@@ -33,8 +33,7 @@ from facegender.plots import plot_curves
 from facegender.report import write_run_report
 from facegender.transforms import EvalPreset, ImagePreparer, Preprocessing, TrainPreset, visible_region
 
-BEST_MODEL = "best_model.pth"
-CHECKPOINT = "gender_checkpoint.pth"
+BEST_MODEL, CHECKPOINT = ckpt.BEST_MODEL, ckpt.CHECKPOINT
 
 
 class TrainingInterrupted(Exception):
@@ -170,7 +169,7 @@ def write_history(history: list[dict], out: Path, best_epoch: int | None, val_na
     writer = csv.DictWriter(buf, fieldnames=list(history[0]))
     writer.writeheader()
     writer.writerows(history)
-    ckpt.write_text_atomic(buf.getvalue(), out / "summary.csv")
+    ckpt.write_text_atomic(buf.getvalue(), out / ckpt.SUMMARY_CSV)
     plot_curves(history, "loss", out / "loss_curve.png", "Loss per epoch", best_epoch, val_name)
     plot_curves(history, "acc", out / "accuracy_curve.png", "Accuracy per epoch", best_epoch, val_name)
 
@@ -275,7 +274,7 @@ def _train(cfg: TrainConfig, state: dict | None, log: Callable[[str], None], pro
     out.mkdir(parents=True, exist_ok=True)
     if ctx.is_main:
         ckpt.write_text_atomic(yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True),
-                               out / "config.yaml")
+                               out / ckpt.CONFIG_YAML)
     val_name = "test (--val-on-test)" if cfg.val_on_test else "validation"
     pretrained_on = get_spec(cfg.backbone).pretrained_on
     log(f"{cfg.backbone} ({pretrained_on + ': ' + weights_source if cfg.pretrained else 'random weights'}"
