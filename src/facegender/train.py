@@ -162,7 +162,13 @@ def make_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def write_history(history: list[dict], out: Path, best_epoch: int | None, val_name: str) -> None:
+#: The loss/accuracy curves are redrawn at most this often during training (and after the last
+#: epoch): drawing them takes about a second, longer than a whole epoch of frozen-feature training.
+PLOT_EVERY_S = 30.0
+
+
+def write_history(history: list[dict], out: Path, best_epoch: int | None, val_name: str, plots: bool = True) -> None:
+    """summary.csv (every call) and, with `plots`, the loss and accuracy curves."""
     if not history:
         return
     buf = io.StringIO()
@@ -170,6 +176,8 @@ def write_history(history: list[dict], out: Path, best_epoch: int | None, val_na
     writer.writeheader()
     writer.writerows(history)
     ckpt.write_text_atomic(buf.getvalue(), out / ckpt.SUMMARY_CSV)
+    if not plots:
+        return
     plot_curves(history, "loss", out / "loss_curve.png", "Loss per epoch", best_epoch, val_name)
     plot_curves(history, "acc", out / "accuracy_curve.png", "Accuracy per epoch", best_epoch, val_name)
 
@@ -287,7 +295,7 @@ def _train(cfg: TrainConfig, state: dict | None, log: Callable[[str], None], pro
         return ckpt.model_record(model, cfg.to_dict(), classes, data.prep, weights_source, epoch=epoch, **extra)
 
     epoch = start_epoch - 1
-    started = time.perf_counter()
+    started = last_plot = time.perf_counter()
     try:
         for epoch in range(start_epoch, cfg.epochs + 1):
             if stopper.should_stop:
@@ -322,8 +330,14 @@ def _train(cfg: TrainConfig, state: dict | None, log: Callable[[str], None], pro
                 history=history, early_stopping=stopper.state_dict(), rng_state=ckpt.rng_state(),
                 world_size=ctx.world_size,
             ), out / CHECKPOINT)
-            write_history(history, out, stopper.best_epoch, val_name)
+            last_epoch = stopper.should_stop or epoch == cfg.epochs
+            plotted = last_epoch or time.perf_counter() - last_plot >= PLOT_EVERY_S
+            write_history(history, out, stopper.best_epoch, val_name, plots=plotted)
+            if plotted:
+                last_plot = time.perf_counter()
     except KeyboardInterrupt:
+        if ctx.is_main:
+            write_history(history, out, stopper.best_epoch, val_name)
         last = history[-1]["epoch"] if history else None
         msg = (f"Interrupted during epoch {epoch}. " + (
             f"{out / CHECKPOINT} and {out / BEST_MODEL} hold epoch {last} (best: {stopper.best_epoch}); "
