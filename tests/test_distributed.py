@@ -63,7 +63,8 @@ def ddp_run(tmp_path_factory):
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     if Path("/sys/class/net/lo").exists():
         env["GLOO_SOCKET_IFNAME"] = "lo"  # keep Gloo's connections on the loopback interface
-    args = ["train", "--data", str(data), "--out", str(root / "out"), "--backbone", SETTINGS["backbone"],
+    args = ["train", "--data", str(data), "--out", str(root / "out"), "--preset", "plain",
+            "--backbone", SETTINGS["backbone"],
             "--no-pretrained", "--image-size", str(SETTINGS["image_size"]), "--epochs", str(SETTINGS["epochs"]),
             "--lr", str(SETTINGS["lr"]), "--batch-size", str(BATCH // 2), "--quiet"]
     for _ in range(2):  # a second try if another program took the free port in the meantime

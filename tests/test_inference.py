@@ -121,7 +121,8 @@ def test_python_api_end_to_end(tmp_path):
     import facegender
 
     data = make_dataset(tmp_path / "data", n_train=8, n_test=4)
-    run = facegender.train(data, out=tmp_path / "run", backbone="resnet18", pretrained=False, image_size=48,
+    run = facegender.train(data, preset="plain", out=tmp_path / "run", backbone="resnet18", pretrained=False,
+                           image_size=48,
                            epochs=1, batch_size=8, freeze_stem=False, log=lambda s: None, progress=False)
     assert run.model_path == tmp_path / "run" / "best_model.pth" and run.model_path.is_file()
     assert run.metrics["test"]["n"] == 8 and 0 <= run.metrics["test"]["accuracy"] <= 1
