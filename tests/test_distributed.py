@@ -231,7 +231,6 @@ def test_schedule_is_realigned_to_a_new_number_of_steps_per_epoch():
     for _ in range(20):
         opt.step()
         sched.step()
-    saved = sched.state_dict()
 
     ref_opt = make_optimizer(cfg, param)
     ref = make_scheduler(cfg, ref_opt, steps_per_epoch=5)
@@ -240,9 +239,8 @@ def test_schedule_is_realigned_to_a_new_number_of_steps_per_epoch():
         ref.step()
 
     opt2 = make_optimizer(cfg, param)
-    resumed = make_scheduler(cfg, opt2, steps_per_epoch=5)
-    resumed.load_state_dict(saved)
-    distributed.align_schedule(resumed, opt2, step=2 * 5)
+    opt2.load_state_dict(opt.state_dict())  # as resuming does: learning rates of step 20 of the old run
+    resumed = distributed.schedule_at(lambda o: make_scheduler(cfg, o, steps_per_epoch=5), opt2, step=2 * 5)
     assert opt2.param_groups[0]["lr"] == pytest.approx(ref_opt.param_groups[0]["lr"])
     assert resumed.get_last_lr() == pytest.approx(ref.get_last_lr())
     opt2.step()
@@ -250,3 +248,21 @@ def test_schedule_is_realigned_to_a_new_number_of_steps_per_epoch():
     ref_opt.step()
     ref.step()
     assert opt2.param_groups[0]["lr"] == pytest.approx(ref_opt.param_groups[0]["lr"])
+
+
+def test_warmup_then_cosine_schedule_per_step():
+    """Linear warm-up over the first epoch, then cosine decay to 0 at the end of the last one."""
+    import math
+
+    from facegender.train import make_optimizer, make_scheduler
+
+    cfg = build_config(None, data="x", scheduler="cosine", warmup_epochs=1, epochs=3, lr=0.1)
+    opt = make_optimizer(cfg, torch.nn.Linear(2, 2))
+    sched = make_scheduler(cfg, opt, steps_per_epoch=4)
+    lrs = []
+    for _ in range(12):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    expected = [0.1 * (t + 1) / 4 for t in range(4)] + [0.05 * (1 + math.cos(math.pi * k / 8)) for k in range(8)]
+    assert lrs == pytest.approx(expected, abs=1e-9)

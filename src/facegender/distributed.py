@@ -26,9 +26,10 @@ What a distributed run means (docs/scaling.md says it for users):
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -291,14 +292,14 @@ def decorrelate_rng(ctx: DistContext, seed: int, epoch: int) -> None:
     engine.seed_everything(seed + 1_000_003 * ctx.rank + epoch)
 
 
-def align_schedule(scheduler, optimizer: torch.optim.Optimizer, step: int) -> None:
-    """Put a per-step LambdaLR (train.make_scheduler) at `step` and set the optimizer's learning
-    rates accordingly. Resuming with a different number of processes changes the steps per epoch;
-    this keeps the schedule's position at the same epoch."""
-    if scheduler is None:
-        return
-    lrs = [base * fn(step) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
-    scheduler.last_epoch = step
-    for group, lr in zip(optimizer.param_groups, lrs):
-        group["lr"] = lr
-    scheduler._last_lr = lrs  # noqa: SLF001  (what get_last_lr() reports)
+def schedule_at(make: Callable[[torch.optim.Optimizer], Any], optimizer: torch.optim.Optimizer, step: int):
+    """A new learning-rate schedule `make(optimizer)` advanced to `step`, the optimizer's learning
+    rates set to match: where a resumed run continues. Counting steps from the epoch (not loading
+    the saved position) keeps the schedule at the same epoch when the number of processes, and so
+    the steps per epoch, changed."""
+    scheduler = make(optimizer)  # starts from each group's `initial_lr`, restored with the optimizer
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "scheduler.step() before optimizer.step()"
+        for _ in range(step):
+            scheduler.step()
+    return scheduler

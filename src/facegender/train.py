@@ -148,18 +148,18 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
 
 
 def make_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
-    """Per-step schedule: linear warm-up, then cosine decay to 0 over `epochs` (None: constant lr)."""
+    """Per-step schedule: linear warm-up over `warmup_epochs`, then cosine decay to 0 at the end of
+    `epochs` (torch's LinearLR then CosineAnnealingLR in a SequentialLR); None: constant lr."""
     if cfg.scheduler == "none":
         return None
+    sched = torch.optim.lr_scheduler
     total = max(1, cfg.epochs * steps_per_epoch)
-    warmup = cfg.warmup_epochs * steps_per_epoch
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    warmup = min(cfg.warmup_epochs * steps_per_epoch, total - 1)
+    if warmup == 0:
+        return sched.CosineAnnealingLR(optimizer, T_max=total)
+    linear = sched.LinearLR(optimizer, start_factor=1 / warmup, end_factor=1.0, total_iters=max(1, warmup - 1))
+    cosine = sched.CosineAnnealingLR(optimizer, T_max=total - warmup)
+    return sched.SequentialLR(optimizer, [linear, cosine], milestones=[warmup])
 
 
 #: The loss/accuracy curves are redrawn at most this often during training (and after the last
@@ -263,9 +263,9 @@ def _train(cfg: TrainConfig, state: dict | None, log: Callable[[str], None], pro
     if state is not None:
         model.load_state_dict(state["model_state"], strict=state.get("body_weights") != "pretrained")
         optimizer.load_state_dict(state["optimizer_state"])
-        if scheduler is not None and state.get("scheduler_state"):
-            scheduler.load_state_dict(state["scheduler_state"])
-            distributed.align_schedule(scheduler, optimizer, state["epoch"] * len(train_loader))
+        if scheduler is not None and state.get("scheduler_state"):  # at the same epoch, for any process count
+            scheduler = distributed.schedule_at(lambda opt: make_scheduler(cfg, opt, len(train_loader)), optimizer,
+                                                state["epoch"] * len(train_loader))
         stopper.load_state_dict(state["early_stopping"])
         history = list(state["history"])
         start_epoch = state["epoch"] + 1
