@@ -95,19 +95,34 @@ def test_weights_for_another_network_are_refused(tmp_path):
 
 @pytest.mark.parametrize("name", ["resnet18", "efficientnet_lite0"])
 def test_freeze_stem_stops_gradients_and_batchnorm_updates(name):
+    from torchvision.ops import FrozenBatchNorm2d
+
     net, _ = M.build_model(name, num_classes=2, pretrained=False)
+    before_state = {k: v.clone() for k, v in net.state_dict().items()}
     frozen = M.freeze_stem(net, name)
     assert frozen > 0
     stem = M.get_spec(name).stem(net.body)
-    stem_bn = [m for s in stem for m in s.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert not [m for s in stem for m in s.modules() if isinstance(m, nn.BatchNorm2d)]
+    stem_bn = [m for s in stem for m in s.modules() if isinstance(m, FrozenBatchNorm2d)]
+    assert stem_bn and torch.equal(stem_bn[0].running_mean, before_state[_key(net, stem_bn[0]) + "running_mean"])
     before = stem_bn[0].running_mean.clone()
-    M.set_train_mode(net, True)
-    assert net.head.training and all(not m.training for m in stem_bn)
+    net.train()  # a plain train(): the frozen statistics cannot be switched back on
+    assert net.head.training
     out = net(torch.randn(4, 3, 64, 64))
     out.sum().backward()
     assert all(p.grad is None for s in stem for p in s.parameters())
     assert net.head[1].weight.grad is not None
     assert torch.equal(stem_bn[0].running_mean, before)
+    # a model file of the frozen network loads into a plain one (prediction builds it unfrozen)
+    plain, _ = M.build_model(name, num_classes=2, pretrained=False)
+    plain.load_state_dict({k: v for k, v in net.state_dict().items()})
+    plain.eval(), net.eval()
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.allclose(plain(x), net(x), atol=1e-5)
+
+
+def _key(net, module) -> str:
+    return next(name for name, m in net.named_modules() if m is module) + "."
 
 
 def test_lite0_batchnorm_follows_fine_tuning_at_pytorch_momentum():

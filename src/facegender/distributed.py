@@ -142,11 +142,8 @@ def prepare_model(model: nn.Module, ctx: DistContext, sync_bn: bool = False, com
             if ctx.device.type != "cuda":
                 raise ValueError("--sync-bn needs CUDA devices (SyncBatchNorm does not run on the CPU); "
                                  "leave it off for CPU runs")
-            frozen = {name for name, m in model.named_modules() if getattr(m, "_facegender_frozen", False)}
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the same root, new BN children
-            for name, m in model.named_modules():
-                if name in frozen:
-                    m._facegender_frozen = True  # noqa: SLF001  (frozen stem BN stays in eval mode)
+            # the same root, new BN children; a frozen stem's FrozenBatchNorm2d layers stay as they are
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [ctx.device.index] if ctx.device.type == "cuda" else None

@@ -13,7 +13,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from facegender.model import set_train_mode
 
 
 def seed_everything(seed: int) -> None:
@@ -65,7 +64,7 @@ def train_one_epoch(model: nn.Module, loader, criterion, optimizer, device: torc
                     scaler: torch.amp.GradScaler | None = None, channels_last: bool = False,
                     scheduler=None, desc: str = "train", progress: bool = True) -> dict:
     """One pass over `loader`; returns {'loss', 'acc', 'n', 'seconds', 'images_per_sec'}."""
-    set_train_mode(model, True)
+    model.train()
     total_loss, correct, n = 0.0, 0, 0
     start = time.perf_counter()
     bar = tqdm(loader, desc=desc, leave=False, disable=not progress, unit="batch")
@@ -106,7 +105,7 @@ def predict_logits(model: nn.Module, loader, device: torch.device, precision: st
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits (N, C) float32 on CPU, labels (N,)) for every batch of `loader`, at the training
     precision (validation during training; inference after training is `inference.Model`)."""
-    set_train_mode(model, False)
+    model.eval()
     all_logits, all_labels = [], []
     for images, labels in tqdm(loader, desc=desc, leave=False, disable=not progress, unit="batch"):
         images = images.to(device, non_blocking=True)

@@ -167,24 +167,18 @@ def build_model(backbone: str, num_classes: int, dropout: float = 0.2, pretraine
 
 
 def freeze_stem(model: FaceClassifier, backbone: str) -> int:
-    """Keep the first layers' ImageNet weights fixed: no gradients, batch-norm statistics frozen.
+    """Keep the first layers' ImageNet weights fixed: no gradients, batch norm as
+    `torchvision.ops.FrozenBatchNorm2d` (fixed statistics, whatever `model.train()` says).
 
     Returns the number of frozen parameters. The gradient never flows back through these layers,
     which saves most of the backward pass at full resolution (see benchmarks/train_speed.py).
     """
-    n = 0
-    for module in get_spec(backbone).stem(model.body):
-        for p in module.parameters():
-            p.requires_grad_(False)
-            n += p.numel()
-        module.apply(_mark_frozen)
-    return n
+    return _freeze(model, get_spec(backbone).stem(model.body))
 
 
 def freeze_body(model: FaceClassifier, trainable_stages: int, backbone: str) -> int:
-    """Fix the body except its last `trainable_stages` stages (0: the whole body; -1: nothing).
-
-    Returns the number of frozen parameters. Frozen parts keep their batch-norm statistics."""
+    """Fix the body except its last `trainable_stages` stages (0: the whole body; -1: nothing),
+    as `freeze_stem` fixes the stem. Returns the number of frozen parameters."""
     if trainable_stages < 0:
         return 0
     spec = get_spec(backbone)
@@ -193,30 +187,32 @@ def freeze_body(model: FaceClassifier, trainable_stages: int, backbone: str) -> 
         if trainable_stages > 0:
             raise ValueError(f"--trainable-stages: {backbone} does not list its stages; use 0 or -1")
         stages = []
-    trainable = {id(p) for stage in stages[len(stages) - trainable_stages:] if trainable_stages
-                 for p in stage.parameters()}
+    trainable = {id(m) for stage in stages[len(stages) - trainable_stages:] if trainable_stages
+                 for m in stage.modules()}
+    return _freeze(model, [m for m in model.body.modules() if id(m) not in trainable
+                           and next(m.parameters(recurse=False), None) is not None])
+
+
+def _freeze(model: nn.Module, modules: list[nn.Module]) -> int:
+    """No gradients for the parameters of `modules`; their batch-norm layers (and those inside
+    them) become FrozenBatchNorm2d with the same statistics, in place in `model`."""
+    from torchvision.ops import FrozenBatchNorm2d
+
+    inside = {id(m) for module in modules for m in module.modules()}
     n = 0
-    for module in model.body.modules():
-        own = list(module.parameters(recurse=False))
-        if own and all(id(p) not in trainable for p in own):
-            for p in own:
-                p.requires_grad_(False)
-                n += p.numel()
-            _mark_frozen(module)
+    for module in modules:
+        for p in module.parameters():
+            n += p.numel() if p.requires_grad else 0
+            p.requires_grad_(False)
+    for name, m in list(model.named_modules()):
+        if id(m) in inside and isinstance(m, nn.BatchNorm2d):
+            frozen = FrozenBatchNorm2d(m.num_features, eps=m.eps)
+            with torch.no_grad():
+                for key in ("weight", "bias", "running_mean", "running_var"):
+                    getattr(frozen, key).copy_(getattr(m, key))
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, frozen.to(m.weight.device))
     return n
-
-
-def _mark_frozen(m: nn.Module) -> None:
-    m._facegender_frozen = True  # noqa: SLF001
-
-
-def set_train_mode(model: nn.Module, training: bool) -> None:
-    """`model.train(training)`, but batch-norm layers of a frozen stem stay in eval mode."""
-    model.train(training)
-    if training:
-        for m in model.modules():
-            if getattr(m, "_facegender_frozen", False) and isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
 
 
 # ----------------------------------------------------------------------------- registry
