@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from facegender.images import ImageError, is_image_name, load_image
+from facegender.resources import cache_dir
 from facegender.transforms import ImagePreparer
 
 #: Files that operating systems leave in folders; ignored without a word.
@@ -162,8 +163,7 @@ def _aligned_cache_path(cache_dir: Path, path: Path, face: dict) -> Path:
 
 
 def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "facegender" / "aligned"
+    return cache_dir("aligned")
 
 
 class ImageLoader:

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from facegender.faces import DLIB_CHIP_FILL, DLIB_CHIP_TEMPLATE_150, FaceAlignConfig, align_face  # noqa: F401
+from facegender.resources import cache_dir
 
 #: dlib's `input_rgb_image_sized` means (R, G, B) and scale, as `Normalize(mean, std)` of `x / 255`.
 DLIB_MEAN = (122.782 / 255.0, 117.001 / 255.0, 104.298 / 255.0)
@@ -457,12 +458,8 @@ def weights_file() -> Path:
 
 
 def default_cache_dir() -> Path:
-    """$FACEGENDER_CACHE, else $XDG_CACHE_HOME/facegender, else ~/.cache/facegender."""
-    if os.environ.get("FACEGENDER_CACHE"):
-        return Path(os.environ["FACEGENDER_CACHE"])
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]) / "facegender"
-    return Path.home() / ".cache" / "facegender"
+    """Where the converted weights are cached: `resources.cache_dir()`."""
+    return cache_dir()
 
 
 def _sha256_file(path: Path) -> str:

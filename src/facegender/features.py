@@ -25,15 +25,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from facegender import resources
 from facegender.transforms import EvalPreset, Preprocessing, TrainPreset
 
 #: Bump when the views' recipe changes, so old cached embeddings are not reused.
 VIEWS_VERSION = 1
-
-
-def default_features_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "facegender" / "features"
 
 
 class FeatureExtractor:
@@ -46,7 +42,7 @@ class FeatureExtractor:
         self.batch_size = batch_size
         self.eval_tf = EvalPreset(prep)
         self.jitter_tf = TrainPreset(prep, "light")
-        self.cache_dir = cache_dir or default_features_dir()
+        self.cache_dir = cache_dir or resources.cache_dir("features")
         self._salt = json.dumps([VIEWS_VERSION, prep.to_dict(), body_id], sort_keys=True).encode()
 
     def _key(self, image: torch.Tensor) -> str:

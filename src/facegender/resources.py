@@ -7,6 +7,7 @@ an installed package as well as in a source checkout.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -42,3 +43,14 @@ def default_model_record() -> dict:
     import json
 
     return json.loads((DEFAULT_DIR / RECORD_FILE).read_text(encoding="utf-8"))
+
+
+def cache_dir(*parts: str) -> Path:
+    """facegender's cache folder (joined with `parts`): $FACEGENDER_CACHE, else
+    $XDG_CACHE_HOME/facegender, else ~/.cache/facegender. Aligned faces, embeddings and the
+    converted dlib weights live in subfolders of it."""
+    if os.environ.get("FACEGENDER_CACHE"):
+        base = Path(os.environ["FACEGENDER_CACHE"])
+    else:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "facegender"
+    return base.joinpath(*parts)
