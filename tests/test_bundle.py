@@ -93,3 +93,14 @@ def test_predict_without_model_says_it_uses_the_bundled_one_and_models_describes
     assert json.loads(proc.stdout)["sha256"] == record["sha256"]
     proc = subprocess.run([*run, "predict"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "--sample" in proc.stderr
+
+
+def test_a_missing_shipped_file_names_itself_and_the_fix(tmp_path, monkeypatch):
+    from facegender import resources
+
+    monkeypatch.setattr(resources, "DEFAULT_DIR", tmp_path)
+    monkeypatch.setattr(resources, "SAMPLES_DIR", tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"gender\.pth is missing .* reinstall .* or pass --model"):
+        resources.default_model_path()
+    with pytest.raises(FileNotFoundError, match=r"astronaut\.jpg is missing .* reinstall"):
+        resources.sample_photo_path()

@@ -20,22 +20,23 @@ RECORD_FILE = "gender.json"
 SAMPLE_PHOTO = "astronaut.jpg"
 
 
+def _shipped(path: Path, what: str, fix: str = "") -> Path:
+    """`path` of a file that ships with facegender, or a clear error when the installation lacks it."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} is missing from this installation of facegender; reinstall it "
+                                f"(pip install --force-reinstall facegender){fix}")
+    return path
+
+
 def sample_photo_path() -> Path:
     """The path of the shipped sample photo (see samples/README.md for its source and licence)."""
-    path = SAMPLES_DIR / SAMPLE_PHOTO
-    if not path.is_file():
-        raise FileNotFoundError(f"the sample photo {path} is missing from this installation of facegender; "
-                                "reinstall it (pip install --force-reinstall facegender)")
-    return path
+    return _shipped(SAMPLES_DIR / SAMPLE_PHOTO, "the sample photo")
 
 
 def default_model_path() -> Path:
     """The bundled default model, which `facegender.load()` and the commands use without a path."""
-    path = DEFAULT_DIR / MODEL_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"the bundled default model {path} is missing from this installation; reinstall "
-                                "facegender, or pass --model with a model you trained (facegender train)")
-    return path
+    return _shipped(DEFAULT_DIR / MODEL_FILE, "the bundled default model",
+                    ", or pass --model with a model you trained (facegender train)")
 
 
 def default_model_record() -> dict:
