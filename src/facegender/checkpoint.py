@@ -102,7 +102,7 @@ def model_record(model: FaceClassifier, config: dict, classes: list[str], prep: 
 
     A body that stayed fixed at pretrained weights from an installed package (`frozen_features`)
     is not stored: the record says `body_weights: "pretrained"` and loading takes the body from
-    that package again (a few hundred KB instead of tens of MB)."""
+    that package again (a few KB for a linear head instead of tens of MB)."""
     state = {k: v.detach().cpu() for k, v in plain_module(model).state_dict().items()}
     body_weights = "stored"
     if body_from_package(config):

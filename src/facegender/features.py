@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -26,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from facegender import resources
+from facegender.checkpoint import atomic_path
 from facegender.transforms import EvalPreset, Preprocessing, TrainPreset
 
 #: Bump when the views' recipe changes, so old cached embeddings are not reused.
@@ -96,10 +96,8 @@ class FeatureExtractor:
         return torch.from_numpy(np.stack(out)) if out else torch.empty(0, views, 0)
 
     def _store(self, key: str, arr: np.ndarray) -> np.ndarray:
-        target = self.cache_dir / f"{key}.npy"
-        tmp = target.with_name(f".{target.stem}.{os.getpid()}.tmp.npy")
-        np.save(tmp, arr, allow_pickle=False)
-        os.replace(tmp, target)
+        with atomic_path(self.cache_dir / f"{key}.npy") as tmp, open(tmp, "wb") as f:
+            np.save(f, arr, allow_pickle=False)
         return arr
 
 
