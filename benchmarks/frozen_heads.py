@@ -27,7 +27,7 @@ def load(shared: Path, views: int, visible: bool):
     from facegender.features import FeatureExtractor
     from facegender.model import build_model
     from facegender.train import training_visible_region
-    from facegender.transforms import ImagePreparer, Preprocessing
+    from facegender.preprocessing import ImagePreparer, Preprocessing
     from facegender import dlib_resnet
 
     face = FaceAlignConfig(size=150, template="dlib", pad_color=(0, 0, 0)).to_dict()

@@ -24,7 +24,7 @@ import torch
 from facegender import checkpoint as ckpt
 from facegender.config import TrainConfig
 from facegender.model import WeightsNotFoundError, build_model, get_spec
-from facegender.transforms import Preprocessing
+from facegender.preprocessing import Preprocessing
 
 
 def build_model_file(path: Path, backbone: str = "efficientnet_lite0", image_size: int = 224,

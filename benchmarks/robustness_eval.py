@@ -73,7 +73,8 @@ def evaluate_degradations(model_path: str, data: str, names: list[str], batch_si
     from facegender.images import load_image
     from facegender.metrics import wilson_interval
     from facegender.inference import TorchBackend
-    from facegender.transforms import EvalPreset, ImagePreparer, Preprocessing
+    from facegender.preprocessing import ImagePreparer, Preprocessing
+    from facegender.transforms import EvalPreset
 
     model, record = ckpt.load_model(model_path)
     classes, prep = record["classes"], Preprocessing.from_dict(record["preprocessing"])

@@ -22,11 +22,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
-from facegender.data import FaceDataset, ImageLoader, Split, load_split, make_loader, scan_dataset
+from facegender.data import ImageLoader, Split, load_split, scan_dataset
+from facegender.engine import FaceDataset, make_loader
 from facegender.engine import select_precision, train_one_epoch
 from facegender.images import load_image
 from facegender.model import build_model, freeze_stem, get_spec
-from facegender.transforms import ImagePreparer, Preprocessing, TrainPreset
+from facegender.preprocessing import ImagePreparer, Preprocessing
+from facegender.transforms import TrainPreset
 
 
 class PlainFolder(Dataset):

@@ -171,7 +171,7 @@ def test_model_endpoint_says_whether_the_model_detects_faces(tmp_path):
 
 def test_model_summary_flags_a_face_detecting_model():
     from facegender.serve import ServeLimits, model_summary
-    from facegender.transforms import Preprocessing
+    from facegender.preprocessing import Preprocessing
 
     class Stub:
         info = {"backbone": "resnet18"}

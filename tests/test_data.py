@@ -10,7 +10,8 @@ from PIL import Image
 from conftest import make_dataset, make_image, shared_path
 from facegender.data import DatasetError, ImageLoader, load_split, scan_dataset, split_train_val
 from facegender.images import ImageError, load_image
-from facegender.transforms import EvalPreset, ImagePreparer, Preprocessing, TrainPreset, visible_region
+from facegender.preprocessing import ImagePreparer, Preprocessing, visible_region
+from facegender.transforms import EvalPreset, TrainPreset
 
 
 def test_classes_come_from_folder_names(tiny_dataset):
@@ -62,7 +63,7 @@ def test_unreadable_images_fail_with_every_file_named_or_are_skipped(tmp_path):
     assert "broken.jpg" in str(err.value) and "empty.png" in str(err.value) and "--skip-bad" in str(err.value)
     loaded = load_split(train, loader, skip_bad=True, progress=False)
     assert len(loaded.split) == 8 and len(loaded.bad) == 2
-    assert all(t.shape == (3, 32, 32) and t.dtype == torch.uint8 for t in loaded.images)
+    assert all(t.shape == (3, 32, 32) and t.dtype == np.uint8 for t in loaded.images)
 
 
 def test_validation_split_is_stratified_disjoint_and_seeded(tmp_path):
@@ -134,6 +135,24 @@ def test_train_preset_keeps_size_and_range(kind):
     assert out.min() >= -1.0 - 1e-6 and out.max() <= 1.0 + 1e-6
     if kind == "none":
         assert torch.equal(out, EvalPreset(prep)(img))
+
+
+def test_normalisation_matches_torchvision_and_resize_matches_pil():
+    """Prediction normalises in numpy (no PyTorch): the same numbers as torchvision's ToDtype +
+    Normalize, which the bundled model was trained with; resizing is Pillow's bilinear filter."""
+    from torchvision.transforms import v2
+
+    from facegender.preprocessing import normalize
+
+    prep = Preprocessing(image_size=40, mean=(0.48, 0.46, 0.41), std=(1.004, 0.9, 0.3))
+    img = torch.randint(0, 256, (5, 3, 40, 40), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    ref = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(prep.mean), list(prep.std))])(img)
+    ours = normalize(img.numpy(), prep)
+    assert ours.dtype == np.float32 and np.abs(ours - ref.numpy()).max() < 1e-6
+    pil = Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 70, 3), dtype=np.uint8))
+    assert np.array_equal(prep.resize(pil), np.asarray(pil.resize((40, 40), Image.BILINEAR)).transpose(2, 0, 1))
+    same = Image.fromarray(img[0].permute(1, 2, 0).numpy())
+    assert np.array_equal(prep.resize(same), img[0].numpy())  # already S x S: untouched
 
 
 def test_preprocessing_round_trips_through_a_plain_dict():

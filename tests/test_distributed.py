@@ -211,7 +211,7 @@ def test_compiled_model_saves_plain_state_dict_keys():
     net = distributed.prepare_model(model, distributed.DistContext(), compile=True)  # compiles lazily
     assert net is not model and distributed.plain_module(net) is model
     cfg = build_config(None, data="x", backbone="resnet18", pretrained=False)
-    from facegender.transforms import Preprocessing
+    from facegender.preprocessing import Preprocessing
 
     prep = Preprocessing(image_size=64, mean=(0.5,) * 3, std=(0.5,) * 3)
     saved = ckpt.model_record(net, cfg.to_dict(), ["a", "b"], prep, "none")["model_state"]

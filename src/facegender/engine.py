@@ -1,4 +1,5 @@
-"""The training and evaluation loops as plain functions returning metrics, and early stopping."""
+"""The training and evaluation loops as plain functions returning metrics, their data loader, and
+early stopping."""
 
 from __future__ import annotations
 
@@ -8,10 +9,15 @@ import random
 import time
 from dataclasses import dataclass
 
+from typing import Callable
+
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
+
+from facegender.data import ImageLoader, LoadedSplit
 
 
 
@@ -58,6 +64,36 @@ def autocast(device: torch.device, precision: str):
         raise ValueError(f"precision {precision!r} is not resolved; call select_precision first")
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class FaceDataset(Dataset):
+    """(normalised image tensor, label) pairs from the prepared uint8 images of a split, kept in
+    memory or read on access."""
+
+    def __init__(self, loaded: LoadedSplit, transform: Callable[[np.ndarray], torch.Tensor],
+                 loader: ImageLoader | None = None):
+        self.paths, self.labels = loaded.split.paths, loaded.split.labels
+        self.images = loaded.images
+        self.transform = transform
+        self.loader = loader
+        if self.images is None and loader is None:
+            raise ValueError("an uncached FaceDataset needs a loader")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        img = self.images[i] if self.images is not None else self.loader(self.paths[i])[0]
+        return self.transform(img), self.labels[i]
+
+
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, workers: int = 0, seed: int = 0,
+                sampler=None) -> DataLoader:
+    """DataLoader with a seeded shuffle (the same order after a resume: seed is base seed + epoch)."""
+    generator = torch.Generator().manual_seed(seed) if shuffle and sampler is None else None
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+                      num_workers=workers, generator=generator, persistent_workers=False,
+                      drop_last=False, pin_memory=torch.cuda.is_available())
 
 
 def train_one_epoch(model: nn.Module, loader, criterion, optimizer, device: torch.device, precision: str = "fp32",

@@ -13,7 +13,7 @@ Everything here reads a `metrics.Predictions` record (`inference.Model.evaluate`
 * `write_figures`, `predictions_csv`, `mistakes`, `describe`: the files and lines of an analysis.
 
 Images are prepared exactly as in training: the preprocessing recorded in the model file is
-rebuilt (`transforms.Preprocessing.from_dict`), including face alignment when it was used.
+rebuilt (`preprocessing.Preprocessing.from_dict`), including face alignment when it was used.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from facegender import checkpoint as ckpt
+from facegender import files
 from facegender.inference import DEFAULT_PRECISION, load
 from facegender.metrics import (Predictions, apply_temperature, classification_summary, coverage_curve,
                                 default_thresholds, expected_calibration_error, nll, per_group_metrics,
@@ -63,7 +63,7 @@ def write_evaluation(report: dict, metrics: dict | None, classes: list[str], out
                      title: str = "Test set") -> None:
     """metrics.json (the whole report) and confusion_matrix.png (of `metrics`) in `out`."""
     out.mkdir(parents=True, exist_ok=True)
-    ckpt.write_text_atomic(json.dumps(report, indent=2, ensure_ascii=False), out / ckpt.METRICS_JSON)
+    files.write_text_atomic(json.dumps(report, indent=2, ensure_ascii=False), out / files.METRICS_JSON)
     if metrics is not None:
         plot_confusion_matrix(metrics["confusion_matrix"], classes, out / "confusion_matrix.png",
                               f"{title}: accuracy {metrics['accuracy']:.3f} (n={metrics['n']})")
@@ -250,7 +250,7 @@ def evaluate_model(model_path: str, data_dir: str, out: str | None = None, batch
     if out:
         write_evaluation(metrics, None, classes, Path(out))
         write_figures(metrics, out, title=data_dir.name)
-        ckpt.write_text_atomic(predictions_csv(pred), Path(out) / "predictions.csv")
+        files.write_text_atomic(predictions_csv(pred), Path(out) / "predictions.csv")
     log(f"{data_dir}: accuracy {metrics['accuracy']:.4f} (n={metrics['n']}, 95% CI "
         f"{metrics['accuracy_ci'][0]:.3f}-{metrics['accuracy_ci'][1]:.3f}); "
         + ", ".join(f"recall {c} {v['recall']:.3f}" for c, v in metrics["per_class"].items())

@@ -12,16 +12,27 @@ project does not install. Before the file is written, onnxruntime's probabilitie
 with PyTorch's on real images (or synthetic ones) and the export fails above a tolerance
 (`export_model`, called by `inference.Model.export` and so by `facegender export`).
 
-`OnnxBackend` runs such a file for `inference.Model` (and so for `predict` and `serve`):
-`facegender.load("model.onnx")` works like `facegender.load("best_model.pth")`. This module imports
-neither torch nor the rest of facegender at import time: the ONNX path is meant to run without
-PyTorch one day (torch is imported only to write a file, `checkpoint` only to raise its errors).
+A model whose body stayed at the pretrained weights of an installed package (dlib's face
+descriptor, `--preset best`) can also be written head-only (`head_only=True`, `facegender export
+--head-only`): the file then holds only the head (input `embedding` (N, D)) and a `body` entry in
+its metadata; loading builds the body's ONNX graph from that package's weight file
+(`dlib_weights.body_onnx_path`, cached) and runs the two in turn. That is how the bundled default
+model ships (a few KB).
+
+With `quantize="int8"` the network is quantized statically (onnxruntime.quantization, QDQ,
+per-channel int8 weights and activations) with a calibration set drawn from training images.
+
+`OnnxBackend` runs such a file for `inference.Model` (and so for `predict`, `evaluate` and
+`serve`): `facegender.load("model.onnx")` works like `facegender.load("best_model.pth")`. Reading
+and running a file needs onnxruntime and numpy only: no torch and no `onnx` package (the metadata
+is read through onnxruntime). torch and onnx are imported only to write a file.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -33,11 +44,15 @@ FORMAT_KEY = "facegender_format"
 FORMAT = "facegender-onnx/1"
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
+#: Input of a head-only file: the body's output.
+BODY_OUTPUT_NAME = "embedding"
 DEFAULT_OPSET = 17
 DEFAULT_TOLERANCE = 1e-3
 #: What goes from the checkpoint record into the ONNX metadata (each value as JSON).
 METADATA_KEYS = ("classes", "preprocessing", "temperature", "tta", "backbone", "metrics", "pretrained",
                  "weights_source", "epoch")
+#: Tolerance of the parity check of an int8 file: quantization moves probabilities by a few hundredths.
+INT8_TOLERANCE = 0.1
 
 
 class ParityError(ValueError):
@@ -45,8 +60,8 @@ class ParityError(ValueError):
 
 
 def _error(message: str) -> Exception:
-    """checkpoint.CheckpointError (what the command line reports as a problem with the input)."""
-    from facegender.checkpoint import CheckpointError
+    """files.CheckpointError (what the command line reports as a problem with the input)."""
+    from facegender.files import CheckpointError
 
     return CheckpointError(message)
 
@@ -65,9 +80,9 @@ def onnx_metadata(record: dict, **extra: Any) -> dict[str, str]:
     return meta
 
 
-def read_metadata(model_proto, path: str | os.PathLike) -> dict[str, Any]:
-    """The metadata written by `onnx_metadata`, decoded; CheckpointError when it is not ours."""
-    raw = {p.key: p.value for p in model_proto.metadata_props}
+def read_metadata(raw: dict[str, str], path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata written by `onnx_metadata` (`raw`: the file's metadata_props as a dict),
+    decoded; CheckpointError when it is not ours."""
     if raw.get(FORMAT_KEY) != FORMAT:
         raise _error(f"{path}: not an ONNX file made by `facegender export` (no {FORMAT_KEY}={FORMAT} in its "
                      "metadata); export the model with `facegender export --model best_model.pth --out model.onnx`")
@@ -110,63 +125,89 @@ def onnx_session(source: str | os.PathLike | bytes, threads: int | None = None):
 class OnnxBackend:
     """The classifier of an exported file on onnxruntime: `logits(batch)` takes a normalised float
     batch (N, 3, S, S) (numpy, or anything with `.numpy()`) and returns numpy float32 logits (N, C).
-    The session is thread-safe, so one backend serves concurrent requests. Always fp32."""
+    With a `body` session (head-only files) the batch goes through the body, then the head. The
+    sessions are thread-safe, so one backend serves concurrent requests. `precision`: fp32, or
+    int8 for a quantized file."""
 
     runtime = "onnxruntime"
-    precision = "fp32"
 
-    def __init__(self, session):
+    def __init__(self, session, body=None, precision: str = "fp32"):
         self.session = session
+        self.body = body
+        self.precision = precision
 
     def logits(self, batch) -> np.ndarray:
         if not isinstance(batch, np.ndarray) and hasattr(batch, "numpy"):
             batch = batch.detach().cpu().numpy()  # a torch tensor
-        return self.session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+        x = np.ascontiguousarray(batch, dtype=np.float32)
+        if self.body is not None:
+            x = self.body.run([BODY_OUTPUT_NAME], {INPUT_NAME: x})[0]
+            return self.session.run([OUTPUT_NAME], {BODY_OUTPUT_NAME: x})[0]
+        return self.session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
 
     __call__ = logits
+
+
+def body_model_path(body: dict[str, Any], image_size: int, path: str | os.PathLike) -> Path:
+    """The ONNX file of the pretrained body that a head-only file names in its metadata (built
+    from the installed package's weights on first use, then cached)."""
+    from facegender import dlib_weights
+
+    if body.get("backbone") != "dlib_resnet":
+        raise _error(f"{path}: its body {body.get('backbone')!r} cannot be rebuilt without PyTorch (only "
+                     "dlib_resnet can); export the model whole, without --head-only")
+    if body.get("weights_sha256") != dlib_weights.WEIGHTS_SHA256:
+        raise _error(f"{path}: it was trained on dlib weights with sha256 {body.get('weights_sha256')}, not "
+                     f"those of face_recognition_models==0.3.0; export the model whole, without --head-only")
+    try:
+        return dlib_weights.body_onnx_path(image_size)
+    except (FileNotFoundError, ValueError) as exc:
+        raise _error(f"{path}: this model runs on dlib's face-recognition network, which could not be "
+                     f"loaded: {exc}") from None
 
 
 def load_onnx_classifier(path: str | os.PathLike, threads: int | None = None) -> tuple[OnnxBackend, dict[str, Any]]:
     """(backend, meta) for an exported model. The backend is also callable as a logits function;
     meta has the checkpoint record's keys that `inference.Model` needs (classes, preprocessing,
     temperature, tta) and backbone, metrics."""
-    import onnx
-
     path = Path(path)
     if not path.is_file():
         raise _error(f"{path}: ONNX model file not found; make one with `facegender export`")
     try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # noqa: BLE001 - protobuf raises several types for damaged files
-        raise _error(f"{path}: cannot be read as an ONNX model ({exc.__class__.__name__}: {exc})") from None
-    meta = read_metadata(proto, path)
-    del proto
-    return OnnxBackend(onnx_session(path, threads)), meta
+        session = onnx_session(path, threads)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises several types for damaged files
+        raise _error(f"{path}: cannot be read as an ONNX model ({exc.__class__.__name__}: "
+                     f"{str(exc).strip()[:300]})") from None
+    meta = read_metadata(dict(session.get_modelmeta().custom_metadata_map), path)
+    body = None
+    if meta.get("body"):
+        body = onnx_session(body_model_path(meta["body"], int(meta["preprocessing"]["image_size"]), path), threads)
+    return OnnxBackend(session, body, meta.get("quantization") or "fp32"), meta
 
 
-# ----------------------------------------------------------------------------- parity images
+# ----------------------------------------------------------------------------- parity and calibration images
 
-def parity_images(prep, data: str | os.PathLike | None = None, count: int = 64, seed: int = 0) -> tuple[list, str]:
-    """Prepared uint8 crops (3, S, S) for the parity check, and where they came from.
+def sample_images(prep, data: str | os.PathLike | None = None, count: int = 64, seed: int = 0,
+                  split: str = "test") -> tuple[list, str]:
+    """Prepared uint8 crops (3, S, S) and where they came from: for the parity check (`split`
+    "test") and int8 calibration ("train").
 
-    With `data`: up to `count` images, evenly spread over the sorted files of DATASET/test (when
-    `data` has a test/ folder) or of `data` itself, prepared as in evaluation (aligned when the
-    model was trained on aligned faces). Without: `count` seeded random images.
+    With `data`: up to `count` images, evenly spread over the sorted files of DATASET/<split> (when
+    `data` has that folder) or of `data` itself, prepared as in evaluation (aligned when the model
+    was trained on aligned faces). Without: `count` seeded random images.
     """
-    import torch
-
     if data is None:
-        gen = torch.Generator().manual_seed(seed)
+        rng = np.random.default_rng(seed)
         size = prep.image_size
-        return [torch.randint(0, 256, (3, size, size), generator=gen, dtype=torch.uint8)
-                for _ in range(count)], f"{count} synthetic random images"
+        return [rng.integers(0, 256, (3, size, size), dtype=np.uint8) for _ in range(count)], \
+            f"{count} synthetic random images"
     from facegender.images import expand_paths, load_image
-    from facegender.transforms import ImagePreparer
+    from facegender.preprocessing import ImagePreparer
 
     root = Path(data)
     if not root.is_dir():
         raise FileNotFoundError(f"--data {data}: folder not found")
-    folder = root / "test" if (root / "test").is_dir() else root
+    folder = root / split if (root / split).is_dir() else root
     files = expand_paths([folder])
     if not files:
         raise ValueError(f"--data {data}: no image files in {folder}")
@@ -185,23 +226,45 @@ def max_probability_difference(reference, candidate, crops: Sequence) -> float:
     return float(max(np.abs(p_ref - p_new).max(), np.abs(p_ref[:1] - single).max()))
 
 
+def quantize_int8(fp32_path: Path, out_path: Path, batches: Sequence[np.ndarray]) -> None:
+    """Static int8 quantization of an exported network (onnxruntime.quantization: QDQ format,
+    per-channel weights, MinMax calibration on `batches` of normalised float32 images)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter([{INPUT_NAME: b} for b in batches])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    quantize_static(str(fp32_path), str(out_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+
+
 # ----------------------------------------------------------------------------- export
 
 def export_model(model, out: str | os.PathLike, data: str | os.PathLike | None = None, opset: int = DEFAULT_OPSET,
-                 tolerance: float = DEFAULT_TOLERANCE, parity_count: int = 64, log: Callable[[str], None] = print,
-                 source_name: str | None = None) -> dict[str, Any]:
+                 tolerance: float | None = None, parity_count: int = 64, log: Callable[[str], None] = print,
+                 source_name: str | None = None, head_only: bool = False, quantize: str | None = None,
+                 calibration: str | os.PathLike | None = None, calibration_count: int = 256) -> dict[str, Any]:
     """Write the PyTorch network of `model` (an `inference.Model` loaded from best_model.pth) to `out`
     (.onnx), check it, and compare it with PyTorch (see `inference.Model.export`).
 
+    `head_only`: write only the head (for a body kept at pretrained package weights; see the module
+    docstring). `quantize="int8"`: static int8 quantization, calibrated on `calibration_count`
+    images of `calibration` (DATASET, its train/ is used, or any image folder; required).
+
     The file is written through a temporary file and only replaces `out` when `onnx.checker`
     passes and the largest probability difference on the parity images is at most `tolerance`
-    (ParityError otherwise). Returns {'out', 'parity_max_abs_diff', 'parity_images', 'opset', ...}.
+    (default DEFAULT_TOLERANCE, INT8_TOLERANCE for int8; ParityError otherwise). Returns {'out',
+    'parity_max_abs_diff', 'parity_agreement', 'parity_images', 'opset', ...}.
     """
     import onnx
     import torch
 
-    from facegender.checkpoint import atomic_path
-    from facegender.transforms import Preprocessing
+    from facegender.files import atomic_path
+    from facegender.preprocessing import Preprocessing
 
     out = Path(out)
     if out.suffix.lower() != ".onnx":
@@ -210,23 +273,48 @@ def export_model(model, out: str | os.PathLike, data: str | os.PathLike | None =
     if network is None:
         raise ValueError("only a PyTorch model (best_model.pth) can be exported to ONNX")
     record = model.info
+    if quantize not in (None, "int8"):
+        raise ValueError(f"--quantize {quantize}: only int8 is supported")
+    if quantize and head_only:
+        raise ValueError("--quantize int8 quantizes the whole network; it cannot be combined with --head-only")
+    if quantize and calibration is None:
+        raise ValueError("--quantize int8 needs --calibration DATASET: training images to calibrate on")
+    body = _pretrained_body(record) if head_only else None
+    tolerance = (INT8_TOLERANCE if quantize else DEFAULT_TOLERANCE) if tolerance is None else tolerance
     size = model.prep.image_size
-    crops, source = parity_images(model.prep, data, parity_count)
+    crops, source = sample_images(model.prep, data, parity_count)
+    device = next(network.parameters()).device
+    if body:
+        module, names = network.head, (BODY_OUTPUT_NAME, OUTPUT_NAME)
+        example = torch.zeros(2, _head_inputs(network.head), device=device)
+        shape = f"{BODY_OUTPUT_NAME} (N, {example.shape[1]}) of the pretrained {record['backbone']} body"
+    else:
+        module, names = network, (INPUT_NAME, OUTPUT_NAME)
+        example = torch.zeros(2, 3, size, size, device=device)
+        shape = f"normalised RGB float32 (N, 3, {size}, {size})"
 
-    with atomic_path(out) as tmp:
-        example = torch.zeros(2, 3, size, size, device=next(network.parameters()).device)
+    with atomic_path(out) as tmp, tempfile.TemporaryDirectory() as scratch:
+        fp32 = Path(scratch) / "fp32.onnx" if quantize else tmp
         with warnings.catch_warnings():
             # The TorchScript exporter warns that it is the legacy one, and about constant folding.
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.simplefilter("ignore", UserWarning)
-            torch.onnx.export(network, (example,), str(tmp), dynamo=False, opset_version=opset,
-                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            torch.onnx.export(module, (example,), str(fp32), dynamo=False, opset_version=opset,
+                              input_names=[names[0]], output_names=[names[1]],
+                              dynamic_axes={names[0]: {0: "batch"}, names[1]: {0: "batch"}},
                               do_constant_folding=True)
+        if quantize:
+            calib, calib_source = sample_images(model.prep, calibration, calibration_count, split="train")
+            batches = [model.normalize(calib[i:i + 32]) for i in range(0, len(calib), 32)]
+            quantize_int8(fp32, tmp, batches)
+            log(f"quantized to int8, calibrated on {calib_source}")
         proto = onnx.load(str(tmp))
-        proto.doc_string = (f"facegender {record['backbone']} classifier: normalised RGB float32 "
-                            f"(N, 3, {size}, {size}) -> logits over {record['classes']}")
+        proto.doc_string = f"facegender {record['backbone']} classifier: {shape} -> logits over {record['classes']}"
         extra = {"source_model": source_name} if source_name else {}
+        if body:
+            extra["body"] = body
+        if quantize:
+            extra["quantization"] = quantize
         for key, value in onnx_metadata({**record, "temperature": model.temperature, "tta": model.tta},
                                         **extra).items():
             entry = proto.metadata_props.add()
@@ -239,12 +327,34 @@ def export_model(model, out: str | os.PathLike, data: str | os.PathLike | None =
         candidate = type(model)(meta["classes"], Preprocessing.from_dict(meta["preprocessing"]), backend,
                                 temperature=meta["temperature"], tta=meta["tta"], detect=False)
         diff = max_probability_difference(model, candidate, crops)
-        log(f"parity on {source}: max |p_onnx - p_torch| = {diff:.2e} (tolerance {tolerance:g})")
+        agree = float(np.mean(model.classify(crops).argmax(1) == candidate.classify(crops).argmax(1)))
+        log(f"parity on {source}: max |p_onnx - p_torch| = {diff:.2e} (tolerance {tolerance:g}), "
+            f"same class for {agree:.1%}")
         if not diff <= tolerance:  # also catches NaN
             raise ParityError(f"{source_name or 'the model'}: the ONNX model's probabilities differ from PyTorch's "
                               f"by {diff:.3g} (more than {tolerance:g}); {out} was not written. Try another --opset, "
                               "or report the backbone as not exportable.")
-    log(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, opset {opset}, dynamic batch, "
-        f"{record['backbone']}, classes {record['classes']})")
-    return {"out": str(out), "parity_max_abs_diff": diff, "parity_images": source, "opset": opset,
-            "backbone": record["backbone"], "classes": record["classes"], "bytes": out.stat().st_size}
+    log(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB, opset {opset}, dynamic batch, "
+        f"{record['backbone']}{' head only' if body else ''}{', int8' if quantize else ''}, "
+        f"classes {record['classes']})")
+    return {"out": str(out), "parity_max_abs_diff": diff, "parity_agreement": agree, "parity_images": source,
+            "opset": opset, "backbone": record["backbone"], "classes": record["classes"],
+            "bytes": out.stat().st_size, "head_only": bool(body), "quantization": quantize or "fp32"}
+
+
+def _pretrained_body(record: dict) -> dict[str, Any]:
+    """The `body` metadata entry of a head-only file; ValueError when the body was trained (stored)."""
+    if record.get("body_weights") != "pretrained" or record.get("backbone") != "dlib_resnet":
+        raise ValueError(f"--head-only: this model's body ({record.get('backbone')}) was trained or is not dlib's "
+                         "face-recognition network from face_recognition_models; export the whole model")
+    from facegender import dlib_weights
+
+    return {"backbone": "dlib_resnet", "weights": dlib_weights.WEIGHTS_FILENAME,
+            "weights_sha256": dlib_weights.WEIGHTS_SHA256, "package": "face_recognition_models==0.3.0"}
+
+
+def _head_inputs(head) -> int:
+    """Input width of a head (its first Linear layer)."""
+    import torch
+
+    return next(m for m in head.modules() if isinstance(m, torch.nn.Linear)).in_features

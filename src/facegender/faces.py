@@ -96,7 +96,7 @@ class FaceAlignConfig:
         chin for all 7 faces of the shared sample photos (benchmarks/face_margin.py). Hair is a
         cue only where the training images show it: the faces-gdf crops are so tight that at
         margin 0.3, 69% of an aligned training crop is padding (27% at margin 0). Trained on them
-        (best preset, 160 px, with the visible region of `transforms.visible_region`), margin 0
+        (best preset, 160 px, with the visible region of `preprocessing.visible_region`), margin 0
         beat 0.3 on validation and on the sample photos (README, "Faces in ordinary photos").
         Use a larger margin (`prepare --margin`) for training photos that do show the hair.
     det_threshold: minimum RetinaFace score of a kept face.

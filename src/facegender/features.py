@@ -25,8 +25,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from facegender import resources
-from facegender.checkpoint import atomic_path
-from facegender.transforms import EvalPreset, Preprocessing, TrainPreset
+from facegender.files import atomic_path
+from facegender.preprocessing import Preprocessing
+from facegender.transforms import EvalPreset, TrainPreset
 
 #: Bump when the views' recipe changes, so old cached embeddings are not reused.
 VIEWS_VERSION = 1
@@ -45,23 +46,23 @@ class FeatureExtractor:
         self.cache_dir = cache_dir or resources.cache_dir("features")
         self._salt = json.dumps([VIEWS_VERSION, prep.to_dict(), body_id], sort_keys=True).encode()
 
-    def _key(self, image: torch.Tensor) -> str:
+    def _key(self, image: np.ndarray) -> str:
         h = hashlib.sha1(self._salt)
-        h.update(image.contiguous().numpy().tobytes())
+        h.update(np.ascontiguousarray(image).tobytes())
         return h.hexdigest()
 
-    def view(self, image: torch.Tensor, index: int, key: str) -> torch.Tensor:
-        """The normalised float tensor of view `index` of a prepared uint8 image."""
+    def view(self, image: np.ndarray, index: int, key: str) -> torch.Tensor:
+        """The normalised float tensor of view `index` of a prepared uint8 image (3, S, S)."""
         if index == 0:
             return self.eval_tf(image)
         if index == 1:
-            return self.eval_tf(torch.flip(image, dims=[-1]))
+            return self.eval_tf(image[..., ::-1])
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(key[:12], 16) + index)
             return self.jitter_tf(image)
 
     @torch.no_grad()
-    def embed(self, images: Sequence[torch.Tensor], views: int = 1, desc: str = "embedding",
+    def embed(self, images: Sequence[np.ndarray], views: int = 1, desc: str = "embedding",
               progress: bool = True) -> torch.Tensor:
         """(len(images), views, D): cached where possible, the rest computed in batches."""
         keys = [self._key(img) for img in images]

@@ -11,8 +11,9 @@ backend that turns a normalised float batch (N, 3, S, S) into logits (N, C):
 - `export.OnnxBackend`: the exported network on onnxruntime.
 - any callable `batch -> logits` (tests, benchmarks) is wrapped as a backend.
 
-Backends take and return numpy arrays; torch is imported only by the PyTorch backend (and, for
-now, by the preprocessing in `transforms`).
+Backends take and return numpy arrays. torch is imported only by the PyTorch backend: an exported
+model predicts, evaluates and serves with onnxruntime, numpy and Pillow alone (preprocessing is
+`preprocessing.normalize`, face detection `faces.FaceDetector`, both numpy).
 
 What a Model does:
 - `predict(items)`: faces, labels and calibrated probabilities for image files, folders, PIL
@@ -39,7 +40,7 @@ from facegender import export
 from facegender.images import DEFAULT_MAX_PIXELS, ImageError, expand_paths, load_image
 from facegender.resources import default_model_path  # the model `load()` uses without a path
 from facegender.metrics import Predictions, apply_temperature
-from facegender.transforms import EvalPreset, Preprocessing
+from facegender.preprocessing import Preprocessing, normalize
 
 UNCERTAIN = "uncertain"
 NO_FACE = "no face found"
@@ -102,7 +103,7 @@ def as_backend(backend):
 @dataclass
 class _Crop:
     image_index: int
-    tensor: Any  # uint8 (3, S, S)
+    pixels: np.ndarray  # uint8 (3, S, S)
     box: list[float]
     landmarks: list[list[float]] | None
     detection_score: float | None
@@ -128,7 +129,6 @@ class Model:
         self.min_confidence = min_confidence
         self.batch_size = batch_size
         self.info = info or {}
-        self.normalize = EvalPreset(prep)
         self.face_config = None
         self.detector = None
         if prep.face is not None:
@@ -197,11 +197,15 @@ class Model:
         """Calibrated class probabilities: softmax(logits / temperature), float64."""
         return apply_temperature(logits, self.temperature)
 
+    def normalize(self, crops: Sequence) -> np.ndarray:
+        """Normalised float32 batch (N, 3, S, S) of prepared uint8 crops (3, S, S) (numpy, or
+        tensors)."""
+        return normalize(np.stack([np.asarray(c) for c in crops]), self.prep)
+
     def classify(self, crops: Sequence, batch_size: int | None = None) -> np.ndarray:
         """Calibrated class probabilities (N, C) for prepared uint8 crops (3, S, S), in batches."""
         size = batch_size or self.batch_size
-        out = [self.logits(np.stack([self.normalize(t).numpy() for t in crops[start:start + size]]))
-               for start in range(0, len(crops), size)]
+        out = [self.logits(self.normalize(crops[start:start + size])) for start in range(0, len(crops), size)]
         if not out:
             return np.zeros((0, len(self.classes)))
         return self.probabilities(np.concatenate(out))
@@ -237,7 +241,7 @@ class Model:
     def predict_images(self, images: Sequence[Image.Image]) -> list[list[dict]]:
         """Faces (largest first) for each PIL image; an empty list means no face was found."""
         crops = [c for i, im in enumerate(images) for c in self._crops(i, im)]
-        probs = self.classify([c.tensor for c in crops])
+        probs = self.classify([c.pixels for c in crops])
         results: list[list[dict]] = [[] for _ in images]
         for crop, p in zip(crops, probs):
             results[crop.image_index].append(self._face_result(crop, p))
@@ -299,19 +303,22 @@ class Model:
         aligned when the model aligns faces). With TTA the plain logits are kept too."""
         from tqdm.auto import tqdm
 
-        from facegender.data import FaceDataset, make_loader
-
         if isinstance(data, (str, os.PathLike)):
             loaded, loader = read_labelled(data, self.classes, self.prep, skip_bad, log, progress)
         else:
             loaded = data
-        batches = make_loader(FaceDataset(loaded, self.normalize, loader), batch_size or 2 * self.batch_size, False)
+        paths, size = loaded.split.paths, batch_size or 2 * self.batch_size
+        if loaded.images is None and loader is None:
+            raise ValueError("evaluate: a split read without keeping its images needs its image loader")
         plain, mirrored, labels = [], [], []
-        for images, y in tqdm(batches, desc="evaluate", leave=False, disable=not progress, unit="batch"):
-            a, b = self.logit_views(images)
+        for start in tqdm(range(0, len(paths), size), desc="evaluate", leave=False, disable=not progress,
+                          unit="batch"):
+            stop = min(start + size, len(paths))
+            crops = loaded.images[start:stop] if loaded.images is not None else [loader(p)[0] for p in paths[start:stop]]
+            a, b = self.logit_views(self.normalize(crops))
             plain.append(a)
             mirrored.append(b)
-            labels.append(y.numpy())
+            labels.append(np.asarray(loaded.split.labels[start:stop], dtype=np.int64))
         n_classes = len(self.classes)
         plain_all = np.concatenate(plain).astype(np.float64) if plain else np.zeros((0, n_classes))
         logits, logits_plain = plain_all, None
@@ -352,7 +359,7 @@ def read_labelled(folder: str | os.PathLike, classes: list[str], prep: Preproces
     folders must be classes of the model; labels are the model's class indices)."""
     from facegender.data import DatasetError, ImageLoader, find_classes, load_split, scan_split
     from facegender.prepare import loader_preprocessing
-    from facegender.transforms import ImagePreparer
+    from facegender.preprocessing import ImagePreparer
 
     folder = Path(folder)
     if not folder.is_dir():

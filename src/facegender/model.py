@@ -19,13 +19,10 @@ from torch import nn
 
 from facegender import dlib_resnet
 from facegender.faces import DLIB_CHIP_FILL
+from facegender.files import WeightsNotFoundError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class WeightsNotFoundError(RuntimeError):
-    """Pretrained weights could not be found or downloaded."""
 
 
 @dataclass(frozen=True)

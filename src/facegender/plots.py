@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from facegender.checkpoint import atomic_path
+from facegender.files import atomic_path
 
 __all__ = ["plot_curves", "plot_confusion_matrix", "plot_reliability", "plot_group_accuracy", "plot_coverage"]
 

@@ -29,7 +29,7 @@ from typing import Callable
 from PIL import Image
 from tqdm.auto import tqdm
 
-from facegender.checkpoint import atomic_path, write_text_atomic
+from facegender.files import atomic_path, write_text_atomic
 from facegender.data import DatasetError, format_problems, scan_dataset
 from facegender.images import ImageError, load_image
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import yaml
 from torch import nn
@@ -20,9 +21,9 @@ from torch import nn
 from facegender import checkpoint as ckpt
 from facegender import distributed
 from facegender.config import DEFAULT_PRESET, TrainConfig, build_config
-from facegender.data import (FaceDataset, ImageLoader, LoadedSplit, fold_split, load_split, make_loader,
-                             scan_dataset, split_train_val)
-from facegender.engine import EarlyStopping, seed_everything, select_device, select_precision, train_one_epoch
+from facegender.data import ImageLoader, LoadedSplit, fold_split, load_split, scan_dataset, split_train_val
+from facegender.engine import (EarlyStopping, FaceDataset, make_loader, seed_everything, select_device,
+                               select_precision, train_one_epoch)
 from facegender.evaluate import compute_metrics, write_evaluation
 from facegender.inference import load
 from facegender.metrics import fit_temperature
@@ -30,7 +31,8 @@ from facegender.features import FeatureExtractor, feature_dataset
 from facegender.model import build_model, freeze_body, freeze_stem, get_spec
 from facegender.plots import plot_curves
 from facegender.report import write_run_report
-from facegender.transforms import EvalPreset, ImagePreparer, Preprocessing, TrainPreset, visible_region
+from facegender.preprocessing import ImagePreparer, Preprocessing, visible_region
+from facegender.transforms import EvalPreset, TrainPreset
 
 BEST_MODEL, CHECKPOINT = ckpt.BEST_MODEL, ckpt.CHECKPOINT
 
@@ -116,13 +118,13 @@ def prepare_data(cfg: TrainConfig, scanned, log: Callable[[str], None] = print, 
     return RunData(classes, prep, loader, train, val, test)
 
 
-def _images(loaded: LoadedSplit, loader: ImageLoader) -> list[torch.Tensor]:
+def _images(loaded: LoadedSplit, loader: ImageLoader) -> list[np.ndarray]:
     """The prepared uint8 images of a split: kept in memory, or read again."""
     return loaded.images if loaded.images is not None else [loader(p)[0] for p in loaded.split.paths]
 
 
 def training_visible_region(train, loader, prep: Preprocessing, limit: int = 512):
-    """`transforms.visible_region` of (at most `limit`, evenly spaced) training crops."""
+    """`preprocessing.visible_region` of (at most `limit`, evenly spaced) training crops."""
     step = max(1, len(train.split) // limit)
     if train.images is not None:
         images = train.images[::step]
