@@ -63,16 +63,22 @@ def test_streaming_predict_keeps_order_and_errors_in_place(trained_run, tmp_path
     (tmp_path / "broken.jpg").write_bytes(b"not an image")
     items = [good[0], tmp_path / "broken.jpg", good[1], tmp_path / "missing.png", Image.open(good[2]),
              good[3].read_bytes(), ("named.jpg", good[4])]
-    chunks = []
-    original = model._predict_chunk
+    chunks, read = [], []
+    finish, prepare = model._finish, model._prepare
 
-    def spy(sources, max_pixels):
-        chunks.append(len(sources))
-        return original(sources, max_pixels)
+    def spy_finish(prepared):
+        chunks.append((len(prepared), len(read)))
+        return finish(prepared)
 
-    model._predict_chunk = spy
+    def spy_prepare(source, max_pixels):
+        read.append(source)
+        return prepare(source, max_pixels)
+
+    model._finish, model._prepare = spy_finish, spy_prepare
     results = list(model.predict_iter(items, batch_size=2))
-    assert chunks == [2, 2, 2, 1], "images are read a batch at a time, not all first"
+    assert [n for n, _ in chunks] == [2, 2, 2, 1], "faces are classified a batch at a time"
+    assert all(n_read <= 2 * 2 * (i + 1) for i, (_, n_read) in enumerate(chunks)), \
+        "images are read at most one batch ahead of the classifier, not all first"
     assert [r["status"] for r in results] == ["ok", "error", "ok", "error", "ok", "ok", "ok"]
     assert results[0]["file"] == str(good[0]) and results[2]["file"] == str(good[1])
     assert results[6]["file"] == "named.jpg" and "broken.jpg" in results[1]["error"]

@@ -28,7 +28,9 @@ What a Model does:
 from __future__ import annotations
 
 import copy
+import itertools
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -102,7 +104,6 @@ def as_backend(backend):
 
 @dataclass
 class _Crop:
-    image_index: int
     pixels: np.ndarray  # uint8 (3, S, S)
     box: list[float]
     landmarks: list[list[float]] | None
@@ -116,11 +117,14 @@ class Model:
     def __init__(self, classes: Sequence[str], prep: Preprocessing, backend, temperature: float = 1.0,
                  tta: bool = False, detect: bool | None = None, min_confidence: float | None = None,
                  batch_size: int = 32, info: dict | None = None, threads: int | None = None,
-                 refine_steps: int | None = None):
+                 refine_steps: int | None = None, workers: int | None = None):
         """`backend`: `TorchBackend`, `export.OnnxBackend` or a `batch -> logits` callable.
         `detect=False`: every image is one already-cropped face. `threads`: ONNX Runtime threads of
         the face detector (None: the runtime's default). `refine_steps`: landmark refinement rounds,
-        instead of the trained face stage's (fewer is faster; see benchmarks/predict_speed.py)."""
+        instead of the trained face stage's (fewer is faster; see benchmarks/predict_tradeoffs.py).
+        `workers`: images decoded, detected and aligned at once, in threads (default: the CPU
+        count, at most 4); the faces of all images of a batch then go through the classifier
+        together."""
         self.classes = list(classes)
         self.prep = prep
         self.backend = as_backend(backend)
@@ -128,6 +132,7 @@ class Model:
         self.tta = bool(tta)
         self.min_confidence = min_confidence
         self.batch_size = batch_size
+        self.workers = max(1, int(workers or min(4, os.cpu_count() or 1)))
         self.info = info or {}
         self.face_config = None
         self.detector = None
@@ -212,15 +217,17 @@ class Model:
 
     # ------------------------------------------------------------------ faces in images
 
-    def _crops(self, index: int, image: Image.Image) -> list[_Crop]:
+    def _crops(self, image: Image.Image) -> list[_Crop]:
+        """The prepared face crops of one RGB image: every detected face aligned, or the whole
+        image as one face (a model without a face stage, or `detect=False`)."""
         full_box = [0.0, 0.0, float(image.width), float(image.height)]
         if self.face_config is None:
-            return [_Crop(index, self.prep.resize(image), full_box, None, None)]
+            return [_Crop(self.prep.resize(image), full_box, None, None)]
         from facegender.faces import align_face, fallback_crop
 
         if self.detector is None:  # --no-detect on an aligned model: centre the crop as in training
-            return [_Crop(index, self.prep.resize(fallback_crop(image, self.face_config)), full_box, None, None)]
-        return [_Crop(index, self.prep.resize(align_face(image, f.landmarks, self.face_config)),
+            return [_Crop(self.prep.resize(fallback_crop(image, self.face_config)), full_box, None, None)]
+        return [_Crop(self.prep.resize(align_face(image, f.landmarks, self.face_config)),
                       [float(v) for v in f.box], f.landmarks.tolist(), float(f.score))
                 for f in self.detector.detect(image)]
 
@@ -240,45 +247,65 @@ class Model:
 
     def predict_images(self, images: Sequence[Image.Image]) -> list[list[dict]]:
         """Faces (largest first) for each PIL image; an empty list means no face was found."""
-        crops = [c for i, im in enumerate(images) for c in self._crops(i, im)]
-        probs = self.classify([c.pixels for c in crops])
-        results: list[list[dict]] = [[] for _ in images]
-        for crop, p in zip(crops, probs):
-            results[crop.image_index].append(self._face_result(crop, p))
-        return results
+        if self.workers == 1 or len(images) < 2:
+            crops = [self._crops(im) for im in images]
+        else:
+            with ThreadPoolExecutor(min(self.workers, len(images))) as pool:
+                crops = list(pool.map(self._crops, images))
+        return self._classify_crops(crops)
+
+    def _classify_crops(self, crops_per_image: list[list[_Crop]]) -> list[list[dict]]:
+        """The crops of a batch of images through the classifier at once; the faces of each image."""
+        probs = iter(self.classify([c.pixels for crops in crops_per_image for c in crops]))
+        return [[self._face_result(c, next(probs)) for c in crops] for crops in crops_per_image]
+
+    def _prepare(self, source: tuple[str, Any], max_pixels: int) -> tuple[dict, list[_Crop]]:
+        """Read one image and make its face crops: (result so far, crops)."""
+        name, src = source
+        try:
+            im = src if isinstance(src, Image.Image) else load_image(src, max_pixels=max_pixels, name=name)
+        except ImageError as exc:
+            return {"file": name, "error": str(exc), "status": "error", "faces": []}, []
+        im = im if im.mode == "RGB" else im.convert("RGB")
+        return {"file": name, "width": im.width, "height": im.height}, self._crops(im)
 
     def predict_iter(self, items: Iterable[Any], batch_size: int | None = None,
                      max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[dict]:
-        """One result per image, in input order, reading and classifying `batch_size` images at a
-        time (so a folder is never decoded whole). Items: file paths and folders (walked for image
-        files), PIL images, bytes, or (name, path-or-bytes-or-image) pairs. A file that cannot be
-        read gets `status: error` and its `error`, and the others go on; an image without a face
-        gets `faces: []` and `status: no face found`."""
-        size = batch_size or self.batch_size
-        chunk: list[tuple[str, Any]] = []
-        for source in _sources(items):
-            chunk.append(source)
-            if len(chunk) >= size:
-                yield from self._predict_chunk(chunk, max_pixels)
-                chunk = []
-        if chunk:
-            yield from self._predict_chunk(chunk, max_pixels)
+        """One result per image, in input order, classifying the faces of `batch_size` images at a
+        time. Items: file paths and folders (walked for image files), PIL images, bytes, or (name,
+        path-or-bytes-or-image) pairs. A file that cannot be read gets `status: error` and its
+        `error`, and the others go on; an image without a face gets `faces: []` and `status: no
+        face found`.
 
-    def _predict_chunk(self, sources: list[tuple[str, Any]], max_pixels: int) -> list[dict]:
-        images, positions, results = [], [], []
-        for name, src in sources:
-            try:
-                im = src if isinstance(src, Image.Image) else load_image(src, max_pixels=max_pixels, name=name)
-                if im.mode != "RGB":
-                    im = im.convert("RGB")
-                results.append({"file": name, "width": im.width, "height": im.height})
-                images.append(im)
-                positions.append(len(results) - 1)
-            except ImageError as exc:
-                results.append({"file": name, "error": str(exc), "status": "error", "faces": []})
-        for i, faces in zip(positions, self.predict_images(images)):
-            results[i].update(faces=faces, status="ok" if faces else NO_FACE)
-        return results
+        Images are decoded, detected and aligned in `workers` threads, working ahead by one batch:
+        while the faces of one batch go through the classifier, the next batch is being prepared
+        (on 2 cores that keeps both busy). At most two batches are in memory, as crops."""
+        size = batch_size or self.batch_size
+        sources = _sources(items)
+        head = list(itertools.islice(sources, 2))
+        sources = itertools.chain(head, sources)
+        if self.workers == 1 or len(head) < 2:  # one image: no threads to start
+            while chunk := list(itertools.islice(sources, size)):
+                yield from self._finish([self._prepare(source, max_pixels) for source in chunk])
+            return
+        with ThreadPoolExecutor(self.workers) as pool:
+            pending: list[Future] = []
+            for source in sources:
+                pending.append(pool.submit(self._prepare, source, max_pixels))
+                if len(pending) == 2 * size:
+                    yield from self._finish([f.result() for f in pending[:size]])
+                    pending = pending[size:]
+            while pending:
+                yield from self._finish([f.result() for f in pending[:size]])
+                pending = pending[size:]
+
+    def _finish(self, prepared: list[tuple[dict, list[_Crop]]]) -> list[dict]:
+        """Classify the crops of a batch of prepared images; their results, in order."""
+        results, crops = zip(*prepared)
+        for r, faces in zip(results, self._classify_crops(list(crops))):
+            if "error" not in r:
+                r.update(faces=faces, status="ok" if faces else NO_FACE)
+        return list(results)
 
     def predict(self, items: Any, batch_size: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> list[dict]:
         """`predict_iter` as a list; one item (a path, an image) may be passed without a list."""
