@@ -31,22 +31,24 @@ def model():
 
 
 def test_shipped_file_matches_its_record(record):
-    from facegender import checkpoint as ckpt
     from facegender.bundle import default_model_path, sha256_file
+    from facegender.export import load_onnx_classifier
 
     path = default_model_path()
+    assert path.suffix == ".onnx"  # runs on onnxruntime, without PyTorch
     assert sha256_file(path) == record["sha256"]
     assert path.stat().st_size == record["bytes"] < 5 * 2**20
-    stored = ckpt.load_file(path)
+    backend, stored = load_onnx_classifier(path, threads=1)
     assert stored["classes"] == record["classes"] == ["female", "male"]
-    assert json.loads(json.dumps(stored["preprocessing"])) == record["preprocessing"]  # tuples as lists
+    assert stored["preprocessing"] == record["preprocessing"]
     assert stored["backbone"] == record["backbone"] == "dlib_resnet"
-    assert stored["body_weights"] == "pretrained"  # the face backbone comes from the installed package
+    assert stored["body"]["backbone"] == "dlib_resnet"  # head only: the face backbone comes from the package
+    assert backend.body is not None
     assert stored["temperature"] == pytest.approx(record["temperature"])
     assert stored["tta"] is record["tta"]
     files = subprocess.run(["git", "ls-files", "src/facegender/default_model"], cwd=REPO, capture_output=True,
                            text=True).stdout.split()
-    assert sorted(files) == ["src/facegender/default_model/gender.json", "src/facegender/default_model/gender.pth"]
+    assert sorted(files) == ["src/facegender/default_model/gender.json", "src/facegender/default_model/gender.onnx"]
 
 
 def test_model_card_gives_the_recorded_numbers(record):
@@ -100,7 +102,7 @@ def test_a_missing_shipped_file_names_itself_and_the_fix(tmp_path, monkeypatch):
 
     monkeypatch.setattr(resources, "DEFAULT_DIR", tmp_path)
     monkeypatch.setattr(resources, "SAMPLES_DIR", tmp_path)
-    with pytest.raises(FileNotFoundError, match=r"gender\.pth is missing .* reinstall .* or pass --model"):
+    with pytest.raises(FileNotFoundError, match=r"gender\.onnx is missing .* reinstall .* or pass --model"):
         resources.default_model_path()
     with pytest.raises(FileNotFoundError, match=r"astronaut\.jpg is missing .* reinstall"):
         resources.sample_photo_path()

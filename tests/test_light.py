@@ -9,6 +9,7 @@ classifies a whole image by its mean colour (red or blue), one runs the face sta
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -148,3 +149,18 @@ def test_the_face_stage_runs_without_torch(tmp_path):
     assert result["status"] == "ok" and len(result["faces"]) == 1
     x1, y1, x2, y2 = result["faces"][0]["box"]
     assert 150 < x1 < x2 < 300 and 30 < y1 < y2 < 200  # the astronaut's face (predict --sample prints it)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("face_recognition_models") is None,
+                    reason="face_recognition_models (the bundled model's face backbone) is not installed")
+def test_the_bundled_model_predicts_without_torch(tmp_path):
+    """The bundled model is a head-only ONNX file: dlib's network is built as ONNX from the
+    installed package's weight file (here into an empty cache), with no PyTorch anywhere."""
+    out = run_without_torch(f"""
+        import os
+        os.environ["FACEGENDER_CACHE"] = {str(tmp_path / "cache")!r}
+        from facegender.cli import main
+        assert main(["predict", "--sample"]) == 0
+    """, tmp_path)
+    assert "astronaut.jpg: face 1 at" in out and "female" in out
+    assert list((tmp_path / "cache").glob("dlib_resnet_v1-*.onnx"))

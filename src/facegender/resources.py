@@ -13,7 +13,7 @@ from pathlib import Path
 PACKAGE_DIR = Path(__file__).resolve().parent
 SAMPLES_DIR = PACKAGE_DIR / "samples"
 DEFAULT_DIR = PACKAGE_DIR / "default_model"
-MODEL_FILE = "gender.pth"
+MODEL_FILE = "gender.onnx"
 RECORD_FILE = "gender.json"
 
 #: A public-domain portrait (NASA, Eileen Collins; scikit-image's `astronaut`), 512x512 JPEG.
