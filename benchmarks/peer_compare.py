@@ -301,6 +301,25 @@ def fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def timed_runs(tools: list, files: list[str], repeats: int, what: str) -> dict[str, list[tuple]]:
+    """`repeats` rounds of one child process per tool on `files`, tools interleaved; per tool the
+    (run, predictions) of the runs that worked."""
+    out: dict[str, list[tuple]] = {t.name: [] for t in tools}
+    for _ in range(repeats):
+        for tool in tools:
+            if tool.failure:
+                continue
+            run = run_child(tool.command(files))
+            predictions = checked(tool, run, files, what)
+            if predictions is None:
+                continue
+            out[tool.name].append((run, predictions))
+            no_face = sum(p.status == "no face" for p in predictions.values())
+            print(f"  {tool.name}: {run.wall:.2f} s, {len(files) / run.wall:.1f} photos/s, {run.peak_mib:.0f} MiB, "
+                  f"{no_face} without a face", flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -378,45 +397,23 @@ def main() -> None:
                   f"({sum(lab == 'female' for _, lab in files)} female)")
     print(flush=True)
 
-    # ---- (a) one photo, interleaved so drifting load spreads over every tool
+    # ---- (a) one photo and (b) N photos in one call, tools interleaved so drifting load spreads over all
     print(f"(a) one photo, {args.repeats} run(s) each", flush=True)
-    one_runs: dict[str, list[Run]] = {t.name: [] for t in tools}
-    for r in range(args.repeats):
-        for tool in tools:
-            if tool.failure:
-                continue
-            run = run_child(tool.command(photos[:1]))
-            if checked(tool, run, photos[:1], "one photo") is None:
-                continue
-            one_runs[tool.name].append(run)
-            print(f"  {tool.name}: {run.wall:.2f} s, {run.peak_mib:.0f} MiB", flush=True)
+    one_runs = timed_runs(tools, photos[:1], args.repeats, "one photo")
     for tool in tools:
         runs = one_runs[tool.name]
         if runs:
-            tool.figures["one_wall_s"] = statistics.median(r.wall for r in runs)
-            tool.figures["one_peak_mib"] = statistics.median(r.peak_mib for r in runs)
-
-    # ---- (b) N photos in one call
+            tool.figures["one_wall_s"] = statistics.median(r.wall for r, _ in runs)
+            tool.figures["one_peak_mib"] = statistics.median(r.peak_mib for r, _ in runs)
     print(f"(b) {n} photos in one call, {args.batch_repeats} run(s) each", flush=True)
-    n_runs: dict[str, list[Run]] = {t.name: [] for t in tools}
-    for r in range(args.batch_repeats):
-        for tool in tools:
-            if tool.failure:
-                continue
-            run = run_child(tool.command(photos))
-            predictions = checked(tool, run, photos, f"{n} photos")
-            if predictions is None:
-                continue
-            n_runs[tool.name].append(run)
-            tool.figures["n_no_face"] = sum(p.status == "no face" for p in predictions.values())
-            print(f"  {tool.name}: {run.wall:.2f} s, {n / run.wall:.1f} photos/s, {run.peak_mib:.0f} MiB, "
-                  f"{tool.figures['n_no_face']} without a face", flush=True)
+    n_runs = timed_runs(tools, photos, args.batch_repeats, f"{n} photos")
     for tool in tools:
         runs, f = n_runs[tool.name], tool.figures
         if not runs:
             continue
-        wall = statistics.median(r.wall for r in runs)
-        f.update(n_wall_s=wall, n_peak_mib=statistics.median(r.peak_mib for r in runs), photos_per_s=n / wall)
+        wall = statistics.median(r.wall for r, _ in runs)
+        f["n_no_face"] = sum(p.status == "no face" for p in runs[-1][1].values())
+        f.update(n_wall_s=wall, n_peak_mib=statistics.median(r.peak_mib for r, _ in runs), photos_per_s=n / wall)
         if "one_wall_s" in f:
             f["ms_per_photo_after_start"] = (wall - f["one_wall_s"]) / (n - 1) * 1000
 

@@ -30,11 +30,21 @@ def labelled_photos(folder: Path) -> list[tuple[str, str]]:
     return [(str(p), p.parent.name) for p in expand_paths([folder]) if p.parent.name in ("male", "female")]
 
 
-def accuracy(model, photos: list[tuple[str, str]]) -> tuple[float, int]:
+def correct(model, photos: list[tuple[str, str]]) -> tuple[list[bool], int]:
+    """Whether each photo's largest face got its folder's label, and how many had no face."""
     results = model.predict([p for p, _ in photos])
-    right = sum(bool(r["faces"]) and r["faces"][0]["predicted_class"] == label
-                for r, (_, label) in zip(results, photos))
-    return right / len(photos), sum(not r["faces"] for r in results)
+    right = [bool(r["faces"]) and r["faces"][0]["predicted_class"] == label for r, (_, label) in zip(results, photos)]
+    return right, sum(not r["faces"] for r in results)
+
+
+def mcnemar(a: list[bool], b: list[bool]) -> tuple[int, int, float]:
+    """Photos right only under a, only under b, and the exact two-sided McNemar p-value."""
+    from scipy.stats import binomtest
+
+    only_a = sum(x and not y for x, y in zip(a, b))
+    only_b = sum(y and not x for x, y in zip(a, b))
+    p = binomtest(only_a, only_a + only_b).pvalue if only_a + only_b else 1.0
+    return only_a, only_b, p
 
 
 def main() -> None:
@@ -60,8 +70,9 @@ def main() -> None:
             for tta in (False, True):
                 model = facegender.load(path, refine_steps=refine, tta=tta)
                 model.predict(every[:4])  # warm up
-                acc = {s: accuracy(model, photos) for s, photos in sets.items()}
-                rows.append({"model": name, "refine": refine, "tta": tta, "acc": acc, "model_obj": model,
+                right = {s: correct(model, photos) for s, photos in sets.items()}
+                acc = {s: (sum(r) / len(r), n) for s, (r, n) in right.items()}
+                rows.append({"model": name, "refine": refine, "tta": tta, "acc": acc, "right": right, "model_obj": model,
                              "trained": refine == base.face_config.refine_steps and tta == base.tta})
     times: dict[int, list[float]] = {i: [] for i in range(len(rows))}
     for _ in range(args.repeat):
@@ -91,6 +102,19 @@ def main() -> None:
             per_ms = f"{(slow_mean - mean) * 100 / saved:+.3f} points lost per ms saved" if saved > 0.5 else ""
             print(f"  {model_name} refine {r['refine']} tta {'yes' if r['tta'] else 'no '}: "
                   f"{mean:.4f}, {r['ms']:.1f} ms/photo  {per_ms}")
+    print("\npaired against the trained setting of the same model (photos right only with it / only with the "
+          "other setting, exact McNemar p):")
+    for model_name in dict.fromkeys(r["model"] for r in rows):
+        own = [r for r in rows if r["model"] == model_name]
+        trained = next((r for r in own if r["trained"]), None)
+        for r in own:
+            if trained is None or r is trained:
+                continue
+            cells = []
+            for s in sets:
+                a, b, p = mcnemar(trained["right"][s][0], r["right"][s][0])
+                cells.append(f"{s} {a}/{b} p={p:.2f}")
+            print(f"  {model_name} refine {r['refine']} tta {'yes' if r['tta'] else 'no '}: " + "; ".join(cells))
 
 
 if __name__ == "__main__":

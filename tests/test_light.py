@@ -182,3 +182,28 @@ def test_training_without_torch_says_what_to_install(tmp_path):
     proc = subprocess.run([sys.executable, "-c", program], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert "EXIT 1" in proc.stdout, proc.stdout + proc.stderr
     assert "pip install 'facegender[train]'" in proc.stderr and "torch" in proc.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("face_recognition_models") is None,
+                    reason="face_recognition_models (the bundled model's face backbone) is not installed")
+def test_fast_is_no_refinement_and_no_tta(tmp_path):
+    out = run_without_torch("""
+        import contextlib, io, json
+        from facegender.cli import main
+        from facegender.serve import create_app
+
+        def probabilities(*flags):
+            buf = io.StringIO()
+            with contextlib.redirect_stdout(buf):
+                assert main(["predict", "--sample", "--json", *flags]) == 0
+            return [f["probabilities"] for r in json.loads(buf.getvalue()) for f in r["faces"]]
+
+        fast = probabilities("--fast")
+        assert fast == probabilities("--refine-steps", "0", "--no-tta"), "--fast is refine 0 without TTA"
+        assert fast != probabilities(), "the default is the trained setting (2 rounds, TTA)"
+        from facegender.resources import default_model_path
+        app = create_app(default_model_path(), threads=1, fast=True)
+        model = app.state.predictor
+        assert model.face_config.refine_steps == 0 and model.tta is False
+    """, tmp_path)
+    assert "NO-TORCH-OK" in out

@@ -15,23 +15,15 @@ recipe table and of the model card) and writes the two files.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any, Callable
 
+from facegender.files import sha256_file
 from facegender.resources import DEFAULT_DIR, MODEL_FILE, RECORD_FILE, default_model_path, default_model_record
 
 REBUILD_COMMAND = "make default-model"
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def describe_default_model() -> str:
@@ -151,7 +143,7 @@ def build_default_model(model_path: str | os.PathLike, shared: str | os.PathLike
     _, train, _ = scan_dataset(cfg["data"])
     out = {
         "file": MODEL_FILE,
-        "source": f"best_model.pth of the run, exported with `facegender export --head-only` (parity with "
+        "source": "best_model.pth of the run, exported with `facegender export --head-only` (parity with "
                   "PyTorch checked on faces-gdf/test images)",
         "sha256": sha256_file(target),
         "bytes": target.stat().st_size,

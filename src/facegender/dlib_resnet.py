@@ -31,7 +31,6 @@ tensor.h, serialize.h, float_details.h) and against dlib itself (tests/test_dlib
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import warnings
 from collections import OrderedDict
@@ -55,8 +54,6 @@ from facegender.dlib_weights import (  # noqa: F401 - re-exported: dlib_resnet.X
     _describe_network,
     _read_layer,
     _Reader,
-    _sha256_file,
-    _write_atomically,
     checked_weights_file,
     read_dlib_arrays,
     weights_file,
@@ -67,6 +64,7 @@ from facegender.faces import (  # noqa: F401
     FaceAlignConfig,
     align_face,
 )
+from facegender.files import atomic_path
 from facegender.resources import cache_dir
 
 _CACHE_FORMAT = "facegender-dlib-resnet-v1"
@@ -275,7 +273,6 @@ def converted_weights(cache_dir: str | os.PathLike | None = None) -> dict[str, t
     state = read_dlib_dat(source)
     payload = {"format": _CACHE_FORMAT, "source_sha256": digest, "tensors_sha256": _tensors_sha256(state),
                "state_dict": state}
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    _write_atomically(target, buffer.getvalue())
+    with atomic_path(target) as tmp:
+        torch.save(payload, tmp)
     return state

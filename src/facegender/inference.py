@@ -48,8 +48,12 @@ UNCERTAIN = "uncertain"
 NO_FACE = "no face found"
 #: The precision of inference unless a command is told otherwise.
 DEFAULT_PRECISION = "fp32"
+#: `--fast` (predict, serve): no landmark refinement, no flip TTA. About 2x the photos per second of
+#: the trained settings for the bundled model, for 2 points less on faces-ood (not significant on
+#: its 350 photos) and 0.5 more on faces-gdf/test (benchmarks/predict_tradeoffs.py, README).
+FAST = {"refine_steps": 0, "tta": False}
 
-__all__ = ["Model", "TorchBackend", "load", "default_model_path", "UNCERTAIN", "NO_FACE", "expand_paths"]
+__all__ = ["Model", "TorchBackend", "load", "default_model_path", "UNCERTAIN", "NO_FACE", "FAST", "expand_paths"]
 
 
 # ----------------------------------------------------------------------------- backends
@@ -59,10 +63,14 @@ class TorchBackend:
 
     runtime = "pytorch"
 
-    def __init__(self, module, device="cpu", precision: str = DEFAULT_PRECISION, channels_last: bool = False):
+    def __init__(self, module, device="cpu", precision: str = DEFAULT_PRECISION, channels_last: bool = False,
+                 threads: int | None = None):
         import torch
 
         from facegender.engine import select_precision
+
+        if threads:
+            torch.set_num_threads(threads)  # process-wide, as PyTorch has it
 
         self.device = torch.device(device)
         self.module = module.to(self.device).eval()
@@ -426,7 +434,7 @@ def load(path: str | os.PathLike | None = None, device: str = "auto", precision:
                 f"{path}: a training checkpoint (for `facegender train --resume`), not a model to predict with: "
                 f"it holds the last epoch ({meta.get('epoch')}), not the best one, and no calibrated temperature; "
                 f"pass {path.parent / 'best_model.pth'}")
-        backend = TorchBackend(network, next(network.parameters()).device, precision)
+        backend = TorchBackend(network, next(network.parameters()).device, precision, threads=threads)
         meta = {k: v for k, v in meta.items() if k != "model_state"}
     meta["path"] = str(path)
     kwargs.setdefault("temperature", meta.get("temperature", 1.0))

@@ -199,21 +199,23 @@ def index_html() -> str:
 
 
 def create_app(model_path: str | Path, device: str = "auto", limits: ServeLimits | None = None,
-               predictor=None, threads: int | None = None, precision: str = "fp32", **limit_overrides: int):
+               predictor=None, threads: int | None = None, precision: str = "fp32", fast: bool = False,
+               **limit_overrides: int):
     """The FastAPI app serving `model_path` (.pth or .onnx). Limits come from `limits` and/or
     keyword overrides (`max_file_bytes=...`). `predictor` reuses an already loaded `inference.Model`;
-    `threads` are the ONNX Runtime threads per inference (detector, and the classifier of a .onnx)."""
+    `threads` are the threads per inference (ONNX Runtime: detector and classifier; PyTorch);
+    `fast`: `inference.FAST` settings (no landmark refinement, no TTA)."""
     from fastapi import FastAPI, File, Request, UploadFile
     from fastapi.exception_handlers import http_exception_handler
     from fastapi.responses import HTMLResponse
     from starlette.concurrency import run_in_threadpool
 
     from facegender import __version__
-    from facegender.inference import load
+    from facegender.inference import FAST, load
 
     limits = ServeLimits(**{**asdict(limits or ServeLimits()), **limit_overrides})
     if predictor is None:
-        predictor = load(model_path, device=device, precision=precision, threads=threads)
+        predictor = load(model_path, device=device, precision=precision, threads=threads, **(FAST if fast else {}))
     summary = model_summary(predictor, model_path, limits)
     page = index_html()
 
@@ -291,7 +293,8 @@ def _file_too_large(name: str, size: int, limits: ServeLimits) -> str:
 
 
 def serve(model_path: str | Path, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, device: str = "auto",
-          log_level: str = "info", threads: int | None = None, precision: str = "fp32", **limits: int) -> None:
+          log_level: str = "info", threads: int | None = None, precision: str = "fp32", fast: bool = False,
+          **limits: int) -> None:
     """Load the model and run the server until Ctrl-C (uvicorn, one process).
 
     `threads` per inference (PyTorch and ONNX Runtime) defaults to the CPU count divided by
@@ -300,7 +303,6 @@ def serve(model_path: str | Path, host: str = DEFAULT_HOST, port: int = DEFAULT_
     """
     import os
 
-    import torch
     import uvicorn
 
     if not is_loopback(host):
@@ -308,8 +310,7 @@ def serve(model_path: str | Path, host: str = DEFAULT_HOST, port: int = DEFAULT_
               "or TLS; put it behind a reverse proxy that provides them, or use the default --host 127.0.0.1.")
     concurrent = limits.get("max_concurrent", ServeLimits.max_concurrent)
     threads = threads or max(1, (os.cpu_count() or 1) // concurrent)
-    torch.set_num_threads(threads)
-    app = create_app(model_path, device=device, threads=threads, precision=precision, **limits)
+    app = create_app(model_path, device=device, threads=threads, precision=precision, fast=fast, **limits)
     shown = f"[{host}]" if ":" in host else host
     print(f"facegender: serving {app.state.summary['file']} on http://{shown}:{port}/  (API docs: /docs); "
           f"{concurrent} concurrent inference(s) x {threads} thread(s)")
