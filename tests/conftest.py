@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -64,3 +67,29 @@ def trained_run(tmp_path_factory) -> Path:
                        image_size=64, epochs=2, batch_size=8, lr=1e-3, freeze_stem=False)
     train(cfg, log=lambda s: None, progress=False)
     return root
+
+
+#: Prepended to a child program: torch and torchvision cannot be imported (as after `pip install
+#: facegender` without the `train` extra).
+BLOCK_TORCH = """
+import sys
+class _NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "torchvision"):
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked: this test runs as if PyTorch were "
+                                      "not installed)", name=name)
+sys.meta_path.insert(0, _NoTorch())
+"""
+CHECK_NO_TORCH = """
+assert not [m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision")], "torch was imported"
+print("NO-TORCH-OK")
+"""
+
+
+def run_without_torch(code: str, cwd: Path) -> str:
+    """Run `code` in a fresh interpreter without PyTorch; its stdout. Fails the test when the
+    program fails or imported torch."""
+    program = BLOCK_TORCH + textwrap.dedent(code) + CHECK_NO_TORCH
+    proc = subprocess.run([sys.executable, "-c", program], cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "NO-TORCH-OK" in proc.stdout, proc.stdout + proc.stderr
+    return proc.stdout

@@ -126,6 +126,42 @@ def test_frozen_model_exports_to_onnx_with_parity(frozen_run, tmp_path):
     assert (tmp_path / "model.onnx").stat().st_size > 5_000_000  # the body is inside the ONNX file
 
 
+def test_exported_face_backbone_models_predict_without_torch(frozen_run, tmp_path):
+    """The three exports of a frozen dlib model (whole, head only, int8) predict in an interpreter
+    without PyTorch, with the PyTorch model's probabilities (int8: within its parity tolerance)."""
+    import json
+
+    import facegender
+    from conftest import run_without_torch
+    from facegender.export import INT8_TOLERANCE
+
+    root, _ = frozen_run
+    model = facegender.load(root / "out" / "best_model.pth", device="cpu")
+    exports = {"whole": {}, "head": {"head_only": True},
+               "int8": {"quantize": "int8", "calibration": root / "data"}}
+    sizes = {name: model.export(tmp_path / f"{name}.onnx", data=root / "data", log=lambda s: None, **kw)["bytes"]
+             for name, kw in exports.items()}
+    assert sizes["head"] < 10_000 and sizes["int8"] < sizes["whole"] / 3
+    photos = sorted(str(p) for p in (root / "data" / "test").rglob("*.jpg"))
+    expected = [r["faces"][0]["probabilities"] for r in model.predict(photos)]
+    out = run_without_torch(f"""
+        import json, os
+        os.environ["FACEGENDER_CACHE"] = {str(tmp_path / "cache")!r}
+        import facegender
+        for name in ("whole", "head", "int8"):
+            results = facegender.load({str(tmp_path)!r} + f"/{{name}}.onnx").predict({photos!r})
+            print("RESULT", name, json.dumps([r["faces"][0]["probabilities"] for r in results]))
+    """, tmp_path)
+    results = dict(line.split(" ", 2)[1:] for line in out.splitlines() if line.startswith("RESULT "))
+    assert sorted(results) == ["head", "int8", "whole"]
+    for name, probs in results.items():
+        tolerance = INT8_TOLERANCE if name == "int8" else 1e-4
+        got = json.loads(probs)
+        assert len(got) == len(expected) == 8
+        for want, have in zip(expected, got):
+            assert max(abs(want[c] - have[c]) for c in want) <= tolerance, name
+
+
 def test_frozen_features_train_with_torchrun(tmp_path):
     """Two processes (torchrun, Gloo on the CPU) train the head together; one model file, head only."""
     import os

@@ -20,27 +20,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import BLOCK_TORCH, run_without_torch
+
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "src" / "facegender" / "samples" / "astronaut.jpg"
-
-#: Prepended to every child program: torch and torchvision cannot be imported.
-BLOCK_TORCH = """
-import sys
-class _NoTorch:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("torch", "torchvision"):
-            raise ModuleNotFoundError(f"No module named {name!r} (blocked: this test runs as if PyTorch were "
-                                      "not installed)", name=name)
-sys.meta_path.insert(0, _NoTorch())
-"""
-CHECK_NO_TORCH = """
-assert not [m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision")], "torch was imported"
-print("NO-TORCH-OK")
-"""
-
 
 def colour_model(path: Path, size: int = 16, face: dict | None = None) -> Path:
     """A facegender ONNX file whose logits are the mean red and the mean blue of the input
@@ -67,13 +53,6 @@ def colour_model(path: Path, size: int = 16, face: dict | None = None) -> Path:
         entry.key, entry.value = key, value
     onnx.save(model, str(path))
     return path
-
-
-def run_without_torch(code: str, cwd: Path) -> str:
-    program = BLOCK_TORCH + textwrap.dedent(code) + CHECK_NO_TORCH
-    proc = subprocess.run([sys.executable, "-c", program], cwd=cwd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and "NO-TORCH-OK" in proc.stdout, proc.stdout + proc.stderr
-    return proc.stdout
 
 
 @pytest.fixture()
