@@ -5,7 +5,7 @@ Each test image is degraded first and then goes through the model's own preproce
 detection and alignment when the model was trained aligned, falling back to the centred crop when
 no face is found, exactly as in training), then the model with its recorded TTA and temperature.
 
-    python benchmarks/robustness_eval.py --model output/best_model.pth \
+    python benchmarks/robustness_eval.py --model output/best_model.pth|model.onnx \
         --data ../shared/datasets/faces-gdf/test [--json out.json]
 
 Prints one row per degradation: accuracy, 95% Wilson interval, and the share of images where no
@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageFilter
 
 
@@ -69,20 +68,18 @@ def evaluate_degradations(model_path: str, data: str, names: list[str], batch_si
                           limit: int | None = None, refine_steps: int | None = None) -> dict:
     """Accuracy per degradation. `refine_steps` replaces the model's recorded landmark refinement
     (an experiment: what a predict-time change would cost; the recorded value is what predict uses)."""
-    from facegender import checkpoint as ckpt
+    import dataclasses
+
+    import facegender
     from facegender.images import load_image
     from facegender.metrics import wilson_interval
-    from facegender.inference import TorchBackend
-    from facegender.preprocessing import ImagePreparer, Preprocessing
-    from facegender.transforms import EvalPreset
+    from facegender.preprocessing import ImagePreparer
 
-    model, record = ckpt.load_model(model_path)
-    classes, prep = record["classes"], Preprocessing.from_dict(record["preprocessing"])
+    model = facegender.load(model_path, device="cpu")  # best_model.pth or an exported .onnx
+    classes, prep = model.classes, model.prep
     if refine_steps is not None and prep.face is not None:
-        prep.face = {**prep.face, "refine_steps": refine_steps}
-    logits_fn = TorchBackend(model, "cpu").logits
-    preparer, normalize = ImagePreparer(prep), EvalPreset(prep)
-    tta, temperature = record.get("tta", False), record.get("temperature", 1.0)
+        prep = dataclasses.replace(prep, face={**prep.face, "refine_steps": refine_steps})
+    preparer, tta = ImagePreparer(prep), model.tta
     items = labelled_images(Path(data), classes, limit)
     originals = [load_image(p) for p, _ in items]
     labels = np.array([y for _, y in items])
@@ -90,14 +87,7 @@ def evaluate_degradations(model_path: str, data: str, names: list[str], batch_si
     for name in names:
         started = time.perf_counter()
         prepared = [preparer.prepare(DEGRADATIONS[name](im)) for im in originals]
-        batch_logits = []
-        for i in range(0, len(prepared), batch_size):
-            x = torch.stack([normalize(t) for t, _ in prepared[i:i + batch_size]])
-            out = logits_fn(x)
-            if tta:
-                out = (out + logits_fn(torch.flip(x, dims=[3]))) / 2
-            batch_logits.append(out)
-        preds = (np.concatenate(batch_logits) / temperature).argmax(1)
+        preds = model.classify([crop for crop, _ in prepared], batch_size).argmax(1)  # recorded TTA, temperature
         correct = int((preds == labels).sum())
         lo, hi = wilson_interval(correct, len(labels))
         rows[name] = {"accuracy": correct / len(labels), "ci": [lo, hi], "n": len(labels),
@@ -135,7 +125,6 @@ def main() -> None:
     parser.add_argument("--extra", nargs="*", default=["../shared/datasets/robustness/known_label_faces"],
                         help="folders of files named <class>__*.ext to predict one by one")
     args = parser.parse_args()
-    torch.set_num_threads(min(2, torch.get_num_threads()))
     report = evaluate_degradations(args.model, args.data, args.degradations, limit=args.limit,
                                    refine_steps=args.refine_steps)
     print(f"{report['model']} on {report['data']} (aligned: {report['aligned']}, TTA: {report['tta']}, "
