@@ -439,13 +439,11 @@ def main() -> None:
         print("(c) accuracy", flush=True)
     for name, items in folders:
         files = [p for p, _ in items]
+        by_tool = timed_runs(tools, files, 1, name)
         for tool in tools:
-            if tool.failure:
+            if not by_tool[tool.name]:
                 continue
-            run = run_child(tool.command(files))
-            predictions = checked(tool, run, files, name)
-            if predictions is None:
-                continue
+            (run, predictions), = by_tool[tool.name]
             right = sum(predictions.get(p, Prediction(None, "missing")).gender == label for p, label in items)
             no_face = sum(predictions.get(p, Prediction(None, "missing")).status == "no face" for p, _ in items)
             errors = sum(predictions.get(p, Prediction(None, "error")).status in ("error", "missing")
