@@ -29,7 +29,7 @@ class EvalPreset:
 
 
 class TrainPreset:
-    """Random augmentation on the cached uint8 tensor, then the same conversion as `EvalPreset`.
+    """Random augmentation of the prepared uint8 image (3, S, S), then `EvalPreset`'s normalisation.
 
     `report`: the course report's flip, rotation 10 degrees, brightness/contrast jitter.
     `strong`: adds what varies between photo collections: scale/position (random resized crop),
