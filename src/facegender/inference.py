@@ -255,12 +255,7 @@ class Model:
 
     def predict_images(self, images: Sequence[Image.Image]) -> list[list[dict]]:
         """Faces (largest first) for each PIL image; an empty list means no face was found."""
-        if self.workers == 1 or len(images) < 2:
-            crops = [self._crops(im) for im in images]
-        else:
-            with ThreadPoolExecutor(min(self.workers, len(images))) as pool:
-                crops = list(pool.map(self._crops, images))
-        return self._classify_crops(crops)
+        return [r["faces"] for r in self.predict_iter(images)]
 
     def _classify_crops(self, crops_per_image: list[list[_Crop]]) -> list[list[dict]]:
         """The crops of a batch of images through the classifier at once; the faces of each image."""

@@ -39,8 +39,6 @@ from typing import Any
 
 from starlette.exceptions import HTTPException
 
-from facegender.images import ImageError, load_image
-
 MB = 1024 * 1024
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -118,25 +116,12 @@ def model_summary(predictor, model_path: str | Path, limits: ServeLimits) -> dic
 
 
 def predict_uploads(predictor, uploads: list[tuple[str, bytes]], max_pixels: int) -> list[dict]:
-    """Results for (name, bytes) pairs, in order: faces, `no face found`, or a per-file error.
-    Runs in a worker thread; uses only its arguments (no shared per-request state)."""
-    from facegender.inference import NO_FACE
-
-    results: list[dict] = []
-    images, where = [], []
-    for index, (name, data) in enumerate(uploads):
-        entry = {"file": name, "index": index}
-        try:
-            image = load_image(data, max_pixels=max_pixels, name=name)
-        except ImageError as exc:
-            entry.update(status="error", error=str(exc), faces=[])
-        else:
-            entry.update(width=image.width, height=image.height)
-            images.append(image)
-            where.append(index)
-        results.append(entry)
-    for index, faces in zip(where, predictor.predict_images(images)):
-        results[index].update(status="ok" if faces else NO_FACE, faces=faces)
+    """Results for (name, bytes) pairs, in order, each with its `index`: faces, `no face found`, or
+    a per-file error (`inference.Model.predict_sources`: images decoded and detected in its worker
+    threads). Runs in a worker thread; uses only its arguments (no shared per-request state)."""
+    results = predictor.predict_sources(uploads, max_pixels=max_pixels)
+    for index, result in enumerate(results):
+        result["index"] = index
     return results
 
 
