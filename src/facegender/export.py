@@ -20,7 +20,7 @@ its metadata; loading builds the body's ONNX graph from that package's weight fi
 model ships (a few KB).
 
 With `quantize="int8"` the network is quantized statically (onnxruntime.quantization, QDQ,
-per-channel int8 weights and activations) with a calibration set drawn from training images.
+per-channel int8 weights, uint8 activations) with a calibration set drawn from training images.
 
 `OnnxBackend` runs such a file for `inference.Model` (and so for `predict`, `evaluate` and
 `serve`): `facegender.load("model.onnx")` works like `facegender.load("best_model.pth")`. Reading
@@ -81,8 +81,9 @@ def read_metadata(raw: dict[str, str], path: str | os.PathLike) -> dict[str, Any
     """The metadata written by `onnx_metadata` (`raw`: the file's metadata_props as a dict),
     decoded; CheckpointError when it is not ours."""
     if raw.get(FORMAT_KEY) != FORMAT:
-        raise CheckpointError(f"{path}: not an ONNX file made by `facegender export` (no {FORMAT_KEY}={FORMAT} in its "
-                     "metadata); export the model with `facegender export --model best_model.pth --out model.onnx`")
+        raise CheckpointError(f"{path}: not an ONNX file made by `facegender export` (no {FORMAT_KEY}={FORMAT} in "
+                              "its metadata); export the model with `facegender export --model best_model.pth --out "
+                              "model.onnx`")
     meta: dict[str, Any] = {}
     for key, value in raw.items():
         if key not in METADATA_KEYS + EXTRA_KEYS:
@@ -152,15 +153,15 @@ def body_model_path(body: dict[str, Any], image_size: int, path: str | os.PathLi
 
     if body.get("backbone") != "dlib_resnet":
         raise CheckpointError(f"{path}: its body {body.get('backbone')!r} cannot be rebuilt without PyTorch (only "
-                     "dlib_resnet can); export the model whole, without --head-only")
+                              "dlib_resnet can); export the model whole, without --head-only")
     if body.get("weights_sha256") != dlib_weights.WEIGHTS_SHA256:
         raise CheckpointError(f"{path}: it was trained on dlib weights with sha256 {body.get('weights_sha256')}, not "
-                     f"those of face_recognition_models==0.3.0; export the model whole, without --head-only")
+                              "those of face_recognition_models==0.3.0; export the model whole, without --head-only")
     try:
         return dlib_weights.body_onnx_path(image_size)
     except (FileNotFoundError, ValueError) as exc:
         raise CheckpointError(f"{path}: this model runs on dlib's face-recognition network, which could not be "
-                     f"loaded: {exc}") from None
+                              f"loaded: {exc}") from None
 
 
 def load_onnx_classifier(path: str | os.PathLike, threads: int | None = None) -> tuple[OnnxBackend, dict[str, Any]]:
@@ -174,7 +175,7 @@ def load_onnx_classifier(path: str | os.PathLike, threads: int | None = None) ->
         session = onnx_session(path, threads)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises several types for damaged files
         raise CheckpointError(f"{path}: cannot be read as an ONNX model ({exc.__class__.__name__}: "
-                     f"{str(exc).strip()[:300]})") from None
+                              f"{str(exc).strip()[:300]})") from None
     meta = read_metadata(dict(session.get_modelmeta().custom_metadata_map), path)
     body = None
     if meta.get("body"):
