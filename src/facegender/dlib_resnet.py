@@ -65,6 +65,7 @@ from facegender.faces import (  # noqa: F401
     align_face,
 )
 from facegender.files import atomic_path
+from facegender.preprocessing import Preprocessing, normalize
 from facegender.resources import cache_dir
 
 _CACHE_FORMAT = "facegender-dlib-resnet-v1"
@@ -198,10 +199,8 @@ def to_input(chips: np.ndarray | list) -> torch.Tensor:
         arr = arr[None]
     if arr.ndim != 4 or arr.shape[-1] != 3:
         raise ValueError(f"expected RGB chips shaped (N, H, W, 3), got {arr.shape}")
-    x = torch.from_numpy(np.ascontiguousarray(arr.transpose(0, 3, 1, 2))).float() / 255.0
-    mean = torch.tensor(DLIB_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(DLIB_STD).view(1, 3, 1, 1)
-    return (x - mean) / std
+    prep = Preprocessing(image_size=arr.shape[1], mean=DLIB_MEAN, std=DLIB_STD)
+    return torch.from_numpy(normalize(arr.transpose(0, 3, 1, 2), prep))
 
 
 # ----------------------------------------------------------------------------------------------
