@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from facegender.files import atomic_path
 from facegender.images import ImageError, is_image_name, load_image
 from facegender.resources import cache_dir
 from facegender.preprocessing import ImagePreparer
@@ -188,11 +189,8 @@ class ImageLoader:
                 except ImageError:
                     candidate.unlink(missing_ok=True)  # a damaged cache entry is rebuilt
         array, found = self.preparer.prepare(load_image(path))
-        target = cached if found else noface
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        Image.fromarray(array.transpose(1, 2, 0)).save(tmp, format="PNG")
-        os.replace(tmp, target)
+        with atomic_path(cached if found else noface) as tmp:
+            Image.fromarray(array.transpose(1, 2, 0)).save(tmp, format="PNG")
         return array, found
 
 

@@ -20,7 +20,6 @@ from tqdm.auto import tqdm
 from facegender.data import ImageLoader, LoadedSplit
 
 
-
 def seed_everything(seed: int) -> None:
     """Seed Python's, NumPy's and PyTorch's random generators (the one seeding function)."""
     random.seed(seed)
