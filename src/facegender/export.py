@@ -214,14 +214,16 @@ def sample_images(prep, data: str | os.PathLike | None = None, count: int = 64, 
     return [preparer(load_image(files[i])) for i in picks], f"{len(picks)} images from {folder}"
 
 
-def max_probability_difference(reference, candidate, crops: Sequence) -> float:
-    """Largest |p_reference - p_candidate| over `crops` for two `inference.Model`s (calibrated
-    probabilities, with the model's TTA). The candidate runs in uneven batches (13) and on a single
-    image too, so that a fixed batch size in the exported graph would show."""
+def parity(reference, candidate, crops: Sequence) -> tuple[float, float]:
+    """(largest |p_reference - p_candidate|, share of `crops` given the same class) for two
+    `inference.Model`s (calibrated probabilities, with the model's TTA). The candidate runs in
+    uneven batches (13) and on a single image too, so that a fixed batch size in the exported graph
+    would show."""
     p_ref = reference.classify(crops, batch_size=32)
     p_new = candidate.classify(crops, batch_size=13)
     single = candidate.classify(crops[:1])
-    return float(max(np.abs(p_ref - p_new).max(), np.abs(p_ref[:1] - single).max()))
+    diff = float(max(np.abs(p_ref - p_new).max(), np.abs(p_ref[:1] - single).max()))
+    return diff, float(np.mean(p_ref.argmax(1) == p_new.argmax(1)))
 
 
 def quantize_int8(fp32_path: Path, out_path: Path, batches: Sequence[np.ndarray]) -> None:
@@ -331,8 +333,7 @@ def export_model(model, out: str | os.PathLike, data: str | os.PathLike | None =
         backend, meta = load_onnx_classifier(tmp)
         candidate = type(model)(meta["classes"], Preprocessing.from_dict(meta["preprocessing"]), backend,
                                 temperature=meta["temperature"], tta=meta["tta"], detect=False)
-        diff = max_probability_difference(model, candidate, crops)
-        agree = float(np.mean(model.classify(crops).argmax(1) == candidate.classify(crops).argmax(1)))
+        diff, agree = parity(model, candidate, crops)
         log(f"parity on {source}: max |p_onnx - p_torch| = {diff:.2e} (tolerance {tolerance:g}), "
             f"same class for {agree:.1%}")
         if not diff <= tolerance:  # also catches NaN
