@@ -129,6 +129,8 @@ def _add_train_options(p) -> None:
         kwargs = {k: meta[k] for k in ("choices", "metavar") if k in meta}
         if isinstance(f.default, bool):
             kwargs["action"] = BOOL
+        elif f.default_factory is list:  # a list field (--data A --data B)
+            kwargs["action"] = "append"
         else:
             kind = type(f.default) if f.default is not None else str
             kwargs["type"] = kind

@@ -8,6 +8,7 @@ always win over a preset.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,20 +16,31 @@ from typing import Any
 def option(default: Any, help: str, group: str = "runtime", cli: bool = True, **argparse_kwargs: Any):
     """A TrainConfig field with its command-line help: `facegender train` and `cv` make one option
     per field from these (`cli.py`), so name, type, default and help live here only. `group` is the
-    --help section; `argparse_kwargs` (choices, metavar, flag) go to argparse; `cli=False`: no option."""
-    return field(default=default, metadata={"help": help, "group": group, "cli": cli, **argparse_kwargs})
+    --help section; `argparse_kwargs` (choices, metavar, flag) go to argparse; `cli=False`: no option.
+    An empty list default makes a repeatable option (`--data A --data B`)."""
+    metadata = {"help": help, "group": group, "cli": cli, **argparse_kwargs}
+    if default == []:
+        return field(default_factory=list, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
 class TrainConfig:
     # data
-    data: str = option("", "dataset folder with train/ and test/", "data")
+    data: list[str] = option([], "a training source: a dataset folder with train/ (and test/) or a folder of "
+                             "class folders (all training images); repeat to combine sources, or name a "
+                             "sources .yaml file (docs/recipes.md)", "data", metavar="FOLDER")
     out: str = option("output", "run folder for models, curves and metrics", "data")
     val_fraction: float = option(0.15, "share of train/ held out (stratified) for validation", "data")
     val_on_test: bool = option(False, "choose the best epoch on test/ like the course report (optimistic; warns)",
                                "data")
     cv_folds: int = option(0, "`facegender cv`: number of stratified folds of train/", "data", cli=False)
     cv_fold: int = option(0, "`facegender cv`: the fold (1..cv_folds) that validates this run", "data", cli=False)
+    balance: str = option("none", "sampling: none; class (each class equally often); source (each source and "
+                          "class equally often); group (each class and --balance-column value equally often)",
+                          "data", choices=["none", "class", "source", "group"])
+    balance_column: str | None = option(None, "--balance group: the manifest.csv column (or 'source')", "data",
+                                        metavar="COLUMN")
     skip_bad: bool = option(False, "leave unreadable images out (with a warning) instead of stopping", "data")
     cache: bool = option(True, "keep decoded, resized images in memory between epochs", "data")
     align: bool = option(False, "detect and align faces before training (see docs/faces.md)", "data")
@@ -48,6 +60,9 @@ class TrainConfig:
     feature_views: int = option(4, "frozen features: augmented views embedded per training image", "model")
     trainable_stages: int = option(-1, "fine-tuning: train only the last N stages of the body (-1: all)", "model")
     body_lr_scale: float = option(1.0, "fine-tuning: the body's learning rate is lr times this", "model")
+    cached_prefix: bool = option(True, "fine-tuning the last stages: the frozen first stages' output of each "
+                                 "view (--feature-views) is computed once and cached, so an epoch only runs "
+                                 "the trainable stages", "model")
     # optimisation
     epochs: int = option(30, "maximum epochs (early stopping usually ends sooner)", "optimisation")
     batch_size: int = option(32, "images per training step", "optimisation")
@@ -84,7 +99,15 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        values = {k: v for k, v in d.items() if k in known}
+        if isinstance(values.get("data"), (str, os.PathLike)):  # one folder (and files written before sources)
+            values["data"] = [str(values["data"])] if str(values["data"]) else []
+        return cls(**values)
+
+    @property
+    def prefix_mode(self) -> bool:
+        """Fine-tuning the last stages on their cached input (see `cached_prefix`)."""
+        return self.cached_prefix and not self.frozen_features and self.trainable_stages > 0
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -190,6 +213,8 @@ def validate(cfg: TrainConfig) -> None:
         problems.append(f"--feature-views must be at least 1, got {cfg.feature_views}")
     if cfg.optimizer not in ("adam", "adamw"):
         problems.append(f"--optimizer must be adam or adamw, got {cfg.optimizer!r}")
+    if cfg.balance == "group" and not cfg.balance_column:
+        problems.append("--balance group needs --balance-column COLUMN (a manifest.csv column, or 'source')")
     if cfg.scheduler not in ("none", "cosine"):
         problems.append(f"--scheduler must be none or cosine, got {cfg.scheduler!r}")
     if problems:

@@ -152,9 +152,11 @@ def run_cv(cfg, n_folds: int = 5, time_budget_min: float | None = None, log: Cal
     before every fold had finished (rerun the same command to continue)."""
     if cfg.val_on_test:
         raise ValueError("--val-on-test cannot be combined with cv: each fold validates on its held-out part")
-    cfg = dataclasses.replace(cfg, data=os.path.abspath(cfg.data), cv_folds=0, cv_fold=0)
+    if len(cfg.data) != 1:
+        raise ValueError("cv cross-validates one dataset: pass a single --data DATASET")
+    cfg = dataclasses.replace(cfg, data=[os.path.abspath(cfg.data[0])], cv_folds=0, cv_fold=0)
     out = Path(cfg.out)
-    classes, train_split, _ = scan_dataset(cfg.data, need_test=True)
+    classes, train_split, _ = scan_dataset(cfg.data[0], need_test=True)
     folds = plan_folds(train_split.labels, n_folds, cfg.seed)  # fails early on a class too small
     fingerprint = dataset_fingerprint(train_split)
     results_path = out / RESULTS
@@ -164,7 +166,7 @@ def run_cv(cfg, n_folds: int = 5, time_budget_min: float | None = None, log: Cal
         if previous.get("folds") != n_folds or previous.get("dataset_fingerprint") != fingerprint:
             raise ValueError(f"{results_path} is a {previous.get('folds')}-fold run on other training files; "
                              "pass a new --out (or the same --folds and data) to continue it")
-    log(f"{n_folds}-fold stratified cross-validation of {cfg.backbone} on {cfg.data}/train "
+    log(f"{n_folds}-fold stratified cross-validation of {cfg.backbone} on {cfg.data[0]}/train "
         f"({len(train_split)} images, classes {classes}); folds in {out}/fold_<k>/")
 
     started = time.monotonic()

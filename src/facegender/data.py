@@ -33,16 +33,32 @@ class DatasetError(ValueError):
 
 @dataclass
 class Split:
-    """Image paths and integer labels of one split (train, val or test)."""
+    """Image paths and integer labels of one split (train, val or test), and the index of the
+    training source (sources.Source) each image comes from (empty: all from one source)."""
 
     paths: list[Path] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
+    sources: list[int] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.paths)
 
+    def source_of(self, i: int) -> int:
+        return self.sources[i] if self.sources else 0
+
     def subset(self, indices: Sequence[int]) -> "Split":
-        return Split([self.paths[i] for i in indices], [self.labels[i] for i in indices])
+        return Split([self.paths[i] for i in indices], [self.labels[i] for i in indices],
+                     [self.sources[i] for i in indices] if self.sources else [])
+
+    @classmethod
+    def concat(cls, parts: Sequence["Split"]) -> "Split":
+        """One split of several sources' splits, part k tagged as source k."""
+        out = cls()
+        for k, part in enumerate(parts):
+            out.paths += part.paths
+            out.labels += part.labels
+            out.sources += [k] * len(part)
+        return out
 
     def counts(self, classes: list[str]) -> dict[str, int]:
         return {c: self.labels.count(i) for i, c in enumerate(classes)}
@@ -113,19 +129,47 @@ def format_problems(problems: list[str]) -> str:
     return f"{len(problems)} problem(s) with the dataset:\n{lines}"
 
 
-def split_train_val(train: Split, val_fraction: float, seed: int) -> tuple[Split, Split]:
-    """Stratified, seeded validation split carved from the training images."""
-    from sklearn.model_selection import train_test_split
-
+def split_train_val(train: Split, val_fraction: float, seed: int,
+                    groups: Sequence[str | None] | None = None) -> tuple[Split, Split]:
+    """Seeded validation split carved from the training images: stratified by class within each
+    source, so every source is validated in its own proportion. Where `groups` names the person of
+    an image (a source's `split_column`), a person's images all go to one side."""
     if val_fraction <= 0:
         return train, Split()
-    idx = list(range(len(train)))
+    val: list[int] = []
+    for source in sorted(set(train.sources or [0])):
+        idx = [i for i in range(len(train)) if train.source_of(i) == source]
+        person = [groups[i] for i in idx] if groups is not None else None
+        if person is not None and all(p is not None for p in person):
+            val += _grouped_val(idx, [train.labels[i] for i in idx], person, val_fraction, seed)
+        else:
+            val += _stratified_val(idx, [train.labels[i] for i in idx], val_fraction, seed)
+    held = set(val)
+    return train.subset([i for i in range(len(train)) if i not in held]), train.subset(sorted(val))
+
+
+def _stratified_val(idx: list[int], labels: list[int], val_fraction: float, seed: int) -> list[int]:
+    from sklearn.model_selection import train_test_split
+
     try:
-        tr, va = train_test_split(idx, test_size=val_fraction, random_state=seed, stratify=train.labels)
+        _, va = train_test_split(idx, test_size=val_fraction, random_state=seed, stratify=labels)
     except ValueError as exc:
         raise DatasetError(f"cannot carve a stratified {val_fraction:.0%} validation split ({exc}); "
                            "add images to the smallest class or lower --val-fraction") from None
-    return train.subset(sorted(tr)), train.subset(sorted(va))
+    return list(va)
+
+
+def _grouped_val(idx: list[int], labels: list[int], groups: list[str], val_fraction: float, seed: int) -> list[int]:
+    """One fold of a seeded StratifiedGroupKFold with about `val_fraction` of the images."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    n_splits = max(2, round(1 / val_fraction))
+    if len(set(groups)) < n_splits:
+        raise DatasetError(f"cannot split {len(set(groups))} people into a {val_fraction:.0%} validation part by "
+                           "person; lower --val-fraction or drop the source's split_column")
+    skf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    _, va = next(skf.split(np.zeros(len(idx)), labels, groups))
+    return [idx[j] for j in va]
 
 
 def plan_folds(labels: list[int], n_folds: int, seed: int) -> list[np.ndarray]:

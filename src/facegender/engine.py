@@ -86,6 +86,19 @@ class FaceDataset(Dataset):
         return self.transform(img), self.labels[i]
 
 
+class EpochWeightedSampler(torch.utils.data.WeightedRandomSampler):
+    """Draws len(weights) samples with replacement, image i with probability proportional to
+    weights[i]; `set_epoch(epoch)` reseeds with seed + epoch (the same draw after a resume)."""
+
+    def __init__(self, weights, seed: int = 0):
+        self.seed = seed
+        super().__init__(torch.as_tensor(weights, dtype=torch.double), num_samples=len(weights), replacement=True,
+                         generator=torch.Generator().manual_seed(seed))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.generator.manual_seed(self.seed + epoch)
+
+
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, workers: int = 0, seed: int = 0,
                 sampler=None) -> DataLoader:
     """DataLoader with a seeded shuffle (the same order after a resume: seed is base seed + epoch)."""

@@ -34,17 +34,27 @@ VIEWS_VERSION = 1
 
 
 class FeatureExtractor:
-    """uint8 prepared images -> (N, views, D) float32 embeddings of a fixed body, cached on disk."""
+    """uint8 prepared images -> (N, views, ...) outputs of a fixed network, cached on disk: the
+    frozen body's embeddings (frozen features), or the frozen first stages' feature maps
+    (fine-tuning on a cached prefix, stored as float16 to halve memory and disk).
+
+    `body_id` names the network's weights (and its cut); `augment` is the TrainPreset recipe of
+    the jittered views (2 and up)."""
 
     def __init__(self, body: nn.Module, prep: Preprocessing, body_id: str, device: torch.device,
-                 cache_dir: Path | None = None, batch_size: int = 64):
+                 cache_dir: Path | None = None, batch_size: int = 64, augment: str = "light",
+                 dtype: type = np.float32):
         self.body = body
         self.device = device
         self.batch_size = batch_size
+        self.dtype = dtype
         self.eval_tf = EvalPreset(prep)
-        self.jitter_tf = TrainPreset(prep, "light")
+        self.jitter_tf = TrainPreset(prep, augment)
         self.cache_dir = cache_dir or resources.cache_dir("features")
-        self._salt = json.dumps([VIEWS_VERSION, prep.to_dict(), body_id], sort_keys=True).encode()
+        salt = [VIEWS_VERSION, prep.to_dict(), body_id]
+        if augment != "light" or dtype is not np.float32:  # (the frozen-feature keys stay as they were)
+            salt += [augment, np.dtype(dtype).name]
+        self._salt = json.dumps(salt, sort_keys=True).encode()
 
     def _key(self, image: np.ndarray) -> str:
         h = hashlib.sha1(self._salt)
@@ -73,7 +83,7 @@ class FeatureExtractor:
             if cached.is_file():
                 try:
                     arr = np.load(cached, allow_pickle=False)
-                    if arr.ndim == 2 and arr.shape[0] >= views:  # view k is the same whatever the count
+                    if arr.ndim >= 2 and arr.shape[0] >= views:  # view k is the same whatever the count
                         out[i] = arr[:views]
                         continue
                 except (OSError, ValueError):
@@ -91,10 +101,10 @@ class FeatureExtractor:
                 for (i, _), e in zip(chunk, self.body(batch).float().cpu().numpy()):
                     parts[i].append(e)
                     if len(parts[i]) == views:
-                        out[i] = self._store(keys[i], np.stack(parts.pop(i)).astype(np.float32))
+                        out[i] = self._store(keys[i], np.stack(parts.pop(i)).astype(self.dtype))
                 bar.update(len(chunk))
             bar.close()
-        return torch.from_numpy(np.stack(out)) if out else torch.empty(0, views, 0)
+        return torch.from_numpy(np.stack(out)) if out else torch.empty(0, views, 0, dtype=torch.float32)
 
     def _store(self, key: str, arr: np.ndarray) -> np.ndarray:
         with atomic_path(self.cache_dir / f"{key}.npy") as tmp, open(tmp, "wb") as f:
@@ -102,8 +112,27 @@ class FeatureExtractor:
         return arr
 
 
-def feature_dataset(embeddings: torch.Tensor, labels: Sequence[int]) -> torch.utils.data.TensorDataset:
+class ViewDataset(torch.utils.data.Dataset):
+    """Every view of every image as one (float32 input, label) sample, image-major: sample k is
+    view k % views of image k // views."""
+
+    def __init__(self, outputs: torch.Tensor, labels: Sequence[int]):
+        n, views = outputs.shape[:2]
+        self.inputs = outputs.reshape(n * views, *outputs.shape[2:])
+        self.labels = torch.as_tensor(list(labels), dtype=torch.long).repeat_interleave(views)
+        self.views = views
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.inputs[i].float(), self.labels[i]
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        idx = torch.as_tensor(indices)  # one indexing per batch, not one per sample
+        return list(zip(self.inputs[idx].float(), self.labels[idx]))
+
+
+def feature_dataset(embeddings: torch.Tensor, labels: Sequence[int]) -> ViewDataset:
     """Every view of every image as one (embedding, label) sample."""
-    n, views, dim = embeddings.shape
-    y = torch.as_tensor(list(labels), dtype=torch.long).repeat_interleave(views)
-    return torch.utils.data.TensorDataset(embeddings.reshape(n * views, dim), y)
+    return ViewDataset(embeddings, labels)

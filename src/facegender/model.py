@@ -39,6 +39,9 @@ class BackboneSpec:
     load_weights: Callable[[], tuple[dict, str]] | None = None
     # Fine-tuning: the body's stages, first to last (`trainable_stages` unfreezes the last N).
     stages: Callable[[nn.Module], list[nn.Module]] | None = None
+    # The body as its stages in order, pooling included: () -> modules whose composition is the
+    # body (fine-tuning on a cached prefix: the frozen first ones run once, see `split_body`).
+    sequence: Callable[[nn.Module], list[nn.Module]] | None = None
     pretrained_on: str = "ImageNet"                    # what the pretrained weights learned from
     face: dict = field(default_factory=dict)           # face stage settings it wants (faces.FaceAlignConfig)
 
@@ -190,6 +193,26 @@ def freeze_body(model: FaceClassifier, trainable_stages: int, backbone: str) -> 
                            and next(m.parameters(recurse=False), None) is not None])
 
 
+def split_body(model: FaceClassifier, trainable_stages: int, backbone: str) -> tuple[nn.Module, nn.Module]:
+    """(frozen prefix, trainable rest with the head) of a model whose body trains only its last
+    `trainable_stages` stages: prefix then rest computes exactly `model`. The modules are the
+    model's own, so training the rest trains the model. Needs the backbone's `sequence`."""
+    spec = get_spec(backbone)
+    if spec.sequence is None or spec.stages is None:
+        raise ValueError(f"{backbone} does not list its stages in order; use --no-cached-prefix")
+    parts = spec.sequence(model.body)
+    first_trainable = spec.stages(model.body)[-trainable_stages]
+    cut = next(i for i, m in enumerate(parts) if m is first_trainable)  # a pool before it stays in the prefix
+    return nn.Sequential(*parts[:cut]), nn.Sequential(*parts[cut:], model.head)
+
+
+class GlobalMeanPool(nn.Module):
+    """(N, C, H, W) -> (N, C): the mean over all pixels."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3))
+
+
 def _freeze(model: nn.Module, modules: list[nn.Module]) -> int:
     """No gradients for the parameters of `modules`; their batch-norm layers (and those inside
     them) become FrozenBatchNorm2d with the same statistics, in place in `model`."""
@@ -274,6 +297,8 @@ register(BackboneSpec(
     cut=lambda net: (net, 128),
     stem=lambda body: [body.stem],
     stages=lambda body: [body.stem, body.layer1, body.layer2, body.layer3, body.layer4, body.fc],
+    sequence=lambda body: [body.stem, body.layer1, body.layer2, body.layer3, body.layer4, GlobalMeanPool(),
+                           body.fc],
     mean=dlib_resnet.DLIB_MEAN, std=dlib_resnet.DLIB_STD,
     load_weights=_load_dlib_weights,
     pretrained_on="faces (dlib face recognition, ~3M faces)",

@@ -366,13 +366,14 @@ def write_run_report(cfg, out: Path, pred: Predictions | None, record: dict,
     try:
         if pred is None or not len(pred.paths):
             return None
-        groups = Path(cfg.data) / GROUPS_FILE
+        groups = Path(cfg.data[0]) / GROUPS_FILE
         note = ("The test set also chose the best epoch (--val-on-test): its accuracy is optimistic."
                 if cfg.val_on_test else None)
+        tested = ", ".join(f"{d}/test" for d in cfg.data if (Path(d) / "test").is_dir())
         path, _ = write_report(pred, record, out / ckpt.REPORT_HTML, str(out / ckpt.BEST_MODEL),
-                               str(Path(cfg.data) / "test"), groups if groups.is_file() else None, note=note)
+                               tested, groups if groups.is_file() else None, note=note)
         return path
     except Exception as exc:  # noqa: BLE001 - the trained model is saved; the report is extra
         log(f"WARNING: report.html not written ({exc.__class__.__name__}: {exc}); "
-            f"write it with: facegender report --model {out / 'best_model.pth'} --data {cfg.data}/test")
+            f"write it with: facegender report --model {out / 'best_model.pth'} --data {cfg.data[0]}/test")
         return None

@@ -21,14 +21,16 @@ from torch import nn
 from facegender import checkpoint as ckpt
 from facegender import distributed
 from facegender.config import DEFAULT_PRESET, TrainConfig, build_config
-from facegender.data import ImageLoader, LoadedSplit, fold_split, load_split, scan_dataset, split_train_val
-from facegender.engine import (EarlyStopping, FaceDataset, make_loader, seed_everything, select_device,
-                               select_precision, train_one_epoch)
+from facegender.data import ImageLoader, LoadedSplit, fold_split, load_split, split_train_val
+from facegender.engine import (EarlyStopping, EpochWeightedSampler, FaceDataset, make_loader, seed_everything,
+                               select_device, select_precision, train_one_epoch)
 from facegender.evaluate import compute_metrics, write_evaluation
 from facegender.inference import load
 from facegender.metrics import fit_temperature
 from facegender.features import FeatureExtractor, feature_dataset
-from facegender.model import build_model, freeze_body, freeze_stem, get_spec
+from facegender.model import build_model, freeze_body, freeze_stem, get_spec, split_body
+from facegender.sources import (ScannedSources, describe_sources, read_sources, sample_weights, scan_sources,
+                                split_groups)
 from facegender.plots import plot_curves
 from facegender.report import write_run_report
 from facegender.preprocessing import ImagePreparer, Preprocessing, visible_region
@@ -44,6 +46,7 @@ class TrainingInterrupted(Exception):
 @dataclass
 class RunData:
     classes: list[str]
+    scanned: ScannedSources
     prep: Preprocessing
     loader: ImageLoader
     train: LoadedSplit
@@ -68,9 +71,10 @@ def preprocessing_for(cfg: TrainConfig, prepared: dict | None = None) -> Preproc
     return Preprocessing(image_size=cfg.image_size, mean=spec.mean, std=spec.std, face=face)
 
 
-def prepare_data(cfg: TrainConfig, scanned, log: Callable[[str], None] = print, progress: bool = True) -> RunData:
-    """Split off validation from the scanned dataset and read every image once (failing on bad files)."""
-    classes, train_split, test_split = scanned
+def prepare_data(cfg: TrainConfig, scanned: ScannedSources, log: Callable[[str], None] = print,
+                 progress: bool = True) -> RunData:
+    """Split off validation from the scanned sources and read every image once (failing on bad files)."""
+    classes, train_split, test_split = scanned.classes, scanned.train, scanned.test
     if cfg.val_on_test:
         log("WARNING: --val-on-test: the best epoch and early stopping are chosen on the test set, as in the "
             "course report. The test accuracy is then optimistic; the default validation split is honest.")
@@ -78,21 +82,13 @@ def prepare_data(cfg: TrainConfig, scanned, log: Callable[[str], None] = print, 
     elif cfg.cv_fold:  # `facegender cv`: this fold of a stratified k-fold split validates
         train_split, val_split = fold_split(train_split, cfg.cv_folds, cfg.cv_fold, cfg.seed)
     else:
-        train_split, val_split = split_train_val(train_split, cfg.val_fraction, cfg.seed)
-    from facegender.prepare import read_marker
-
-    prepared = read_marker(cfg.data)
-    if prepared is not None:
-        wanted = get_spec(cfg.backbone).face.get("template", "arcface")
-        have = prepared["face"].get("template", "arcface")
-        if have != wanted:
-            raise ValueError(f"{cfg.data} holds faces aligned by `facegender prepare` with the {have} template, but "
-                             f"{cfg.backbone} wants {wanted} crops: run `facegender prepare --template {wanted}` on "
-                             "the original images, or train on them directly with --align")
+        train_split, val_split = split_train_val(train_split, cfg.val_fraction, cfg.seed,
+                                                 split_groups(scanned.sources, train_split))
+    prepared = prepared_marker(cfg, scanned)
     prep = preprocessing_for(cfg, prepared)
     if prepared is not None:  # already aligned by `facegender prepare`: record the face stage, only resize
-        log(f"note: {cfg.data} holds faces aligned by `facegender prepare`; the model records that face stage "
-            "and training only resizes them" + (" (--align is not applied twice)" if cfg.align else ""))
+        log(f"note: {', '.join(cfg.data)} hold(s) faces aligned by `facegender prepare`; the model records that "
+            "face stage and training only resizes them" + (" (--align is not applied twice)" if cfg.align else ""))
         loader = ImageLoader(ImagePreparer(dataclasses.replace(prep, face=None)))
     else:
         loader = ImageLoader(ImagePreparer(prep))
@@ -115,7 +111,64 @@ def prepare_data(cfg: TrainConfig, scanned, log: Callable[[str], None] = print, 
             log("face crops: training images fill only part of the aligned crop; keeping the part filled in "
                 f"at least half of them, x {prep.visible[0]:.2f}-{prep.visible[2]:.2f}, "
                 f"y {prep.visible[1]:.2f}-{prep.visible[3]:.2f} of the crop, in training and prediction")
-    return RunData(classes, prep, loader, train, val, test)
+    return RunData(classes, scanned, prep, loader, train, val, test)
+
+
+def prepared_marker(cfg: TrainConfig, scanned: ScannedSources) -> dict | None:
+    """The `facegender prepare` marker that every source shares (None: none has one), checked
+    against the face crops the backbone wants."""
+    from facegender.prepare import read_marker
+
+    markers = [read_marker(s.path) for s in scanned.sources]
+    if any(m != markers[0] for m in markers):
+        raise ValueError("some sources hold faces aligned by `facegender prepare` and others not (or with other "
+                         "settings): train on the original images of all of them, with --align")
+    prepared = markers[0]
+    if prepared is not None:
+        wanted = get_spec(cfg.backbone).face.get("template", "arcface")
+        have = prepared["face"].get("template", "arcface")
+        if have != wanted:
+            raise ValueError(f"{', '.join(cfg.data)} holds faces aligned by `facegender prepare` with the {have} "
+                             f"template, but {cfg.backbone} wants {wanted} crops: run `facegender prepare --template "
+                             f"{wanted}` on the original images, or train on them directly with --align")
+    return prepared
+
+
+def training_sets(cfg: TrainConfig, model: nn.Module, data: RunData, weights_source: str, device,
+                  progress: bool = True):
+    """(the module the epoch loop trains, training set, validation set, views per training image).
+
+    Frozen features: the head, on the body's embeddings. Fine-tuning the last stages on a cached
+    prefix: those stages and the head, on the frozen first stages' feature maps. Otherwise the
+    whole model, on augmented images."""
+    prefix = cfg.prefix_mode and get_spec(cfg.backbone).sequence is not None
+    if not (cfg.frozen_features or prefix):
+        return (model, FaceDataset(data.train, TrainPreset(data.prep, cfg.augment), data.loader),
+                FaceDataset(data.val, EvalPreset(data.prep), data.loader), 1)
+    body_id = weights_source if cfg.pretrained else f"random weights, seed {cfg.seed}"
+    if prefix:
+        frozen, trained = split_body(model, cfg.trainable_stages, cfg.backbone)
+        extractor = FeatureExtractor(frozen, data.prep, f"{body_id}; all but the last {cfg.trainable_stages} "
+                                     "stages", device, augment=cfg.augment, dtype=np.float16)
+        what = "frozen stages of"
+    else:
+        trained, extractor, what = model.head, FeatureExtractor(model.body, data.prep, body_id, device), "embedding"
+    train_set = feature_dataset(extractor.embed(_images(data.train, data.loader), cfg.feature_views,
+                                                f"{what} train images", progress), data.train.split.labels)
+    val_set = feature_dataset(extractor.embed(_images(data.val, data.loader), 1, f"{what} validation images",
+                                              progress), data.val.split.labels)
+    return trained, train_set, val_set, cfg.feature_views
+
+
+def train_sampler(cfg: TrainConfig, data: RunData, views: int, ctx: distributed.DistContext):
+    """The epoch's sampler: weighted by source and --balance (each view of an image weighs as the
+    image), DistributedSampler's shards with torchrun, or None (a seeded shuffle)."""
+    weights = sample_weights(data.scanned.sources, data.train.split, cfg.balance, cfg.balance_column)
+    if weights is None:
+        return distributed.train_sampler(range(len(data.train.split) * views), ctx, cfg.seed)
+    if ctx.enabled:
+        raise ValueError("source weights and --balance are not supported with torchrun yet; train in one process")
+    return EpochWeightedSampler(np.repeat(weights, views), cfg.seed)
 
 
 def _images(loaded: LoadedSplit, loader: ImageLoader) -> list[np.ndarray]:
@@ -219,8 +272,9 @@ def _train(cfg: TrainConfig, state: dict | None, log: Callable[[str], None], pro
     precision = select_precision(cfg.precision, device)
     channels_last = cfg.channels_last and device.type != "mps"
 
-    scanned = scan_dataset(cfg.data, need_test=True)  # layout and weights fail fast, before images are read
-    model, weights_source = build_model(cfg.backbone, len(scanned[0]), cfg.dropout, cfg.pretrained, cfg.weights)
+    scanned = scan_sources(read_sources(cfg.data), cfg.seed)  # layout fails fast, before images are read
+    model, weights_source = build_model(cfg.backbone, len(scanned.classes), cfg.dropout, cfg.pretrained,
+                                        cfg.weights)
     if not cfg.pretrained:
         log("WARNING: --no-pretrained: training from random weights (recorded in the model file).")
     if cfg.frozen_features:
@@ -235,20 +289,10 @@ def _train(cfg: TrainConfig, state: dict | None, log: Callable[[str], None], pro
 
     data = prepare_data(cfg, scanned, log, progress)
     classes = data.classes
-    if cfg.frozen_features:  # the head trains on embeddings computed once (features.py)
-        trained = model.head
-        channels_last = False  # (only for the epoch loop: inputs are vectors)
-        body_id = weights_source if cfg.pretrained else f"random weights, seed {cfg.seed}"
-        extractor = FeatureExtractor(model.body, data.prep, body_id, device)
-        train_set = feature_dataset(extractor.embed(_images(data.train, data.loader), cfg.feature_views,
-                                                    "embedding train images", progress), data.train.split.labels)
-        val_set = feature_dataset(extractor.embed(_images(data.val, data.loader), 1, "embedding validation images",
-                                                  progress), data.val.split.labels)
-    else:
-        trained = model
-        train_set = FaceDataset(data.train, TrainPreset(data.prep, cfg.augment), data.loader)
-        val_set = FaceDataset(data.val, EvalPreset(data.prep), data.loader)
-    sampler = distributed.train_sampler(train_set, ctx, cfg.seed)  # None in a single process
+    trained, train_set, val_set, views = training_sets(cfg, model, data, weights_source, device, progress)
+    if trained is not model:
+        channels_last = False  # (only for the epoch loop: inputs are cached vectors or feature maps)
+    sampler = train_sampler(cfg, data, views, ctx)
     train_loader = make_loader(train_set, cfg.batch_size, shuffle=True, workers=cfg.workers, seed=cfg.seed,
                                sampler=sampler)
     val_loader = make_loader(val_set, cfg.batch_size * 2, False, cfg.workers,
@@ -308,7 +352,9 @@ def _train(cfg: TrainConfig, state: dict | None, log: Callable[[str], None], pro
             tr = train_one_epoch(net, train_loader, criterion, optimizer, device, precision, scaler,
                                  channels_last, scheduler, desc=f"epoch {epoch}/{cfg.epochs}", progress=progress)
             tr = distributed.reduce_train_stats(tr, ctx)
-            va = distributed.evaluate(trained, val_loader, val_criterion, device, precision, channels_last, ctx,
+            # Validation in fp32 whatever the training precision: the metrics that choose the best epoch
+            # must not depend on the CPU model (bf16 autocast is on by default where AMX makes it fast).
+            va = distributed.evaluate(trained, val_loader, val_criterion, device, "fp32", channels_last, ctx,
                                       desc="validate", progress=progress)
             row = {"epoch": epoch, "train_loss": round(tr["loss"], 6), "train_acc": round(tr["acc"], 6),
                    "val_loss": round(va["loss"], 6), "val_acc": round(va["acc"], 6),
@@ -375,6 +421,9 @@ def finish(cfg: TrainConfig, out: Path, data: RunData, device, precision: str, c
     elif cfg.val_on_test:
         test, test_metrics = val, val_metrics
         best["metrics"]["test"] = _brief(val_metrics)
+    sources = describe_sources(data.scanned, {"train": data.train.split, "validation": data.val.split,
+                                              "test": data.test.split if data.test is not None else None})
+    best["sources"] = sources
     ckpt.save_atomic(best, out / BEST_MODEL)
     summary = {
         "best_epoch": stopper.best_epoch,
@@ -389,12 +438,27 @@ def finish(cfg: TrainConfig, out: Path, data: RunData, device, precision: str, c
         "train_seconds": round(time.perf_counter() - started, 1),
         "validation": val_metrics,
         "test": test_metrics,
+        "sources": sources,
+        "by_source": {"validation": by_source(val, data.val.split, data),
+                      "test": by_source(test, data.test.split, data) if test is not None else None},
     }
     write_evaluation(summary, test_metrics, data.classes, out, title="Test set" if not cfg.val_on_test
                      else "Test set (also used for model selection)")
     write_run_report(cfg, out, test, best, log)  # report.html: test metrics, calibration, groups, mistakes
     log(format_summary(summary, out))
     return summary
+
+
+def by_source(pred, split, data: RunData) -> dict | None:
+    """Accuracy and recall of each source's images (metrics.per_group_metrics, 'source' column);
+    None with a single source."""
+    from facegender.metrics import per_group_metrics
+
+    if len(data.scanned.sources) < 2 or pred is None or not len(pred.labels):
+        return None
+    names = [data.scanned.sources[split.source_of(i)].name for i in range(len(split))]
+    preds = pred.probs().argmax(1)
+    return per_group_metrics(pred.labels, preds, {"source": names}, data.classes, min_count=1)["source"]
 
 
 def _brief(m: dict) -> dict:
@@ -443,12 +507,14 @@ class TrainRun:
         return {"validation": self.summary["validation"], "test": self.summary["test"]}
 
 
-def run(data: str | Path, preset: str | None = DEFAULT_PRESET, out: str | Path = "output", log: Callable[[str], None] = print,
-        progress: bool = True, **overrides) -> TrainRun:
-    """Train on `data` (DATASET/train/<class>/, DATASET/test/<class>/) into `out`, as
-    `facegender train --data DATA --preset PRESET --out OUT` does; `overrides` are TrainConfig fields
-    (`epochs=5`, `backbone="resnet18"`). This is `facegender.train(...)`."""
-    cfg = build_config(preset, data=str(data), out=str(out), **overrides)
+def run(data: str | Path | list, preset: str | None = DEFAULT_PRESET, out: str | Path = "output",
+        log: Callable[[str], None] = print, progress: bool = True, **overrides) -> TrainRun:
+    """Train on `data` (DATASET/train/<class>/, DATASET/test/<class>/; or a list of sources, as
+    repeated --data) into `out`, as `facegender train --data DATA --preset PRESET --out OUT` does;
+    `overrides` are TrainConfig fields (`epochs=5`, `backbone="resnet18"`). This is
+    `facegender.train(...)`."""
+    sources = [str(d) for d in data] if isinstance(data, (list, tuple)) else [str(data)]
+    cfg = build_config(preset, data=sources, out=str(out), **overrides)
     summary = train(cfg, log=log, progress=progress)
     return TrainRun(Path(cfg.out), Path(cfg.out) / BEST_MODEL, summary, cfg)
 
