@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -201,3 +203,28 @@ def test_eval_preset_sets_pixels_outside_the_visible_box_to_the_padding_colour()
     assert d["visible"] == [0.25, 0.5, 0.75, 1.0] and Preprocessing.from_dict(d) == prep
     del d["visible"]  # a model file from before this field: the whole crop
     assert Preprocessing.from_dict(d).visible is None
+
+
+def test_aligned_face_cache_is_keyed_by_content(tmp_path):
+    """A copy of an image under another name (another dataset) reuses its aligned face; an image
+    whose content changed is aligned again."""
+    import shutil
+
+    from facegender.faces import DLIB_CHIP_FILL
+    from facegender.resources import sample_photo_path
+
+    prep = Preprocessing(image_size=150, face={"size": 150, "template": "dlib", "pad_color": DLIB_CHIP_FILL})
+    loader = ImageLoader(ImagePreparer(prep), cache_dir=tmp_path / "cache")
+    calls = []
+    prepare = loader.preparer.prepare
+    loader.preparer.prepare = lambda image: calls.append(1) or prepare(image)
+    first = shutil.copy(sample_photo_path(), tmp_path / "a.jpg")
+    (tmp_path / "other").mkdir()
+    copy = shutil.copy(sample_photo_path(), tmp_path / "other" / "renamed.jpg")
+    aligned, found = loader(Path(first))
+    assert found and len(calls) == 1
+    again, _ = loader(Path(copy))
+    assert len(calls) == 1 and np.array_equal(again, aligned)
+    Image.open(first).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(first)
+    loader(Path(first))
+    assert len(calls) == 2

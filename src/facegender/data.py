@@ -200,12 +200,15 @@ def fold_split(train: Split, n_folds: int, fold: int, seed: int) -> tuple[Split,
 # ----------------------------------------------------------------------------- decoding and caching
 
 def _aligned_cache_path(cache_dir: Path, path: Path, face: dict) -> Path:
+    """The cache file of an image's aligned face: keyed by the file's content (so copies and
+    renamed files share it, across datasets and runs) and the face settings with the crop
+    geometry they give."""
     from facegender.faces import FaceAlignConfig, template_landmarks
 
-    st = path.stat()
     template = template_landmarks(FaceAlignConfig.from_dict(face)).round(3).tolist()  # the geometry itself
-    key = json.dumps([str(path.resolve()), st.st_size, st.st_mtime_ns, face, template], sort_keys=True)
-    return cache_dir / (hashlib.sha1(key.encode()).hexdigest() + ".png")
+    key = hashlib.sha1(json.dumps([face, template], sort_keys=True).encode())
+    key.update(Path(path).read_bytes())
+    return cache_dir / (key.hexdigest() + ".png")
 
 
 def default_cache_dir() -> Path:
@@ -214,7 +217,7 @@ def default_cache_dir() -> Path:
 
 class ImageLoader:
     """Path -> prepared uint8 array (3, S, S). With face alignment, aligned crops are cached on disk
-    (keyed by file, size, mtime and face settings), so a dataset is detected once, not every run."""
+    (keyed by the file's content and the face settings), so an image is detected once, not every run."""
 
     def __init__(self, preparer: ImagePreparer, cache_dir: Path | None = None):
         self.preparer = preparer
@@ -224,7 +227,10 @@ class ImageLoader:
     def __call__(self, path: Path) -> tuple[np.ndarray, bool]:
         if self.face is None:
             return self.preparer.prepare(load_image(path))
-        cached = _aligned_cache_path(self.cache_dir, path, self.face)
+        try:
+            cached = _aligned_cache_path(self.cache_dir, path, self.face)
+        except OSError:  # unreadable: load_image names the file and the problem
+            return self.preparer.prepare(load_image(path))
         noface = cached.with_suffix(".noface.png")
         for candidate, found in ((cached, True), (noface, False)):
             if candidate.is_file():
