@@ -14,8 +14,11 @@ so a file with more views also serves a request for fewer.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -73,34 +76,50 @@ class FeatureExtractor:
 
     @torch.no_grad()
     def embed(self, images: Sequence[np.ndarray], views: int = 1, desc: str = "embedding",
-              progress: bool = True) -> torch.Tensor:
-        """(len(images), views, ...): cached where possible, the rest computed in batches. An image
-        cached with fewer views gets only the missing ones computed (a validation image of one run
-        is a training image of the next seed's). `images` may read each image on access."""
-        keys = [self._key(images[i]) for i in range(len(images))]
-        out: list[np.ndarray | None] = [None] * len(images)
-        parts: dict[int, list[np.ndarray]] = {}
-        for i, key in enumerate(keys):
-            have = self._load(key)
-            if have is not None and have.shape[0] >= views:  # view k is the same whatever the count
-                out[i] = have[:views]
-            else:
-                parts[i] = list(have) if have is not None else []
-        if parts:
+              progress: bool = True, to_disk: bool = False) -> torch.Tensor:
+        """(len(images), views, ...): cached where possible, the rest computed in batches, a batch
+        of images at a time. An image cached with fewer views gets only the missing ones computed
+        (a validation image of one run is a training image of the next seed's). `images` may read
+        each image on access; with `to_disk` the result is a memory-mapped temporary file, so
+        memory does not grow with the number of images."""
+        result = None
+        with tqdm(total=len(images) * views, desc=desc, disable=not progress, leave=False, unit="view") as bar:
+            for start in range(0, len(images), self.batch_size):
+                chunk = self._embed_chunk([images[i] for i in range(start, min(len(images), start + self.batch_size))],
+                                          views)
+                if result is None:
+                    result = self._allocate((len(images), *chunk.shape[1:]), to_disk)
+                result[start:start + len(chunk)] = chunk
+                bar.update(len(chunk) * views)
+        return torch.from_numpy(result) if result is not None else torch.empty(0, views, 0, dtype=torch.float32)
+
+    def _embed_chunk(self, images: list[np.ndarray], views: int) -> np.ndarray:
+        keys = [self._key(img) for img in images]
+        have = [self._load(key) for key in keys]
+        done = {i: h[:views] for i, h in enumerate(have) if h is not None and h.shape[0] >= views}
+        parts = {i: list(h) if h is not None else [] for i, h in enumerate(have) if i not in done}
+        items = [(i, v) for i in parts for v in range(len(parts[i]), views)]
+        if items:
             self.body.eval()
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
-            items = [(i, v) for i in parts for v in range(len(parts[i]), views)]  # image by image: each is
-            bar = tqdm(total=len(items), desc=desc, disable=not progress, leave=False, unit="img")  # written when done
-            for start in range(0, len(items), self.batch_size):
-                chunk = items[start:start + self.batch_size]
-                batch = torch.stack([self.view(images[i], v, keys[i]) for i, v in chunk]).to(self.device)
-                for (i, _), e in zip(chunk, self.body(batch).float().cpu().numpy()):
-                    parts[i].append(e.astype(self.dtype))
-                    if len(parts[i]) == views:
-                        out[i] = self._store(keys[i], np.stack(parts.pop(i)))
-                bar.update(len(chunk))
-            bar.close()
-        return torch.from_numpy(np.stack(out)) if out else torch.empty(0, views, 0, dtype=torch.float32)
+        for start in range(0, len(items), self.batch_size):
+            batch_items = items[start:start + self.batch_size]
+            batch = torch.stack([self.view(images[i], v, keys[i]) for i, v in batch_items]).to(self.device)
+            for (i, _), e in zip(batch_items, self.body(batch).float().cpu().numpy()):
+                parts[i].append(e.astype(self.dtype))
+        for i, p in parts.items():
+            done[i] = self._store(keys[i], np.stack(p))
+        return np.stack([done[i] for i in range(len(images))])
+
+    def _allocate(self, shape: tuple[int, ...], to_disk: bool) -> np.ndarray:
+        if not to_disk:
+            return np.empty(shape, dtype=self.dtype)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(suffix=".npy", dir=self.cache_dir, prefix="run-")
+        os.close(fd)
+        array = np.lib.format.open_memmap(name, mode="w+", dtype=self.dtype, shape=shape)
+        with contextlib.suppress(OSError):  # POSIX: the mapping lives on, the file goes at the end
+            os.unlink(name)
+        return array
 
     def _load(self, key: str) -> np.ndarray | None:
         """The cached views of an image, or None (a damaged entry is recomputed and rewritten)."""
@@ -114,6 +133,7 @@ class FeatureExtractor:
         return arr if arr.ndim >= 2 and arr.dtype == self.dtype else None
 
     def _store(self, key: str, arr: np.ndarray) -> np.ndarray:
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
         with atomic_path(self.cache_dir / f"{key}.npy") as tmp, open(tmp, "wb") as f:
             np.save(f, arr, allow_pickle=False)
         return arr

@@ -11,7 +11,7 @@ import time
 import types
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -92,7 +92,10 @@ def prepare_data(cfg: TrainConfig, scanned: ScannedSources, log: Callable[[str],
         loader = ImageLoader(ImagePreparer(dataclasses.replace(prep, face=None)))
     else:
         loader = ImageLoader(ImagePreparer(prep))
-    read = dict(loader=loader, keep=cfg.cache, skip_bad=cfg.skip_bad, progress=progress)
+    # Frozen features and the cached prefix read each image once more to embed it, so the decoded
+    # images are not kept: memory then does not grow with the training set.
+    keep = cfg.cache and not (cfg.frozen_features or cfg.prefix_mode)
+    read = dict(loader=loader, keep=keep, skip_bad=cfg.skip_bad, progress=progress)
     train = load_split(train_split, desc="reading train images", **read)
     val = load_split(val_split, desc="reading validation images", **read)
     test = val if cfg.val_on_test else load_split(test_split, desc="reading test images", **read)
@@ -153,10 +156,11 @@ def training_sets(cfg: TrainConfig, model: nn.Module, data: RunData, weights_sou
         what = "frozen stages of"
     else:
         trained, extractor, what = model.head, FeatureExtractor(model.body, data.prep, body_id, device), "embedding"
-    train_set = feature_dataset(extractor.embed(_images(data.train, data.loader), cfg.feature_views,
-                                                f"{what} train images", progress), data.train.split.labels)
-    val_set = feature_dataset(extractor.embed(_images(data.val, data.loader), 1, f"{what} validation images",
-                                              progress), data.val.split.labels)
+    train_set = feature_dataset(extractor.embed(_Images(data.train, data.loader), cfg.feature_views,
+                                                f"{what} train images", progress, to_disk=True),
+                                data.train.split.labels)
+    val_set = feature_dataset(extractor.embed(_Images(data.val, data.loader), 1, f"{what} validation images",
+                                              progress, to_disk=True), data.val.split.labels)
     return trained, train_set, val_set, cfg.feature_views
 
 
@@ -171,9 +175,19 @@ def train_sampler(cfg: TrainConfig, data: RunData, views: int, ctx: distributed.
     return EpochWeightedSampler(np.repeat(weights, views), cfg.seed)
 
 
-def _images(loaded: LoadedSplit, loader: ImageLoader) -> list[np.ndarray]:
-    """The prepared uint8 images of a split: kept in memory, or read again."""
-    return loaded.images if loaded.images is not None else [loader(p)[0] for p in loaded.split.paths]
+class _Images(Sequence):
+    """The prepared uint8 images of a split: kept in memory, or read again on access."""
+
+    def __init__(self, loaded: LoadedSplit, loader: ImageLoader):
+        self.loaded, self.loader = loaded, loader
+
+    def __len__(self) -> int:
+        return len(self.loaded.split)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if self.loaded.images is not None:
+            return self.loaded.images[i]
+        return self.loader(self.loaded.split.paths[i])[0]
 
 
 def training_visible_region(train, loader, prep: Preprocessing, limit: int = 512):
@@ -410,13 +424,15 @@ def finish(cfg: TrainConfig, out: Path, data: RunData, device, precision: str, c
     val = model.evaluate(data.val, loader=data.loader, batch_size=cfg.batch_size * 2, progress=progress)
     temperature = fit_temperature(val.logits, val.labels) if len(val.labels) else 1.0
     model.temperature = val.temperature = temperature
-    val_metrics = compute_metrics(val.logits, val.labels, data.classes, temperature)
-    best.update(temperature=temperature, tta=cfg.tta)
+    threshold = decision_threshold(val, data.classes)
+    model.threshold = val.threshold = threshold
+    val_metrics = compute_metrics(val.logits, val.labels, data.classes, temperature, threshold)
+    best.update(temperature=temperature, tta=cfg.tta, threshold=threshold)
     best["metrics"] = {"best_epoch": stopper.best_epoch, "val": _brief(val_metrics)}
     test_metrics, test = None, None
     if data.test is not None and not cfg.val_on_test:
         test = model.evaluate(data.test, loader=data.loader, batch_size=cfg.batch_size * 2, progress=progress)
-        test_metrics = compute_metrics(test.logits, test.labels, data.classes, temperature)
+        test_metrics = compute_metrics(test.logits, test.labels, data.classes, temperature, threshold)
         best["metrics"]["test"] = _brief(test_metrics)
     elif cfg.val_on_test:
         test, test_metrics = val, val_metrics
@@ -433,6 +449,7 @@ def finish(cfg: TrainConfig, out: Path, data: RunData, device, precision: str, c
             f"cross-validation fold {cfg.cv_fold} of {cfg.cv_folds} as validation" if cfg.cv_fold
             else f"stratified {cfg.val_fraction:.0%} validation split"),
         "temperature": temperature,
+        "threshold": threshold,
         "tta": cfg.tta,
         "skipped_files": len(data.train.bad) + len(data.val.bad) + (len(data.test.bad) if data.test else 0),
         "train_seconds": round(time.perf_counter() - started, 1),
@@ -449,6 +466,16 @@ def finish(cfg: TrainConfig, out: Path, data: RunData, device, precision: str, c
     return summary
 
 
+def decision_threshold(val, classes: list[str]) -> float | None:
+    """Two classes: the threshold on the calibrated probability of classes[1] that makes both
+    classes' recall equal on validation (metrics.equal_recall_threshold); else None (arg-max)."""
+    from facegender.metrics import equal_recall_threshold
+
+    if len(classes) != 2 or not len(val.labels):
+        return None
+    return float(equal_recall_threshold(val.probs(), val.labels))
+
+
 def by_source(pred, split, data: RunData) -> dict | None:
     """Accuracy and recall of each source's images (metrics.per_group_metrics, 'source' column);
     None with a single source."""
@@ -457,7 +484,7 @@ def by_source(pred, split, data: RunData) -> dict | None:
     if len(data.scanned.sources) < 2 or pred is None or not len(pred.labels):
         return None
     names = [data.scanned.sources[split.source_of(i)].name for i in range(len(split))]
-    preds = pred.probs().argmax(1)
+    preds = pred.predicted()
     return per_group_metrics(pred.labels, preds, {"source": names}, data.classes, min_count=1)["source"]
 
 
@@ -481,6 +508,9 @@ def format_summary(summary: dict, out: Path) -> str:
                   else "fitted on validation")
         lines.append(f" test ECE {test['ece']:.4f} -> {test['ece_calibrated']:.4f} after temperature "
                      f"{summary['temperature']:.3f} ({fitted})")
+    if summary.get("threshold") is not None:
+        lines.append(f" decision threshold {summary['threshold']:.3f} on the probability of the second class "
+                     "(equal recall of both classes on validation)")
     if summary["skipped_files"]:
         lines.append(f" skipped unreadable files: {summary['skipped_files']}")
     lines += [f" time: {summary['train_seconds']:.0f} s", f" files in {out}/:",
