@@ -34,16 +34,22 @@ def test_shipped_file_matches_its_record(record):
     from facegender.bundle import default_model_path, sha256_file
     from facegender.export import load_onnx_classifier
 
+    from facegender.bundle import MAX_BYTES, is_head_only
+
     path = default_model_path()
     assert path.suffix == ".onnx"  # runs on onnxruntime, without PyTorch
     assert sha256_file(path) == record["sha256"]
-    assert path.stat().st_size == record["bytes"] < 5 * 2**20
+    assert path.stat().st_size == record["bytes"] < MAX_BYTES
     backend, stored = load_onnx_classifier(path, threads=1)
     assert stored["classes"] == record["classes"] == ["female", "male"]
     assert stored["preprocessing"] == record["preprocessing"]
     assert stored["backbone"] == record["backbone"] == "dlib_resnet"
-    assert stored["body"]["backbone"] == "dlib_resnet"  # head only: the face backbone comes from the package
-    assert backend.body is not None
+    if is_head_only(record):
+        assert stored["body"]["backbone"] == "dlib_resnet"  # head only: the face backbone comes from the package
+        assert backend.body is not None
+    else:  # the whole (fine-tuned) network is in the file
+        assert not stored.get("body") and backend.body is None
+        assert (stored.get("quantization") or "fp32") == record["quantization"]
     assert stored["temperature"] == pytest.approx(record["temperature"])
     assert stored["tta"] is record["tta"]
     files = subprocess.run(["git", "ls-files", "src/facegender/default_model"], cwd=REPO, capture_output=True,

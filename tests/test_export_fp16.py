@@ -117,7 +117,7 @@ def test_fp16_probabilities_match_pytorch(dlib_model, exports, pictures):
     assert np.abs(softmax(got, 1) - softmax(want, 1)).max() <= FP16_TOLERANCE
 
 
-def test_fp16_file_predicts_without_torch(dlib_model, exports, pictures, tmp_path):
+def test_fp16_file_predicts_without_torch_or_dlib_weights_package(dlib_model, exports, pictures, tmp_path):
     from facegender.export import FP16_TOLERANCE
 
     root, _ = exports
@@ -125,6 +125,11 @@ def test_fp16_file_predicts_without_torch(dlib_model, exports, pictures, tmp_pat
     expected = [r["faces"][0]["probabilities"] for r in dlib_model.predict(photos)]
     out = run_without_torch(f"""
         import json
+        class _NoDlibWeights:  # a whole network needs no package for its body either
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "face_recognition_models":
+                    raise ModuleNotFoundError("No module named 'face_recognition_models' (blocked)", name=name)
+        sys.meta_path.insert(0, _NoDlibWeights())
         import facegender
         model = facegender.load({str(root / "fp16.onnx")!r})
         results = model.predict({photos!r})
