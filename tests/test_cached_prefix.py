@@ -72,3 +72,41 @@ def test_cached_prefix_training_moves_only_the_last_stages_and_reuses_the_cache(
     computed.clear()
     run(tmp_path / "c", seed=0)
     assert computed == []
+
+
+def test_weight_average_is_the_ema_and_leaves_the_live_weights_alone():
+    from facegender.engine import WeightAverage
+
+    layer = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.fill_(0.0)
+    average = WeightAverage(layer, decay=0.5)
+    for value in (1.0, 2.0, 3.0):  # the first update copies; then average = 0.5 * average + 0.5 * live
+        with torch.no_grad():
+            layer.weight.fill_(value)
+        average.update()
+    with average.applied():
+        assert torch.allclose(layer.weight, torch.full((1, 2), 2.25))  # 1 -> 1.5 -> 2.25
+    assert torch.all(layer.weight == 3.0)
+
+
+def test_ema_run_saves_the_average_as_best_and_keeps_it_to_resume(tmp_path, monkeypatch):
+    from facegender.config import build_config
+    from facegender.train import resume_config, train
+
+    monkeypatch.setenv("FACEGENDER_CACHE", str(tmp_path / "cache"))
+    data = make_dataset(tmp_path / "data", n_train=10, n_test=4)
+    cfg = build_config(None, data=[str(data)], out=str(tmp_path / "out"), backbone="dlib_resnet", align=False,
+                       pretrained=False, frozen_features=False, trainable_stages=1, feature_views=2, epochs=2,
+                       batch_size=4, lr=0.05, ema=0.9, monitor="val_acc", patience=5, precision="fp32")
+    train(cfg, log=lambda s: None, progress=False)
+    last = torch.load(tmp_path / "out" / "gender_checkpoint.pth", weights_only=True)
+    best = torch.load(tmp_path / "out" / "best_model.pth", weights_only=True)
+    ema = {k.removeprefix("module."): v for k, v in last["ema_state"].items() if k != "n_averaged"}
+    head = [k for k in ema if k.startswith("1.")]  # the trained Sequential: (fc, head)
+    assert head and not torch.equal(last["model_state"]["head.1.weight"], ema["1.1.weight"])  # live != average
+    if best["epoch"] == last["epoch"]:
+        assert torch.equal(best["model_state"]["head.1.weight"], ema["1.1.weight"])
+    resumed, state = resume_config(str(tmp_path / "out" / "gender_checkpoint.pth"), epochs=3)
+    summary = train(resumed, state, log=lambda s: None, progress=False)
+    assert summary["epochs_run"] == 3

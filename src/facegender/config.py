@@ -76,6 +76,8 @@ class TrainConfig:
     label_smoothing: float = option(0.0, "label smoothing of the training loss", "optimisation")
     augment: str = option("report", "augmentation recipe", "optimisation",
                           choices=["report", "strong", "light", "none"])
+    ema: float = option(0.0, "weight averaging: validate and keep an exponential moving average of the trained "
+                        "weights, with this decay per step (0: off; e.g. 0.998)", "optimisation")
     patience: int = option(3, "early stopping: epochs without improvement", "optimisation")
     monitor: str = option("val_acc", "what early stopping and the best epoch watch", "optimisation",
                           choices=["val_acc", "val_loss"])
@@ -209,6 +211,8 @@ def validate(cfg: TrainConfig) -> None:
         problems.append(f"--precision must be auto, fp32, bf16 or fp16, got {cfg.precision!r}")
     if cfg.augment not in ("report", "strong", "light", "none"):
         problems.append(f"--augment must be report, strong, light or none, got {cfg.augment!r}")
+    if not 0.0 <= cfg.ema < 1.0:
+        problems.append(f"--ema must be in [0, 1), got {cfg.ema}")
     if cfg.feature_views < 1:
         problems.append(f"--feature-views must be at least 1, got {cfg.feature_views}")
     if cfg.optimizer not in ("adam", "adamw"):

@@ -110,8 +110,10 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, workers: int =
 
 def train_one_epoch(model: nn.Module, loader, criterion, optimizer, device: torch.device, precision: str = "fp32",
                     scaler: torch.amp.GradScaler | None = None, channels_last: bool = False,
-                    scheduler=None, desc: str = "train", progress: bool = True) -> dict:
-    """One pass over `loader`; returns {'loss', 'acc', 'n', 'seconds', 'images_per_sec'}."""
+                    scheduler=None, desc: str = "train", progress: bool = True,
+                    on_step: Callable[[], None] | None = None) -> dict:
+    """One pass over `loader`; returns {'loss', 'acc', 'n', 'seconds', 'images_per_sec'}.
+    `on_step` runs after every optimizer step (a weight average's update)."""
     model.train()
     total_loss, correct, n = 0.0, 0, 0
     start = time.perf_counter()
@@ -134,6 +136,8 @@ def train_one_epoch(model: nn.Module, loader, criterion, optimizer, device: torc
         else:
             loss.backward()
             optimizer.step()
+        if on_step is not None:
+            on_step()
         if scheduler is not None:
             scheduler.step()
         b = labels.size(0)
@@ -183,6 +187,44 @@ def summarize_logits(logits: torch.Tensor, labels: torch.Tensor, criterion) -> d
     loss = criterion(logits, labels).item()
     acc = (logits.argmax(1) == labels).float().mean().item()
     return {"loss": loss, "acc": acc, "n": n, "logits": logits, "labels": labels}
+
+
+class WeightAverage:
+    """An exponential moving average of a module's weights (torch.optim.swa_utils.AveragedModel),
+    updated after every step; `applied()` puts the average into the module for a while (to
+    validate and save it) and then the live weights back, so training goes on unchanged."""
+
+    def __init__(self, module: nn.Module, decay: float):
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        self.module = module
+        self.average = AveragedModel(module, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+    def update(self) -> None:
+        self.average.update_parameters(self.module)
+
+    @contextlib.contextmanager
+    def applied(self):
+        live = [t.detach().clone() for t in _weights(self.module)]
+        with torch.no_grad():
+            for t, a in zip(_weights(self.module), _weights(self.average.module)):
+                t.copy_(a)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for t, saved in zip(_weights(self.module), live):
+                    t.copy_(saved)
+
+    def state_dict(self) -> dict:
+        return self.average.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.average.load_state_dict(state)
+
+
+def _weights(module: nn.Module) -> list[torch.Tensor]:
+    return [*module.parameters(), *module.buffers()]
 
 
 @dataclass

@@ -3,6 +3,7 @@ validation split, evaluate once on DATASET/test, and write everything into the r
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -22,8 +23,8 @@ from facegender import checkpoint as ckpt
 from facegender import distributed
 from facegender.config import DEFAULT_PRESET, TrainConfig, build_config
 from facegender.data import ImageLoader, LoadedSplit, fold_split, load_split, split_train_val
-from facegender.engine import (EarlyStopping, EpochWeightedSampler, FaceDataset, make_loader, seed_everything,
-                               select_device, select_precision, train_one_epoch)
+from facegender.engine import (EarlyStopping, EpochWeightedSampler, FaceDataset, WeightAverage, make_loader,
+                               seed_everything, select_device, select_precision, train_one_epoch)
 from facegender.evaluate import compute_metrics, write_evaluation
 from facegender.inference import load
 from facegender.metrics import fit_temperature
@@ -135,6 +136,11 @@ def prepared_marker(cfg: TrainConfig, scanned: ScannedSources) -> dict | None:
                              f"template, but {cfg.backbone} wants {wanted} crops: run `facegender prepare --template "
                              f"{wanted}` on the original images, or train on them directly with --align")
     return prepared
+
+
+def averaged(average: WeightAverage | None):
+    """The weight average applied for a while (nothing without --ema)."""
+    return average.applied() if average is not None else contextlib.nullcontext()
 
 
 def training_sets(cfg: TrainConfig, model: nn.Module, data: RunData, weights_source: str, device,
@@ -317,6 +323,7 @@ def _train(cfg: TrainConfig, state: dict | None, log: Callable[[str], None], pro
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     val_criterion = nn.CrossEntropyLoss()
     stopper = EarlyStopping(cfg.patience, "max" if cfg.monitor == "val_acc" else "min")
+    average = WeightAverage(trained, cfg.ema) if cfg.ema else None
     history: list[dict] = []
     start_epoch = 1
     if state is not None:
@@ -326,6 +333,8 @@ def _train(cfg: TrainConfig, state: dict | None, log: Callable[[str], None], pro
             scheduler = distributed.schedule_at(lambda opt: make_scheduler(cfg, opt, len(train_loader)), optimizer,
                                                 state["epoch"] * len(train_loader))
         stopper.load_state_dict(state["early_stopping"])
+        if average is not None and state.get("ema_state"):
+            average.load_state_dict(state["ema_state"])
         history = list(state["history"])
         start_epoch = state["epoch"] + 1
         ckpt.set_rng_state(state["rng_state"])
@@ -364,12 +373,14 @@ def _train(cfg: TrainConfig, state: dict | None, log: Callable[[str], None], pro
             else:
                 train_loader.generator.manual_seed(cfg.seed + epoch)
             tr = train_one_epoch(net, train_loader, criterion, optimizer, device, precision, scaler,
-                                 channels_last, scheduler, desc=f"epoch {epoch}/{cfg.epochs}", progress=progress)
+                                 channels_last, scheduler, desc=f"epoch {epoch}/{cfg.epochs}", progress=progress,
+                                 on_step=average.update if average is not None else None)
             tr = distributed.reduce_train_stats(tr, ctx)
             # Validation in fp32 whatever the training precision: the metrics that choose the best epoch
             # must not depend on the CPU model (bf16 autocast is on by default where AMX makes it fast).
-            va = distributed.evaluate(trained, val_loader, val_criterion, device, "fp32", channels_last, ctx,
-                                      desc="validate", progress=progress)
+            with averaged(average):  # with --ema the average is validated (and saved as the best model)
+                va = distributed.evaluate(trained, val_loader, val_criterion, device, "fp32", channels_last, ctx,
+                                          desc="validate", progress=progress)
             row = {"epoch": epoch, "train_loss": round(tr["loss"], 6), "train_acc": round(tr["acc"], 6),
                    "val_loss": round(va["loss"], 6), "val_acc": round(va["acc"], 6),
                    "lr": optimizer.param_groups[0]["lr"], "images_per_sec": round(tr["images_per_sec"], 2),
@@ -383,11 +394,13 @@ def _train(cfg: TrainConfig, state: dict | None, log: Callable[[str], None], pro
             if not ctx.is_main:
                 continue
             if improved:
-                ckpt.save_atomic(record(epoch, metrics={"val_acc": va["acc"], "val_loss": va["loss"]}),
-                                 out / BEST_MODEL)
+                with averaged(average):
+                    ckpt.save_atomic(record(epoch, metrics={"val_acc": va["acc"], "val_loss": va["loss"]}),
+                                     out / BEST_MODEL)
             ckpt.save_atomic(record(
                 epoch, optimizer_state=optimizer.state_dict(),
                 scheduler_state=scheduler.state_dict() if scheduler is not None else None,
+                ema_state=average.state_dict() if average is not None else None,
                 history=history, early_stopping=stopper.state_dict(), rng_state=ckpt.rng_state(),
                 world_size=ctx.world_size,
             ), out / CHECKPOINT)
