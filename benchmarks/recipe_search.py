@@ -36,6 +36,12 @@ CANDIDATES: dict[str, dict] = {
     "ft2-bal": {**_FT, "trainable_stages": 2, "lr": 1e-3, "body_lr_scale": 0.3, "epochs": 8, "feature_views": 4,
                 "balance": "source"},
     "ft2-lr3": {**_FT, "trainable_stages": 2, "lr": 3e-4, "body_lr_scale": 1.0, "epochs": 8, "feature_views": 4},
+    "ft2-imfdb": {**_FT, "trainable_stages": 2, "lr": 1e-3, "body_lr_scale": 0.3, "epochs": 8, "feature_views": 4,
+                  "data": "diverse-imfdb.yaml"},
+    "ft2-ema": {**_FT, "trainable_stages": 2, "lr": 1e-3, "body_lr_scale": 0.3, "epochs": 8, "feature_views": 4,
+                "ema": 0.998},
+    "ft3-ema": {**_FT, "trainable_stages": 3, "lr": 1e-3, "body_lr_scale": 0.3, "epochs": 8, "feature_views": 4,
+                "ema": 0.998},
     "ft3": {**_FT, "trainable_stages": 3, "lr": 1e-3, "body_lr_scale": 0.3, "epochs": 8, "feature_views": 4},
     "ft3-lr3": {**_FT, "trainable_stages": 3, "lr": 3e-4, "body_lr_scale": 1.0, "epochs": 8, "feature_views": 4},
 }
@@ -47,6 +53,8 @@ def run_one(name: str, seed: int, data: list[str], out: Path, shared: Path) -> d
 
     options = dict(CANDIDATES[name])
     preset = options.pop("preset", None)
+    if "data" in options:  # a candidate with its own sources (benchmarks/sources/)
+        data = [str(HERE / "sources" / options.pop("data"))]
     started = time.perf_counter()
     run = facegender.train(data, preset=preset, out=out / f"{name}-s{seed}", seed=seed, progress=False,
                            log=lambda s: None, **options)
