@@ -62,8 +62,11 @@ predict: venv
 serve: venv
 	$(BIN)/facegender serve $(MODEL_ARG) $(ARGS)
 
+# The bundled model's training sources, under $(SHARED)/datasets (docs/model-card.md).
+DEFAULT_SOURCES ?= faces-gdf aaf-adult congress-past
+
 default-model: venv
-	$(BIN)/facegender train --data $(SHARED)/datasets/faces-gdf --preset best --out runs/default-model $(ARGS)
+	$(BIN)/facegender train $(foreach s,$(DEFAULT_SOURCES),--data $(SHARED)/datasets/$(s)) --preset best --out runs/default-model $(ARGS)
 	$(BIN)/python -m facegender.bundle runs/default-model/best_model.pth --shared $(SHARED)
 
 clean:

@@ -65,7 +65,16 @@ def run_one(name: str, seed: int, data: list[str], out: Path, shared: Path) -> d
             "best_epoch": run.summary["best_epoch"], "epochs_run": run.summary["epochs_run"],
             "val_accuracy": val["accuracy"], "val_balanced_accuracy": val["balanced_accuracy"],
             "val_by_source": run.summary.get("by_source", {}).get("validation"),
-            "gdf_test": m["gdf_test"]["accuracy"], "ood": m["ood"]}
+            "gdf_test": m["gdf_test"]["accuracy"], "ood": m["ood"], "threshold": m.get("threshold")}
+
+
+def remeasure(rows: list[dict], out: Path, shared: Path) -> list[dict]:
+    from facegender.bundle import measure
+
+    for row in rows:
+        m = measure(out / f"{row['candidate']}-s{row['seed']}" / "best_model.pth", shared)
+        row.update(gdf_test=m["gdf_test"]["accuracy"], ood=m["ood"], threshold=m.get("threshold"))
+    return rows
 
 
 def _mean_sd(values: list[float]) -> str:
@@ -96,11 +105,16 @@ def main() -> None:
     parser.add_argument("--data", nargs="+", default=[str(HERE / "sources" / "diverse.yaml")])
     parser.add_argument("--shared", default=str(HERE.parent.parent / "shared"))
     parser.add_argument("--out", default="runs/recipes")
+    parser.add_argument("--remeasure", action="store_true",
+                        help="measure the finished runs' models again (after a change to how models decide)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.jsonl"
     rows = [json.loads(line) for line in results.read_text().splitlines()] if results.is_file() else []
+    if args.remeasure:
+        rows = remeasure(rows, out, Path(args.shared))
+        results.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     done = {(r["candidate"], r["seed"]) for r in rows}
     for name in args.candidates:
         for seed in args.seeds:

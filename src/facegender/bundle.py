@@ -312,13 +312,13 @@ def measure(model_path: str | os.PathLike, shared: str | os.PathLike) -> dict[st
 
     shared = Path(shared)
     model = load(model_path, device="cpu")
-    row: dict[str, Any] = {"model": str(model_path)}
+    row: dict[str, Any] = {"model": str(model_path), "threshold": model.threshold}
     gdf = model.evaluate(shared / "datasets/faces-gdf/test", log=lambda s: None, progress=False)
-    rates = _rates(gdf.labels, gdf.logits.argmax(1), model.classes)
+    rates = _rates(gdf.labels, gdf.predicted(), model.classes)
     row["gdf_test"] = {"accuracy": rates["accuracy"], "n": rates["n"], "ci": rates["ci"],
                        "ece": expected_calibration_error(gdf.probs(), gdf.labels)}
     ood = model.evaluate(shared / "datasets/faces-ood", log=lambda s: None, progress=False)
-    preds = ood.logits.argmax(1)
+    preds = ood.predicted()
     rates = _rates(ood.labels, preds, model.classes)
     columns = _ood_groups(shared, ood.paths)
     groups = per_group_metrics(ood.labels, preds, columns, model.classes, min_count=10)
