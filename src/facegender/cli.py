@@ -186,6 +186,7 @@ def _add_analysis_options(p) -> None:
     p.add_argument("--min-group-size", type=int, default=30, help="groups with fewer images are flagged 'too few'")
     p.add_argument("--min-confidence", type=float, metavar="P",
                    help="also report coverage and accuracy when predictions below P are 'uncertain'")
+    _add_threshold(p)
     p.add_argument("--tta", nargs="?", const="flip", choices=["flip", "none"], default=None,
                    help="test-time augmentation: --tta / --tta flip (mirror-image averaging; the plain model is "
                         "reported beside it), --tta none or --no-tta; not given: as the model was trained")
@@ -194,6 +195,25 @@ def _add_analysis_options(p) -> None:
     p.add_argument("--device", default="auto")
     _add_precision(p)
     p.add_argument("--skip-bad", action="store_true", help="leave unreadable images out")
+
+
+def _threshold(text: str) -> float:
+    """A --threshold value: a number strictly between 0 and 1 (a usage error otherwise)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number between 0 and 1 (exclusive)")
+    return value
+
+
+def _add_threshold(p) -> None:
+    """The decision threshold option (predict, evaluate, report, serve)."""
+    p.add_argument("--threshold", type=_threshold, metavar="T",
+                   help="predict the model's second class when its calibrated probability is >= T, else the first "
+                        "(two-class models; 0.5: the most probable class); default: the threshold stored with the "
+                        "model (chosen on validation to equalise the two recalls), or the most probable class")
 
 
 def _add_fast(p) -> None:
@@ -237,7 +257,8 @@ def _run_evaluate(args) -> int:
     metrics = evaluate_model(_model_path(args), args.data, args.out, args.batch_size, args.device, _tta(args),
                              args.skip_bad, log=(lambda s: None) if args.json else print, progress=not args.quiet,
                              groups=args.groups, min_confidence=args.min_confidence,
-                             min_group_size=args.min_group_size, precision=args.precision)
+                             min_group_size=args.min_group_size, precision=args.precision,
+                             threshold=args.threshold)
     if args.json:
         print(json.dumps(metrics, indent=2, ensure_ascii=False))
     return 0
@@ -256,6 +277,7 @@ def _add_predict(sub) -> None:
     p.add_argument("--no-detect", dest="detect", action="store_false", default=None,
                    help="treat each image as one already-cropped face")
     p.add_argument("--min-confidence", type=float, help="below this probability the label is 'uncertain'")
+    _add_threshold(p)
     p.add_argument("--tta", action=BOOL, default=None, help="flip test-time augmentation (default: as trained)")
     p.add_argument("--refine-steps", type=int, default=None,
                    help="face landmark refinement rounds (default: as trained; 0 is fastest)")
@@ -289,6 +311,8 @@ def _run_predict(args) -> int:
         kwargs["refine_steps"] = args.refine_steps
     if args.tta is not None:
         kwargs["tta"] = args.tta
+    if args.threshold is not None:
+        kwargs["threshold"] = args.threshold
     model = load(_model_path(args, quiet=args.json or args.csv), device=args.device, precision=args.precision,
                  **kwargs)
     results = []
@@ -297,16 +321,17 @@ def _run_predict(args) -> int:
         import csv
 
         writer = csv.writer(sys.stdout)
-        writer.writerow(["file", "face", "label", "probability", "x1", "y1", "x2", "y2", "status"])
+        writer.writerow(["file", "face", "label", "probability", "uncertain", "x1", "y1", "x2", "y2", "status"])
     for r in model.predict_iter(files):  # a batch of images at a time; printed as they come
         results.append(r)
         if args.json:
             continue
         if writer is not None:
             for i, f in enumerate(r["faces"]):
-                writer.writerow([r["file"], i + 1, f["label"], f["probability"], *f["box"], r["status"]])
+                writer.writerow([r["file"], i + 1, f["label"], f["probability"], str(f["uncertain"]).lower(),
+                                 *f["box"], r["status"]])
             if not r["faces"]:
-                writer.writerow([r["file"], "", "", "", "", "", "", "", r.get("error") or r["status"]])
+                writer.writerow([r["file"], "", "", "", "", "", "", "", "", r.get("error") or r["status"]])
         else:
             print(format_result(r), flush=True)
     if args.json:
@@ -466,7 +491,7 @@ def _run_report(args) -> int:
 
     build_report(args.model, args.data, args.out, args.groups, args.min_confidence, args.min_group_size,
                  _tta(args), args.batch_size, args.device, args.skip_bad, args.mistakes, progress=not args.quiet,
-                 precision=args.precision)
+                 precision=args.precision, threshold=args.threshold)
     return 0
 
 
@@ -522,6 +547,7 @@ def _add_serve(sub) -> None:
     p.add_argument("--device", default="auto", help="for .pth models: auto, cpu, cuda, ...")
     _add_precision(p)
     _add_fast(p)
+    _add_threshold(p)
     p.add_argument("--max-file-mb", type=float, default=20, help="largest uploaded file")
     p.add_argument("--max-request-mb", type=float, default=64, help="largest request body")
     p.add_argument("--max-files", type=int, default=32, help="most files in one request")
@@ -535,7 +561,7 @@ def _run_serve(args) -> int:
     from facegender.serve import MB, serve
 
     serve(_model_path(args), host=args.host, port=args.port, device=args.device, precision=args.precision,
-          log_level=args.log_level, fast=args.fast,
+          log_level=args.log_level, fast=args.fast, threshold=args.threshold,
           threads=args.threads, max_file_bytes=int(args.max_file_mb * MB),
           max_request_bytes=int(args.max_request_mb * MB), max_files=args.max_files, max_pixels=args.max_pixels,
           max_concurrent=args.max_concurrent)

@@ -5,6 +5,9 @@ Everything here reads a `metrics.Predictions` record (`inference.Model.evaluate`
 
 * `compute_metrics`: accuracy (with 95% Wilson interval), per-class precision/recall/F1, confusion
   matrix, loss, and expected calibration error before and after the temperature;
+* the predicted class of an image is the model's one decision (`metrics.decide` at the threshold
+  of the `Predictions` record, `Model.decide`): accuracy, recall, confusion matrix, per-group
+  metrics, coverage, mistakes and predictions.csv all read it; loss and ECE read the probabilities;
 * `analyse`: those plus reliability bins (15 equal-width bins) before and after the temperature,
   test-time augmentation reported beside the plain model, per-group accuracy and per-class recall
   with intervals from a groups.csv (`facegender import` writes one: `path,label,<group columns>`,
@@ -30,7 +33,7 @@ import numpy as np
 
 from facegender import files
 from facegender.inference import DEFAULT_PRECISION, load
-from facegender.metrics import (Predictions, apply_temperature, classification_summary, coverage_curve,
+from facegender.metrics import (Predictions, apply_temperature, classification_summary, coverage_curve, decide,
                                 default_thresholds, expected_calibration_error, nll, per_group_metrics,
                                 reliability_bins, selective_metrics)
 from facegender.plots import plot_confusion_matrix, plot_coverage, plot_group_accuracy, plot_reliability
@@ -39,15 +42,17 @@ N_BINS = 15
 GROUPS_FILE = "groups.csv"
 
 
-def compute_metrics(logits, labels, classes: list[str], temperature: float = 1.0) -> dict[str, Any]:
+def compute_metrics(logits, labels, classes: list[str], temperature: float = 1.0,
+                    threshold: float | None = None) -> dict[str, Any]:
     """Accuracy (with 95% Wilson interval), per-class precision/recall/F1, confusion matrix, loss,
     and expected calibration error before and after temperature scaling (logits and labels:
-    numpy arrays or torch tensors)."""
+    numpy arrays or torch tensors). Classes are predicted by `metrics.decide` on the calibrated
+    probabilities at `threshold` (None: the arg-max); `threshold` is recorded as used."""
     logits_np = np.asarray(logits.numpy() if hasattr(logits, "numpy") else logits, dtype=np.float64)
     labels_np = np.asarray(labels.numpy() if hasattr(labels, "numpy") else labels)
     probs = apply_temperature(logits_np, 1.0)
     calibrated = apply_temperature(logits_np, temperature)
-    preds = probs.argmax(1)
+    preds = decide(calibrated, threshold)
     summary = classification_summary(labels_np, preds, classes)
     summary.update(
         loss=nll(probs, labels_np),
@@ -55,6 +60,7 @@ def compute_metrics(logits, labels, classes: list[str], temperature: float = 1.0
         ece=expected_calibration_error(probs, labels_np),
         ece_calibrated=expected_calibration_error(calibrated, labels_np),
         temperature=float(temperature),
+        threshold=None if threshold is None or calibrated.shape[1] != 2 else float(threshold),
     )
     return summary
 
@@ -128,32 +134,33 @@ def analyse(pred: Predictions, groups: Mapping[str, Sequence] | None = None, min
     (`before`/`after` temperature, 15 bins), `without_tta` (the same metrics without TTA, only when
     TTA is on), `coverage_curve` and, when asked, `selective` (at `min_confidence`) and `groups`
     (`metrics.per_group_metrics`, groups under `min_group_size` images flagged `too_few`).
-    Confidence thresholds apply to calibrated probabilities, as in `facegender predict`."""
-    metrics = compute_metrics(pred.logits, pred.labels, pred.classes, pred.temperature)
+    Confidence thresholds apply to the calibrated probability of the predicted class, as in
+    `facegender predict`; classes are predicted at `pred.threshold` (recorded as `threshold`)."""
+    metrics = compute_metrics(pred.logits, pred.labels, pred.classes, pred.temperature, pred.threshold)
     metrics["tta"] = pred.tta
     metrics["n_bins"] = N_BINS
     metrics["reliability"] = {"before": reliability_bins(pred.probs(False), pred.labels, N_BINS),
                               "after": reliability_bins(pred.probs(True), pred.labels, N_BINS)}
     if pred.logits_plain is not None:
-        metrics["without_tta"] = compute_metrics(pred.logits_plain, pred.labels, pred.classes, pred.temperature)
-    probs = pred.probs(True)
+        metrics["without_tta"] = compute_metrics(pred.logits_plain, pred.labels, pred.classes, pred.temperature,
+                                                 pred.threshold)
+    probs, preds = pred.probs(True), pred.predicted()
     thresholds = None
     if min_confidence is not None:
         if not 0.0 <= min_confidence <= 1.0:
             raise ValueError(f"--min-confidence must be between 0 and 1, got {min_confidence}")
         thresholds = sorted(set(default_thresholds()) | {float(min_confidence)})
         metrics["selective"] = {"min_confidence": float(min_confidence),
-                                **selective_metrics(probs, pred.labels, min_confidence)}
-    metrics["coverage_curve"] = coverage_curve(probs, pred.labels, thresholds)
+                                **selective_metrics(probs, pred.labels, min_confidence, preds)}
+    metrics["coverage_curve"] = coverage_curve(probs, pred.labels, thresholds, preds)
     if groups:
-        metrics["groups"] = per_group_metrics(pred.labels, probs.argmax(1), groups, pred.classes, min_group_size)
+        metrics["groups"] = per_group_metrics(pred.labels, preds, groups, pred.classes, min_group_size)
     return metrics
 
 
 def mistakes(pred: Predictions, limit: int = 12) -> list[dict]:
     """The `limit` wrong predictions with the highest (calibrated) probability, most confident first."""
-    probs = pred.probs(True)
-    guess = probs.argmax(1)
+    probs, guess = pred.probs(True), pred.predicted()
     wrong = np.flatnonzero(guess != pred.labels)
     order = wrong[np.argsort(-probs[wrong, guess[wrong]], kind="stable")][:limit]
     return [{"path": str(pred.paths[i]), "true": pred.classes[pred.labels[i]], "predicted": pred.classes[guess[i]],
@@ -161,13 +168,14 @@ def mistakes(pred: Predictions, limit: int = 12) -> list[dict]:
 
 
 def predictions_csv(pred: Predictions) -> str:
-    """One row per image: path, true class, predicted class, calibrated probability of each class."""
+    """One row per image: path, true class, predicted class and its calibrated probability, the
+    calibrated probability of each class."""
     probs = pred.probs(True)
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(["path", "true", "predicted", "probability", *[f"p_{c}" for c in pred.classes]])
-    for p, y, row in zip(pred.paths, pred.labels, probs):
-        writer.writerow([str(p), pred.classes[y], pred.classes[int(row.argmax())], f"{row.max():.6f}",
+    for p, y, guess, row in zip(pred.paths, pred.labels, pred.predicted(), probs):
+        writer.writerow([str(p), pred.classes[y], pred.classes[guess], f"{row[guess]:.6f}",
                          *[f"{v:.6f}" for v in row]])
     return buf.getvalue()
 
@@ -228,16 +236,18 @@ def evaluate_model(model_path: str, data_dir: str, out: str | None = None, batch
                    device: str = "auto", tta: bool | None = None, skip_bad: bool = False,
                    log: Callable[[str], None] = print, progress: bool = True, groups: str | None = None,
                    min_confidence: float | None = None, min_group_size: int = 30,
-                   precision: str = DEFAULT_PRECISION) -> dict[str, Any]:
+                   precision: str = DEFAULT_PRECISION, threshold: float | None = None) -> dict[str, Any]:
     """Metrics of the model at `model_path` on `data_dir`/<class>/* (class names must be the model's).
 
+    Classes are decided at `threshold` on the probability of the model's second class (None: the
+    model's stored threshold, or the arg-max without one; 0.5: the arg-max); metrics.json records it.
     `tta` None uses what the model was trained with; with TTA on, the metrics without it are reported
     too (`without_tta`). Adds reliability bins, the coverage curve and, when given, accuracy at
     `min_confidence` and per-group metrics from the `groups` CSV (see `report.analyse`). Writes
     metrics.json, predictions.csv and the figures (confusion matrix, reliability before/after
     temperature, coverage, one chart per group column) into `out` when given."""
     model = load(model_path, device=device, precision=precision, detect=False,
-                 **({} if tta is None else {"tta": tta}))
+                 **({} if tta is None else {"tta": tta}), **({} if threshold is None else {"threshold": threshold}))
     classes, data_dir = model.classes, Path(data_dir)
     pred = model.evaluate(data_dir, skip_bad, batch_size, log=log, progress=progress)
     group_values, matched = read_groups(groups, pred.paths, data_dir) if groups else (None, 0)
@@ -254,7 +264,8 @@ def evaluate_model(model_path: str, data_dir: str, out: str | None = None, batch
     log(f"{data_dir}: accuracy {metrics['accuracy']:.4f} (n={metrics['n']}, 95% CI "
         f"{metrics['accuracy_ci'][0]:.3f}-{metrics['accuracy_ci'][1]:.3f}); "
         + ", ".join(f"recall {c} {v['recall']:.3f}" for c, v in metrics["per_class"].items())
-        + f"; ECE {metrics['ece']:.4f} -> {metrics['ece_calibrated']:.4f} calibrated")
+        + f"; ECE {metrics['ece']:.4f} -> {metrics['ece_calibrated']:.4f} calibrated"
+        + ("" if metrics["threshold"] is None else f"; {classes[1]} at p >= {metrics['threshold']:.4g}"))
     for line in describe(metrics):
         log(line)
     return metrics

@@ -20,6 +20,10 @@ What a Model does:
   images or bytes, read and classified a batch of images at a time (bounded memory), results in
   input order, an unreadable file as an error in its place;
 - `classify(crops)` / `logits(batch)`: probabilities / logits of prepared crops or a batch;
+- `decide(probs)`: the one decision from calibrated probabilities to classes, for every command:
+  with two classes and a `threshold` (the record's, chosen on validation to equalise the two
+  recalls, or `load(..., threshold=T)`), classes[1] when its probability is >= threshold, else the
+  arg-max; `is_uncertain(probs)`: the `uncertain` flag (within `uncertain_band` of the threshold);
 - `evaluate(folder or loaded split) -> metrics.Predictions`: the one predictions record of a
   labelled image set, with the plain logits beside the TTA ones;
 - `export(out)`: the ONNX file, checked against this model (`export.export_model`).
@@ -41,7 +45,8 @@ from PIL import Image
 from facegender import export
 from facegender.images import DEFAULT_MAX_PIXELS, ImageError, expand_paths, load_image
 from facegender.resources import default_model_path  # the model `load()` uses without a path
-from facegender.metrics import Predictions, apply_temperature
+from facegender.metrics import (DEFAULT_UNCERTAIN_BAND, Predictions, apply_temperature, check_threshold, decide,
+                                uncertain_mask)
 from facegender.preprocessing import Preprocessing, normalize
 
 UNCERTAIN = "uncertain"
@@ -125,15 +130,22 @@ class Model:
     def __init__(self, classes: Sequence[str], prep: Preprocessing, backend, temperature: float = 1.0,
                  tta: bool = False, detect: bool | None = None, min_confidence: float | None = None,
                  batch_size: int = 32, info: dict | None = None, threads: int | None = None,
-                 refine_steps: int | None = None, workers: int | None = None):
+                 refine_steps: int | None = None, workers: int | None = None, threshold: float | None = None,
+                 uncertain_band: float = DEFAULT_UNCERTAIN_BAND):
         """`backend`: `TorchBackend`, `export.OnnxBackend` or a `batch -> logits` callable.
         `detect=False`: every image is one already-cropped face. `threads`: ONNX Runtime threads of
         the face detector (None: the runtime's default). `refine_steps`: landmark refinement rounds,
         instead of the trained face stage's (fewer is faster; see benchmarks/predict_tradeoffs.py).
         `workers`: images decoded, detected and aligned at once, in threads (default: the CPU
         count, at most 4); the faces of all images of a batch then go through the classifier
-        together."""
+        together. `threshold`: the decision threshold on the probability of classes[1] (two classes
+        only; None: the arg-max); `uncertain_band`: faces whose probability is closer than this to
+        the threshold (0.5 without one) are flagged `uncertain` (see `decide`)."""
         self.classes = list(classes)
+        self.threshold = threshold
+        if not float(uncertain_band) >= 0:
+            raise ValueError(f"uncertain_band must be >= 0, got {uncertain_band}")
+        self.uncertain_band = float(uncertain_band)
         self.prep = prep
         self.backend = as_backend(backend)
         self.temperature = float(temperature)
@@ -162,6 +174,16 @@ class Model:
     def record(self) -> dict:
         """The model record (best_model.pth without weights, or the ONNX metadata)."""
         return self.info
+
+    @property
+    def threshold(self) -> float | None:
+        """The decision threshold on the probability of classes[1]; None (the arg-max) for models
+        without two classes."""
+        return self._threshold
+
+    @threshold.setter
+    def threshold(self, value: float | None) -> None:
+        self._threshold = check_threshold(value) if len(self.classes) == 2 else None
 
     @property
     def precision(self) -> str:
@@ -210,6 +232,15 @@ class Model:
         """Calibrated class probabilities: softmax(logits / temperature), float64."""
         return apply_temperature(logits, self.temperature)
 
+    def decide(self, probs) -> np.ndarray:
+        """Predicted class indices (N,) of calibrated probabilities (N, C): the one decision of
+        every command (`metrics.decide` at this model's `threshold`)."""
+        return decide(probs, self.threshold)
+
+    def is_uncertain(self, probs) -> np.ndarray:
+        """The `uncertain` flag (bool (N,)) of calibrated probabilities (`metrics.uncertain_mask`)."""
+        return uncertain_mask(probs, self.threshold, self.uncertain_band)
+
     def normalize(self, crops: Sequence) -> np.ndarray:
         """Normalised float32 batch (N, 3, S, S) of prepared uint8 crops (3, S, S) (numpy, or
         tensors)."""
@@ -240,7 +271,9 @@ class Model:
                 for f in self.detector.detect(image)]
 
     def _face_result(self, crop: _Crop, probs: np.ndarray) -> dict:
-        best = int(probs.argmax())
+        """One face: its label (`decide`; `uncertain` below `min_confidence`), the probability of
+        that label, every class's probability and the `uncertain` flag."""
+        best = int(self.decide(probs[None])[0])
         label = self.classes[best]
         confident = self.min_confidence is None or probs[best] >= self.min_confidence
         return {
@@ -251,6 +284,7 @@ class Model:
             "predicted_class": label,
             "probability": round(float(probs[best]), 6),
             "probabilities": {c: round(float(p), 6) for c, p in zip(self.classes, probs)},
+            "uncertain": bool(self.is_uncertain(probs[None])[0]),
         }
 
     def predict_images(self, images: Sequence[Image.Image]) -> list[list[dict]]:
@@ -357,7 +391,7 @@ class Model:
             logits, logits_plain = (plain_all + mirrored_all) / 2, plain_all
         return Predictions(list(self.classes), list(loaded.split.paths),
                            np.concatenate(labels) if labels else np.zeros(0, dtype=np.int64),
-                           logits, self.temperature, self.tta, logits_plain, list(loaded.bad))
+                           logits, self.temperature, self.tta, logits_plain, list(loaded.bad), self.threshold)
 
     # ------------------------------------------------------------------ export
 
@@ -414,8 +448,9 @@ def load(path: str | os.PathLike | None = None, device: str = "auto", precision:
          threads: int | None = None, **kwargs: Any) -> Model:
     """The model at `path`: best_model.pth (PyTorch, on `device` at `precision`) or an exported .onnx
     (onnxruntime, `threads` threads); None: the bundled default model (`default_model_path`).
-    Keyword arguments of `Model` (tta, detect, min_confidence, batch_size, refine_steps) override
-    the recorded ones."""
+    Keyword arguments of `Model` (tta, detect, min_confidence, batch_size, refine_steps, threshold,
+    uncertain_band) override the recorded ones (the record's `threshold`, when it has one, and its
+    `uncertain_band`, default `metrics.DEFAULT_UNCERTAIN_BAND`)."""
     path = Path(default_model_path() if path is None else path)
     if path.suffix.lower() == ".onnx":
         backend, meta = export.load_onnx_classifier(path, threads=threads)
@@ -434,5 +469,7 @@ def load(path: str | os.PathLike | None = None, device: str = "auto", precision:
     meta["path"] = str(path)
     kwargs.setdefault("temperature", meta.get("temperature", 1.0))
     kwargs.setdefault("tta", meta.get("tta", False))
+    kwargs.setdefault("threshold", meta.get("threshold"))
+    kwargs.setdefault("uncertain_band", meta.get("uncertain_band", DEFAULT_UNCERTAIN_BAND))
     return Model(meta["classes"], Preprocessing.from_dict(meta["preprocessing"]), backend, info=meta,
                  threads=threads, **kwargs)

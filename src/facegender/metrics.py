@@ -13,7 +13,11 @@ Conventions used throughout:
 * ``probs`` is an ``(N, C)`` array of class probabilities (rows sum to 1), ``logits`` an
   ``(N, C)`` array of raw scores, ``labels`` and ``preds`` ``(N,)`` arrays of class indices
   ``0..C-1`` and ``class_names`` the ``C`` names in index order.
-* The prediction is the arg-max class, its "confidence" the top probability.
+* The prediction is ``decide(probs, threshold)``: the arg-max class, or for two classes with a
+  stored decision threshold, class 1 when ``probs[:, 1] >= threshold``
+  (``equal_recall_threshold`` chooses one on validation). Functions that judge predictions take
+  them as ``preds`` (default: the arg-max); the "confidence" is the probability of the predicted
+  class. Loss and calibration always read the probabilities themselves.
 * A value that cannot be computed (accuracy of an empty set, recall of a class with no
   samples) is ``None``, never NaN.
 """
@@ -39,8 +43,16 @@ __all__ = [
     "per_group_metrics",
     "coverage_curve",
     "selective_metrics",
+    "decide",
+    "uncertain_mask",
+    "equal_recall_threshold",
+    "DEFAULT_UNCERTAIN_BAND",
     "Predictions",
 ]
+
+#: Half-width of the band of probabilities around the decision threshold in which a face is
+#: flagged `uncertain` (the model record's `uncertain_band` overrides it).
+DEFAULT_UNCERTAIN_BAND = 0.15
 
 
 # --------------------------------------------------------------------------------------------
@@ -399,6 +411,78 @@ def per_group_metrics(
 
 
 # --------------------------------------------------------------------------------------------
+# the decision: the arg-max, or a threshold on the probability of class 1
+# --------------------------------------------------------------------------------------------
+
+
+def check_threshold(threshold) -> float | None:
+    """`threshold` as a float strictly between 0 and 1 (None stays None); ValueError otherwise."""
+    if threshold is None:
+        return None
+    t = float(threshold)
+    if not 0.0 < t < 1.0:  # also refuses NaN
+        raise ValueError(f"threshold must be between 0 and 1 (exclusive), got {threshold}")
+    return t
+
+
+def decide(probs, threshold: float | None = None) -> np.ndarray:
+    """Predicted class indices ``(N,)`` of calibrated probabilities ``(N, C)``: with two classes
+    and a ``threshold``, class 1 where ``probs[:, 1] >= threshold`` and class 0 elsewhere;
+    otherwise (no threshold, or more classes) the arg-max."""
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.ndim != 2:
+        raise ValueError(f"probs must be an (N, C) array, got shape {probs.shape}")
+    if threshold is None or probs.shape[1] != 2:
+        return probs.argmax(axis=1).astype(np.int64)
+    return (probs[:, 1] >= float(threshold)).astype(np.int64)
+
+
+def uncertain_mask(probs, threshold: float | None = None, band: float = DEFAULT_UNCERTAIN_BAND) -> np.ndarray:
+    """Which predictions are flagged uncertain, as a bool ``(N,)`` array: with two classes, those
+    with ``|probs[:, 1] - threshold| < band`` (threshold 0.5 when None); with more classes, those
+    whose top probability is below ``0.5 + band``."""
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.ndim != 2:
+        raise ValueError(f"probs must be an (N, C) array, got shape {probs.shape}")
+    if probs.shape[1] == 2:
+        return np.abs(probs[:, 1] - (0.5 if threshold is None else float(threshold))) < band
+    return probs.max(axis=1) < 0.5 + band
+
+
+def _closest_to_half(low: float, high: float) -> float:
+    """The threshold in (low, high] closest to 0.5: every threshold there decides alike."""
+    if low < 0.5 <= high:
+        return 0.5
+    return high if high < 0.5 else float(np.nextafter(low, np.inf))
+
+
+def equal_recall_threshold(probs, labels) -> float:
+    """The threshold ``t`` on ``probs[:, 1]`` (class 1 when ``probs[:, 1] >= t``) that makes the
+    recall of class 0 and class 1 on these samples as equal as possible; among equally good
+    thresholds the one closest to 0.5 (0.5 itself when it is among them). 0.5 when either class
+    is absent. ``probs``: ``(N, 2)`` calibrated probabilities (of the validation split),
+    ``labels``: ``(N,)`` in {0, 1}.
+
+    Thresholds between two neighbouring distinct values of ``probs[:, 1]`` decide alike, so each
+    such interval is one candidate; recalls are compared exactly, as counts."""
+    probs, labels = _as_probs_labels(probs, labels)
+    if probs.shape[1] != 2:
+        raise ValueError(f"equal_recall_threshold needs two classes, got probs of shape {probs.shape}")
+    p1 = probs[:, 1]
+    neg, pos = np.sort(p1[labels == 0]), np.sort(p1[labels == 1])
+    n0, n1 = len(neg), len(pos)
+    if n0 == 0 or n1 == 0:
+        return 0.5
+    highs = np.append(np.unique(p1), np.inf)          # interval k is (highs[k-1], highs[k]]
+    lows = np.append(-np.inf, highs[:-1])
+    hits0 = np.searchsorted(neg, highs, side="left")  # class 0 below the threshold: right
+    hits1 = n1 - np.searchsorted(pos, highs, side="left")  # class 1 at or above it: right
+    gap = np.abs(hits0 * n1 - hits1 * n0)             # |recall0 - recall1| * n0 * n1, exact
+    best = np.flatnonzero(gap == gap.min())
+    return min((_closest_to_half(lows[k], highs[k]) for k in best), key=lambda t: (abs(t - 0.5), t))
+
+
+# --------------------------------------------------------------------------------------------
 # selective prediction ("uncertain" below a confidence threshold)
 # --------------------------------------------------------------------------------------------
 
@@ -407,9 +491,10 @@ def default_thresholds() -> list[float]:
     return [0.0] + [round(t, 2) for t in np.arange(0.5, 0.951, 0.05)] + [0.99]
 
 
-def selective_metrics(probs, labels, min_confidence: float) -> dict[str, Any]:
-    """Coverage and accuracy when predictions with top probability < ``min_confidence`` are
-    reported as "uncertain".
+def selective_metrics(probs, labels, min_confidence: float, preds=None) -> dict[str, Any]:
+    """Coverage and accuracy when predictions whose probability (of the predicted class) is below
+    ``min_confidence`` are reported as "uncertain". ``preds``: the predicted classes (default: the
+    arg-max, whose probability is the top one).
 
     Returns ``{coverage, accuracy_on_covered, n_covered, n_uncertain, n}``; ``coverage`` is None
     for an empty input and ``accuracy_on_covered`` None when nothing is covered.
@@ -421,12 +506,11 @@ def selective_metrics(probs, labels, min_confidence: float) -> dict[str, Any]:
     if n == 0:
         return {"coverage": None, "accuracy_on_covered": None, "n_covered": 0,
                 "n_uncertain": 0, "n": 0}
-    conf = probs.max(axis=1)
+    preds = probs.argmax(axis=1) if preds is None else _as_label_arrays(labels, preds)[1]
+    conf = probs[np.arange(n), preds]
     kept = conf >= float(min_confidence)
     n_kept = int(kept.sum())
-    acc = (
-        float(skm.accuracy_score(labels[kept], probs[kept].argmax(axis=1))) if n_kept else None
-    )
+    acc = float(skm.accuracy_score(labels[kept], preds[kept])) if n_kept else None
     return {
         "coverage": n_kept / n,
         "accuracy_on_covered": acc,
@@ -436,17 +520,18 @@ def selective_metrics(probs, labels, min_confidence: float) -> dict[str, Any]:
     }
 
 
-def coverage_curve(probs, labels, thresholds: Sequence[float] | None = None) -> list[dict]:
+def coverage_curve(probs, labels, thresholds: Sequence[float] | None = None, preds=None) -> list[dict]:
     """Coverage/accuracy trade-off over confidence thresholds.
 
     Returns one dict per threshold (ascending): ``{threshold, coverage, accuracy, n_kept}`` where
-    a sample is kept when its top probability is >= threshold; ``accuracy`` is None when nothing
-    is kept. Default thresholds: 0, 0.5, 0.55, ..., 0.95, 0.99.
+    a sample is kept when the probability of its predicted class (``preds``, default the arg-max)
+    is >= threshold; ``accuracy`` is None when nothing is kept. Default thresholds: 0, 0.5, 0.55,
+    ..., 0.95, 0.99.
     """
     ts = default_thresholds() if thresholds is None else sorted(float(t) for t in thresholds)
     curve = []
     for t in ts:
-        s = selective_metrics(probs, labels, t)
+        s = selective_metrics(probs, labels, t, preds)
         curve.append(
             {
                 "threshold": float(t),
@@ -476,6 +561,13 @@ class Predictions:
     tta: bool = False
     logits_plain: np.ndarray | None = None  # (N, C) without test-time augmentation, when `tta`
     skipped: list[str] = field(default_factory=list)  # unreadable files left out (--skip-bad)
+    threshold: float | None = None   # the decision threshold on p(classes[1]); None: the arg-max
 
     def probs(self, calibrated: bool = True) -> np.ndarray:
         return apply_temperature(self.logits, self.temperature if calibrated else 1.0)
+
+    def predicted(self, logits=None) -> np.ndarray:
+        """The predicted class indices (N,): `decide` on the calibrated probabilities of `logits`
+        (default: the evaluated ones) at this record's threshold."""
+        logits = self.logits if logits is None else logits
+        return decide(apply_temperature(logits, self.temperature), self.threshold)

@@ -169,7 +169,9 @@ def render_html(metrics: dict, record: dict, figures: Mapping[str, Path], galler
             [_td("macro F1"), _td(f"{metrics['macro_f1']:.4f}", True)],
             [_td(f"ECE ({metrics['n_bins']} bins) before → after temperature {metrics['temperature']:.3f}"),
              _td(f"{metrics['ece']:.4f} → {metrics['ece_calibrated']:.4f}", True)],
-            [_td("test-time augmentation"), _td("horizontal flip" if metrics["tta"] else "none")]]
+            [_td("test-time augmentation"), _td("horizontal flip" if metrics["tta"] else "none")],
+            [_td("decision"), _td("arg-max" if metrics.get("threshold") is None
+                                  else f"{classes[1]} when its probability ≥ {metrics['threshold']:.4g}")]]
     if "without_tta" in metrics:
         w = metrics["without_tta"]
         rows.append([_td("without TTA: accuracy (95% CI), ECE after temperature"),
@@ -276,7 +278,7 @@ def render_html(metrics: dict, record: dict, figures: Mapping[str, Path], galler
     # coverage
     rows = [[_td(f"{p['threshold']:.2f}", True), _td(_pct(p["coverage"]), True), _td(p["n_kept"], True),
              _td(_pct(p["accuracy"], 2), True)] for p in metrics["coverage_curve"]]
-    body = ('<p class="note">An image is answered when its calibrated top probability reaches the threshold '
+    body = ('<p class="note">An image is answered when the calibrated probability of its predicted class reaches the threshold '
             '(<code>facegender predict --min-confidence</code>); the others are "uncertain".</p>'
             + f'<div class="figs">{_img(figures["coverage"], "coverage and accuracy by threshold")}</div>'
             + _table(["minimum confidence", "coverage", "answered", "accuracy on answered"], rows))
@@ -341,12 +343,13 @@ def build_report(model_path: str, data_dir: str, out: str = "report.html", group
                  min_confidence: float | None = None, min_group_size: int = 30, tta: bool | None = None,
                  batch_size: int = 64, device: str = "auto", skip_bad: bool = False, n_mistakes: int = 12,
                  log: Callable[[str], None] = print, progress: bool = True,
-                 precision: str = DEFAULT_PRECISION) -> Path:
+                 precision: str = DEFAULT_PRECISION, threshold: float | None = None) -> Path:
     """`facegender report`: evaluate the model on `data_dir`/<class>/* and write one HTML file.
 
-    `groups` None uses DATASET/groups.csv when `data_dir` is DATASET/<split> and that file exists."""
+    `groups` None uses DATASET/groups.csv when `data_dir` is DATASET/<split> and that file exists;
+    `threshold` None decides as the model does (`evaluate.evaluate_model`)."""
     model = load(model_path, device=device, precision=precision, detect=False,
-                 **({} if tta is None else {"tta": tta}))
+                 **({} if tta is None else {"tta": tta}), **({} if threshold is None else {"threshold": threshold}))
     pred = model.evaluate(data_dir, skip_bad, batch_size, log=log, progress=progress)
     if groups is None and (Path(data_dir).parent / GROUPS_FILE).is_file():
         groups = str(Path(data_dir).parent / GROUPS_FILE)

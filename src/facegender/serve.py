@@ -4,11 +4,13 @@ Endpoints (see /docs for the OpenAPI description):
 
 - `GET /`: a page to pick or drop a photo; it draws every face's box and label on the photo.
 - `POST /predict`: multipart form, field `files` (repeat it for several images). One result per
-  file, in order: every face with box, landmarks, label and calibrated probability, or status
-  `no face found`, or status `error` with the reason (a file that is not an image does not fail
-  the others).
+  file, in order: every face with box, landmarks, label, calibrated probability and `uncertain`
+  flag, or status `no face found`, or status `error` with the reason (a file that is not an image
+  does not fail the others). Query parameter `threshold` (0 < T < 1): this request's decision
+  threshold instead of the server's (`--threshold`, else the model's stored one).
 - `GET /health`: liveness and the loaded model's file name.
-- `GET /model`: backbone, classes, preprocessing, temperature, training metrics, the limits.
+- `GET /model`: backbone, classes, preprocessing, temperature, decision threshold and uncertain
+  band, training metrics, the limits.
 
 The model (`best_model.pth` or an exported `.onnx`) is loaded once (`inference.load`), when the app
 is made, into `app.state.predictor`; it holds no per-request state. Inference runs in a worker thread, never
@@ -108,6 +110,8 @@ def model_summary(predictor, model_path: str | Path, limits: ServeLimits) -> dic
         "detects_faces": predictor.detector is not None,
         "temperature": predictor.temperature,
         "tta": predictor.tta,
+        "threshold": getattr(predictor, "threshold", None),
+        "uncertain_band": getattr(predictor, "uncertain_band", None),
         "pretrained": info.get("pretrained"),
         "epoch": info.get("epoch"),
         "metrics": info.get("metrics"),
@@ -185,12 +189,13 @@ def index_html() -> str:
 
 def create_app(model_path: str | Path, device: str = "auto", limits: ServeLimits | None = None,
                predictor=None, threads: int | None = None, precision: str = "fp32", fast: bool = False,
-               **limit_overrides: int):
+               threshold: float | None = None, **limit_overrides: int):
     """The FastAPI app serving `model_path` (.pth or .onnx). Limits come from `limits` and/or
     keyword overrides (`max_file_bytes=...`). `predictor` reuses an already loaded `inference.Model`;
     `threads` are the threads per inference (ONNX Runtime: detector and classifier; PyTorch);
-    `fast`: `inference.FAST` settings (no landmark refinement, no TTA)."""
-    from fastapi import FastAPI, File, Request, UploadFile
+    `fast`: `inference.FAST` settings (no landmark refinement, no TTA); `threshold`: the server's
+    decision threshold (None: the model's stored one)."""
+    from fastapi import FastAPI, File, Query, Request, UploadFile
     from fastapi.exception_handlers import http_exception_handler
     from fastapi.responses import HTMLResponse
     from starlette.concurrency import run_in_threadpool
@@ -199,8 +204,12 @@ def create_app(model_path: str | Path, device: str = "auto", limits: ServeLimits
     from facegender.inference import FAST, load
 
     limits = ServeLimits(**{**asdict(limits or ServeLimits()), **limit_overrides})
+    chosen = {} if threshold is None else {"threshold": threshold}
     if predictor is None:
-        predictor = load(model_path, device=device, precision=precision, threads=threads, **(FAST if fast else {}))
+        predictor = load(model_path, device=device, precision=precision, threads=threads, **(FAST if fast else {}),
+                         **chosen)
+    elif chosen:
+        predictor = predictor.replace(**chosen)
     summary = model_summary(predictor, model_path, limits)
     page = index_html()
 
@@ -236,8 +245,10 @@ def create_app(model_path: str | Path, device: str = "auto", limits: ServeLimits
 
     @app.post("/predict", summary="Label every face in one or more images",
               form_limits={"max_files": limits.max_files})
-    async def predict(files: list[UploadFile] | None = File(None, description="image files (repeat the field)")
-                      ) -> dict:
+    async def predict(files: list[UploadFile] | None = File(None, description="image files (repeat the field)"),
+                      threshold: float | None = Query(None, gt=0, lt=1, description=(
+                          "decision threshold on the probability of the model's second class for this request "
+                          "(default: the server's)"))) -> dict:
         if not files:
             raise HTTPException(422, "no images: send one or more image files in the multipart form field `files`, "
                                      "e.g. curl -F files=@photo.jpg http://127.0.0.1:8000/predict")
@@ -257,7 +268,8 @@ def create_app(model_path: str | Path, device: str = "auto", limits: ServeLimits
             uploads.append((name, data))
         async with app.state.inference_slots:
             start = time.perf_counter()
-            results = await run_in_threadpool(predict_uploads, predictor, uploads, limits.max_pixels)
+            model = predictor if threshold is None else predictor.replace(threshold=threshold)
+            results = await run_in_threadpool(predict_uploads, model, uploads, limits.max_pixels)
             seconds = time.perf_counter() - start
         return {"results": results, "seconds": round(seconds, 4)}  # decoding and inference, not queueing
 
@@ -279,7 +291,7 @@ def _file_too_large(name: str, size: int, limits: ServeLimits) -> str:
 
 def serve(model_path: str | Path, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, device: str = "auto",
           log_level: str = "info", threads: int | None = None, precision: str = "fp32", fast: bool = False,
-          **limits: int) -> None:
+          threshold: float | None = None, **limits: int) -> None:
     """Load the model and run the server until Ctrl-C (uvicorn, one process).
 
     `threads` per inference (PyTorch and ONNX Runtime) defaults to the CPU count divided by
@@ -295,7 +307,8 @@ def serve(model_path: str | Path, host: str = DEFAULT_HOST, port: int = DEFAULT_
               "or TLS; put it behind a reverse proxy that provides them, or use the default --host 127.0.0.1.")
     concurrent = limits.get("max_concurrent", ServeLimits.max_concurrent)
     threads = threads or max(1, (os.cpu_count() or 1) // concurrent)
-    app = create_app(model_path, device=device, threads=threads, precision=precision, fast=fast, **limits)
+    app = create_app(model_path, device=device, threads=threads, precision=precision, fast=fast,
+                     threshold=threshold, **limits)
     shown = f"[{host}]" if ":" in host else host
     print(f"facegender: serving {app.state.summary['file']} on http://{shown}:{port}/  (API docs: /docs); "
           f"{concurrent} concurrent inference(s) x {threads} thread(s)")
