@@ -178,3 +178,18 @@ def test_training_on_two_sources_records_them_and_reports_each(tmp_path):
 
     record = torch.load(tmp_path / "out" / "best_model.pth", weights_only=True)
     assert [s["name"] for s in record["sources"]] == ["gdf", "extra"]
+
+
+def test_evaluate_reports_each_source(trained_run, tmp_path):
+    from facegender.cli import main
+
+    a = make_dataset(tmp_path / "a", n_train=1, n_test=5, seed=3)
+    b = make_dataset(tmp_path / "b", n_train=1, n_test=3, seed=4)
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--model", str(trained_run / "out" / "best_model.pth"), "--data", str(a / "test"),
+                 "--data", str(b / "test"), "--out", str(out), "--quiet"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n"] == 16
+    sources = metrics["groups"]["source"]["groups"]
+    assert {k: v["n"] for k, v in sources.items()} == {"a": 10, "b": 6}
+    assert sum(v["correct"] for v in sources.values()) == round(metrics["accuracy"] * 16)

@@ -171,7 +171,9 @@ def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="accuracy, per-class metrics and confusion matrix on labelled images",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_model_option(p, "best_model.pth from train (default: the bundled model, see `facegender models`)")
-    p.add_argument("--data", required=True, help="folder with one subfolder per class, e.g. DATASET/test")
+    p.add_argument("--data", required=True, action="append",
+                   help="folder with one subfolder per class, e.g. DATASET/test; repeat it to evaluate several "
+                        "sources together, with each one's accuracy and recall")
     p.add_argument("--out", help="write metrics.json, predictions.csv and the figures (confusion matrix, "
                                  "reliability diagrams, coverage curve, per-group charts) here")
     _add_analysis_options(p)

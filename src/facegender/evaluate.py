@@ -232,12 +232,20 @@ def describe(metrics: dict) -> list[str]:
 
 # ----------------------------------------------------------------------------- the command
 
-def evaluate_model(model_path: str, data_dir: str, out: str | None = None, batch_size: int = 64,
+def source_name(folder: Path) -> str:
+    """A folder's name in per-source results: DATASET for DATASET/test, else the folder's own."""
+    folder = Path(folder).resolve()
+    return folder.parent.name if folder.name in ("test", "train", "val") else folder.name
+
+
+def evaluate_model(model_path: str, data_dir: str | Sequence[str], out: str | None = None, batch_size: int = 64,
                    device: str = "auto", tta: bool | None = None, skip_bad: bool = False,
                    log: Callable[[str], None] = print, progress: bool = True, groups: str | None = None,
                    min_confidence: float | None = None, min_group_size: int = 30,
                    precision: str = DEFAULT_PRECISION, threshold: float | None = None) -> dict[str, Any]:
-    """Metrics of the model at `model_path` on `data_dir`/<class>/* (class names must be the model's).
+    """Metrics of the model at `model_path` on `data_dir`/<class>/* (class names must be the model's);
+    several folders are evaluated together, with each one's accuracy and recall under
+    `groups.source` (a group column, like those of a groups CSV).
 
     Classes are decided at `threshold` on the probability of the model's second class (None: the
     model's stored threshold, or the arg-max without one; 0.5: the arg-max); metrics.json records it.
@@ -248,11 +256,15 @@ def evaluate_model(model_path: str, data_dir: str, out: str | None = None, batch
     temperature, coverage, one chart per group column) into `out` when given."""
     model = load(model_path, device=device, precision=precision, detect=False,
                  **({} if tta is None else {"tta": tta}), **({} if threshold is None else {"threshold": threshold}))
-    classes, data_dir = model.classes, Path(data_dir)
-    pred = model.evaluate(data_dir, skip_bad, batch_size, log=log, progress=progress)
-    group_values, matched = read_groups(groups, pred.paths, data_dir) if groups else (None, 0)
-    metrics = analyse(pred, group_values, min_confidence, min_group_size)
-    metrics.update(model=str(model_path), data=str(data_dir), skipped_files=pred.skipped)
+    folders = [Path(d) for d in ([data_dir] if isinstance(data_dir, (str, os.PathLike)) else data_dir)]
+    classes, data_dir = model.classes, folders[0]
+    parts = [model.evaluate(d, skip_bad, batch_size, log=log, progress=progress) for d in folders]
+    pred = Predictions.concat(parts)
+    group_values, matched = read_groups(groups, pred.paths, data_dir) if groups else ({}, 0)
+    if len(folders) > 1:
+        group_values["source"] = [source_name(d) for d, p in zip(folders, parts) for _ in p.paths]
+    metrics = analyse(pred, group_values or None, min_confidence, min_group_size)
+    metrics.update(model=str(model_path), data=", ".join(map(str, folders)), skipped_files=pred.skipped)
     if groups:
         metrics.update(groups_file=str(groups), groups_matched=matched)
         if matched < len(pred.paths):
@@ -261,7 +273,7 @@ def evaluate_model(model_path: str, data_dir: str, out: str | None = None, batch
         write_evaluation(metrics, None, classes, Path(out))
         write_figures(metrics, out, title=data_dir.name)
         files.write_text_atomic(predictions_csv(pred), Path(out) / "predictions.csv")
-    log(f"{data_dir}: accuracy {metrics['accuracy']:.4f} (n={metrics['n']}, 95% CI "
+    log(f"{metrics['data']}: accuracy {metrics['accuracy']:.4f} (n={metrics['n']}, 95% CI "
         f"{metrics['accuracy_ci'][0]:.3f}-{metrics['accuracy_ci'][1]:.3f}); "
         + ", ".join(f"recall {c} {v['recall']:.3f}" for c, v in metrics["per_class"].items())
         + f"; ECE {metrics['ece']:.4f} -> {metrics['ece_calibrated']:.4f} calibrated"

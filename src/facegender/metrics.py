@@ -566,6 +566,16 @@ class Predictions:
     def probs(self, calibrated: bool = True) -> np.ndarray:
         return apply_temperature(self.logits, self.temperature if calibrated else 1.0)
 
+    @classmethod
+    def concat(cls, parts: Sequence["Predictions"]) -> "Predictions":
+        """One record of several sets evaluated by the same model (`evaluate --data A --data B`)."""
+        first = parts[0]
+        plain = [p.logits_plain for p in parts]
+        return cls(first.classes, [path for p in parts for path in p.paths],
+                   np.concatenate([p.labels for p in parts]), np.concatenate([p.logits for p in parts]),
+                   first.temperature, first.tta, None if any(x is None for x in plain) else np.concatenate(plain),
+                   [s for p in parts for s in p.skipped], first.threshold)
+
     def predicted(self, logits=None) -> np.ndarray:
         """The predicted class indices (N,): `decide` on the calibrated probabilities of `logits`
         (default: the evaluated ones) at this record's threshold."""
