@@ -141,27 +141,39 @@ def annotated_name(source: str | os.PathLike, used: set[str]) -> str:
     return name
 
 
+def annotate_result(result: dict, out_dir: str | os.PathLike, classes: list[str] | None = None,
+                    used: set[str] | None = None) -> Path | None:
+    """Write the annotated copy of one `Predictor` result into `out_dir` (created); its path, or
+    None for an input that cannot be read. `used`: the names given so far (`annotated_name`), one
+    set for a whole run, so that two photos with the same name get two copies. The result is not
+    changed (`predict --annotate` writes each copy as its result arrives)."""
+    if result.get("error"):
+        return None
+    try:
+        image = load_image(result["file"])
+    except ImageError:
+        return None
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / annotated_name(result["file"], set() if used is None else used)
+    drawn = draw_faces(image, result["faces"], classes)
+    with atomic_path(target) as tmp:
+        if target.suffix == ".png":
+            drawn.save(tmp, format="PNG")
+        else:
+            drawn.save(tmp, format="JPEG", quality=92)
+    return target
+
+
 def annotate_results(results: Iterable[dict], out_dir: str | os.PathLike, classes: list[str] | None = None
                      ) -> list[Path]:
     """Write an annotated copy of every readable input of `Predictor.predict_paths` results into
     `out_dir` (created); returns the written paths. Each result gets `annotated` (its path)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
     written, used = [], set()
     for result in results:
-        if result.get("error"):
-            continue
-        try:
-            image = load_image(result["file"])
-        except ImageError:
-            continue
-        target = out_dir / annotated_name(result["file"], used)
-        drawn = draw_faces(image, result["faces"], classes)
-        with atomic_path(target) as tmp:
-            if target.suffix == ".png":
-                drawn.save(tmp, format="PNG")
-            else:
-                drawn.save(tmp, format="JPEG", quality=92)
-        result["annotated"] = str(target)
-        written.append(target)
+        target = annotate_result(result, out_dir, classes, used)
+        if target is not None:
+            result["annotated"] = str(target)
+            written.append(target)
     return written

@@ -1,7 +1,8 @@
 """The `facegender` command: a thin shell over the package's functions (nothing imports this module).
 
 Each subcommand has an `_add_<name>` (its arguments) and a `_run_<name>` (calls the library).
-Exit status: 0 success, 1 a problem with the input (a clear message, no traceback), 130 Ctrl-C.
+Exit status: 0 success, 1 a problem with the input (a clear message, no traceback), 130 Ctrl-C, 141 the
+reader of the output went away (`| head`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import difflib
 import json
 import re
 import sys
-from pathlib import Path
 from typing import Callable
 
 BOOL = argparse.BooleanOptionalAction
@@ -274,8 +274,17 @@ def _add_predict(sub) -> None:
     _add_model_option(p, "best_model.pth or an exported .onnx (default: the bundled model, see `facegender models`)")
     p.add_argument("images", nargs="*", help="image files or folders (walked recursively)")
     p.add_argument("--sample", action="store_true", help="also predict on the sample photo shipped with facegender")
-    p.add_argument("--json", action="store_true", help="JSON output")
-    p.add_argument("--csv", action="store_true", help="CSV output, one row per face")
+    formats = p.add_mutually_exclusive_group()
+    formats.add_argument("--json", action="store_true",
+                         help="JSON output: one array, written a photo at a time (valid JSON once the run ends)")
+    formats.add_argument("--jsonl", action="store_true", help="JSON Lines output: one result object a line")
+    formats.add_argument("--csv", action="store_true", help="CSV output, one row per face")
+    p.add_argument("--out", metavar="FILE", help="write the --jsonl, --csv or --json output to FILE instead of "
+                   "stdout, each photo as it is done; an existing FILE is an error unless --resume")
+    p.add_argument("--resume", action="store_true",
+                   help="with --out: keep the photos already in FILE (a record cut by a kill is dropped and done "
+                        "again) and append the others")
+    p.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
     p.add_argument("--no-detect", dest="detect", action="store_false", default=None,
                    help="treat each image as one already-cropped face")
     p.add_argument("--min-confidence", type=float, help="below this probability the label is 'uncertain'")
@@ -290,9 +299,86 @@ def _add_predict(sub) -> None:
     p.add_argument("--annotate", metavar="DIR", help="also write copies of the images with boxes and labels into DIR")
 
 
+def _predict_inputs(names: list[str]):
+    """The photos to predict on, as a lazy iterator (folders walked as it is consumed,
+    `images.iter_paths`); a note for each folder without images, an error when there are none at
+    all. Only each folder's first image is looked for here."""
+    import itertools
+
+    from facegender.images import iter_paths
+
+    streams, empty = [], []
+    for name in names:
+        paths = iter_paths([name])
+        first = next(paths, None)
+        if first is None:
+            empty.append(name)
+        else:
+            streams.append(itertools.chain([first], paths))
+    if not streams:
+        raise ValueError(f"no images found in {', '.join(names)} (image files end in .jpg, .jpeg, .png, "
+                         ".bmp, .gif, .tif, .tiff or .webp)")
+    for name in empty:
+        print(f"note: no images found in {name}", file=sys.stderr)
+    return itertools.chain.from_iterable(streams)
+
+
+def _predict_model(args, fmt: str):
+    from facegender.inference import FAST, load
+
+    kwargs = {"detect": args.detect, "min_confidence": args.min_confidence, "batch_size": args.batch_size,
+              **(FAST if args.fast else {})}
+    for name in ("refine_steps", "tta", "threshold"):
+        if getattr(args, name) is not None:
+            kwargs[name] = getattr(args, name)
+    return load(_model_path(args, quiet=fmt != "text" or args.quiet), device=args.device,
+                precision=args.precision, **kwargs)
+
+
+def _progress_bar(args, done: int):
+    """The progress bar on stderr: photos and photos/s, and the total and an ETA once a background
+    thread has counted the inputs (`images.count_images`, no sorting; it holds no paths). Returns
+    (bar, [total or None])."""
+    import threading
+
+    from tqdm.auto import tqdm
+
+    from facegender.images import count_images
+
+    total: list[int | None] = [None]
+    if not args.quiet:
+        threading.Thread(target=lambda: total.__setitem__(0, count_images(args.images)), daemon=True).start()
+    bar = tqdm(desc="predict", unit="photo", initial=done, disable=args.quiet, file=sys.stderr, dynamic_ncols=True)
+    return bar, total
+
+
+def _predict_stream(args, model, paths, writer, done: set[str]) -> dict[str, int]:
+    """Predict on `paths` (minus `done`, the keys already in a resumed file), writing each result
+    and its annotated copy as it arrives. Holds no results: only counters, which it returns."""
+    import contextlib
+
+    from facegender.annotate import annotate_result
+
+    counts, used = {"photos": 0, "failed": 0, "annotated": 0}, set()
+    todo = (p for p in paths if str(p) not in done) if done else paths
+    bar, total = _progress_bar(args, len(done))
+    on_terminal = writer.stream is sys.stdout and not args.quiet and sys.stdout.isatty() and sys.stderr.isatty()
+    with bar:
+        for r in model.predict_iter(todo):  # a batch of images at a time; written as they come
+            if args.annotate and annotate_result(r, args.annotate, model.classes, used) is not None:
+                counts["annotated"] += 1
+            with bar.external_write_mode() if on_terminal else contextlib.nullcontext():
+                writer.write(r)
+            counts["photos"] += 1
+            counts["failed"] += bool(r.get("error"))
+            if bar.total is None and total[0] is not None:
+                bar.total = total[0]
+            bar.update()
+    return counts
+
+
 def _run_predict(args) -> int:
-    from facegender.inference import FAST, expand_paths, load
-    from facegender.predict import format_result
+    from facegender.output import check_output, open_results
 
     if args.sample:
         from facegender.resources import sample_photo_path
@@ -300,53 +386,24 @@ def _run_predict(args) -> int:
         args.images = [*args.images, str(sample_photo_path())]
     if not args.images:
         raise ValueError("name image files or folders to predict on, or --sample for the shipped sample photo")
-    files = expand_paths(args.images)
-    if not files:
-        raise ValueError(f"no images found in {', '.join(args.images)} (image files end in .jpg, .jpeg, .png, "
-                         ".bmp, .gif, .tif, .tiff or .webp)")
-    for folder in args.images:
-        if Path(folder).is_dir() and not expand_paths([folder]):
-            print(f"note: no images found in {folder}", file=sys.stderr)
-    kwargs = {"detect": args.detect, "min_confidence": args.min_confidence, "batch_size": args.batch_size,
-              **(FAST if args.fast else {})}
-    if args.refine_steps is not None:
-        kwargs["refine_steps"] = args.refine_steps
-    if args.tta is not None:
-        kwargs["tta"] = args.tta
-    if args.threshold is not None:
-        kwargs["threshold"] = args.threshold
-    model = load(_model_path(args, quiet=args.json or args.csv), device=args.device, precision=args.precision,
-                 **kwargs)
-    results = []
-    writer = None
-    if args.csv:
-        import csv
-
-        writer = csv.writer(sys.stdout)
-        writer.writerow(["file", "face", "label", "probability", "uncertain", "x1", "y1", "x2", "y2", "status"])
-    for r in model.predict_iter(files):  # a batch of images at a time; printed as they come
-        results.append(r)
-        if args.json:
-            continue
-        if writer is not None:
-            for i, f in enumerate(r["faces"]):
-                writer.writerow([r["file"], i + 1, f["label"], f["probability"], str(f["uncertain"]).lower(),
-                                 *f["box"], r["status"]])
-            if not r["faces"]:
-                writer.writerow([r["file"], "", "", "", "", "", "", "", "", r.get("error") or r["status"]])
-        else:
-            print(format_result(r), flush=True)
-    if args.json:
-        print(json.dumps(results, indent=2, ensure_ascii=False))
-    if getattr(args, "annotate", None):
-        from facegender.annotate import annotate_results
-
-        written = annotate_results(results, args.annotate, model.classes)
-        print(f"annotated {len(written)} image(s) into {args.annotate}", file=sys.stderr)
-    failed = [r for r in results if r.get("error")]
-    if failed:
-        print(f"{len(failed)} of {len(results)} file(s) could not be read", file=sys.stderr)
-    return 1 if failed else 0
+    fmt = "json" if args.json else "jsonl" if args.jsonl else "csv" if args.csv else "text"
+    check_output(args.out, fmt, args.resume)
+    paths = _predict_inputs(args.images)
+    model = _predict_model(args, fmt)
+    writer, kept = open_results(args.out, fmt, args.resume)
+    if kept.done and not args.quiet:
+        print(f"resuming {args.out}: {len(kept.done)} photo(s) in it are skipped", file=sys.stderr)
+    try:
+        counts = _predict_stream(args, model, paths, writer, kept.done)
+        writer.close()
+    finally:
+        if writer.stream is not sys.stdout:
+            writer.stream.close()
+    if args.annotate:
+        print(f"annotated {counts['annotated']} image(s) into {args.annotate}", file=sys.stderr)
+    if counts["failed"]:
+        print(f"{counts['failed']} of {counts['photos']} file(s) could not be read", file=sys.stderr)
+    return 1 if counts["failed"] else 0
 
 
 # ----------------------------------------------------------------------------- prepare
@@ -638,3 +695,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `facegender predict ... | head`: the reader has gone, which is no error of ours
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+        return 141

@@ -10,7 +10,7 @@ import io
 import os
 import warnings
 from pathlib import Path
-from typing import BinaryIO, Iterable
+from typing import BinaryIO, Iterable, Iterator
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -32,14 +32,55 @@ def is_image_name(path: str | os.PathLike) -> bool:
 
 def expand_paths(paths: Iterable[str | os.PathLike]) -> list[Path]:
     """Files as given; folders walked recursively for image files (sorted). Missing paths are kept,
-    so that they are reported as errors in their place."""
-    files: list[Path] = []
+    so that they are reported as errors in their place. `iter_paths` as a list."""
+    return list(iter_paths(paths))
+
+
+def iter_paths(paths: Iterable[str | os.PathLike]) -> Iterator[Path]:
+    """`expand_paths` lazily: files as given, each folder's image files as `walk_images` finds them
+    (the same paths in the same order), so the first one comes before a big folder is listed."""
     for p in map(Path, paths):
         if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.is_file() and is_image_name(f))
+            yield from walk_images(p)
         else:
-            files.append(p)
-    return files
+            yield p
+
+
+def walk_images(folder: str | os.PathLike) -> Iterator[Path]:
+    """The image files under `folder`, depth first, each directory's entries sorted by name (files
+    and subfolders together): the order of `sorted(folder.rglob("*"))`. Holds one directory's
+    listing at a time per level, never the whole tree; like rglob, it does not follow symlinked
+    folders (symlinked files count) and skips folders it cannot read."""
+    folder = Path(folder)
+    try:
+        with os.scandir(folder) as it:
+            entries = sorted((e.name, e.is_dir(follow_symlinks=False)) for e in it
+                             if e.is_dir(follow_symlinks=False) or (is_image_name(e.name) and e.is_file()))
+    except OSError:
+        return
+    for name, is_dir in entries:
+        if is_dir:
+            yield from walk_images(folder / name)
+        else:
+            yield folder / name
+
+
+def count_images(paths: Iterable[str | os.PathLike]) -> int:
+    """How many paths `iter_paths(paths)` yields, counted without sorting (for a progress total)."""
+    def count(folder: str) -> int:
+        n = 0
+        try:
+            with os.scandir(folder) as it:
+                for e in it:
+                    if e.is_dir(follow_symlinks=False):
+                        n += count(e.path)
+                    elif is_image_name(e.name) and e.is_file():
+                        n += 1
+        except OSError:
+            pass
+        return n
+
+    return sum(count(str(p)) if Path(p).is_dir() else 1 for p in paths)
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:

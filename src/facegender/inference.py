@@ -43,7 +43,7 @@ import numpy as np
 from PIL import Image
 
 from facegender import export
-from facegender.images import DEFAULT_MAX_PIXELS, ImageError, expand_paths, load_image
+from facegender.images import DEFAULT_MAX_PIXELS, ImageError, expand_paths, iter_paths, load_image
 from facegender.resources import default_model_path  # the model `load()` uses without a path
 from facegender.metrics import (DEFAULT_UNCERTAIN_BAND, Predictions, apply_temperature, check_threshold, decide,
                                 uncertain_mask)
@@ -309,8 +309,9 @@ class Model:
     def predict_iter(self, items: Iterable[Any], batch_size: int | None = None,
                      max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[dict]:
         """One result per image, in input order, classifying the faces of `batch_size` images at a
-        time. Items: file paths and folders (walked for image files), PIL images, bytes, or (name,
-        path-or-bytes-or-image) pairs. A file that cannot be read gets `status: error` and its
+        time. Items (any iterable, consumed as the work goes, never listed first): file paths and
+        folders (walked lazily for image files), PIL images, bytes, or (name, path-or-bytes-or-image)
+        pairs. A file that cannot be read gets `status: error` and its
         `error`, and the others go on; an image without a face gets `faces: []` and `status: no
         face found`.
 
@@ -404,7 +405,8 @@ class Model:
 
 
 def _sources(items: Iterable[Any]) -> Iterator[tuple[str, Any]]:
-    """(name, source) for each input of `predict_iter`; folders expand to their image files."""
+    """(name, source) for each input of `predict_iter`, taken one at a time (`items` may be any
+    iterator, never counted or listed); folders expand to their image files as they are walked."""
     for n, item in enumerate(items):
         if isinstance(item, tuple):
             yield str(item[0]), item[1]
@@ -413,7 +415,7 @@ def _sources(items: Iterable[Any]) -> Iterator[tuple[str, Any]]:
         elif isinstance(item, bytes):
             yield f"image {n + 1}", item
         else:
-            for path in expand_paths([item]):
+            for path in iter_paths([item]):  # a folder is walked lazily
                 yield str(path), path
 
 
