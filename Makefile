@@ -62,11 +62,12 @@ predict: venv
 serve: venv
 	$(BIN)/facegender serve $(MODEL_ARG) $(ARGS)
 
-# The bundled model's training sources, under $(SHARED)/datasets (docs/model-card.md).
-DEFAULT_SOURCES ?= faces-gdf aaf-adult congress-past
+# The bundled model's training sources (docs/model-card.md): faces-gdf, aaf-adult, congress-past and
+# imfdb-capped (validated by actor), in ../shared beside the repository.
+SOURCES ?= benchmarks/sources/diverse-imfdb.yaml
 
 default-model: venv
-	$(BIN)/facegender train $(foreach s,$(DEFAULT_SOURCES),--data $(SHARED)/datasets/$(s)) --preset best --out runs/default-model $(ARGS)
+	$(BIN)/facegender train --data $(SOURCES) --preset best --out runs/default-model $(ARGS)
 	$(BIN)/python -m facegender.bundle runs/default-model/best_model.pth --shared $(SHARED)
 
 clean:

@@ -180,7 +180,7 @@ def test_frozen_features_train_with_torchrun(tmp_path):
         env["GLOO_SOCKET_IFNAME"] = "lo"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master-addr", "127.0.0.1",
            "--master-port", str(_free_port()), "-m", "facegender", "train", "--data", str(data), "--out",
-           str(tmp_path / "out"), "--no-align", "--epochs", "2", "--quiet"]
+           str(tmp_path / "out"), "--preset", "frozen", "--no-align", "--epochs", "2", "--quiet"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("Best epoch") == 1  # rank 0 alone reports

@@ -1,7 +1,7 @@
 """Training configuration: one dataclass, saved as a plain dict in every checkpoint and in config.yaml.
 
 Presets are named sets of overrides on the defaults. `report` is the course report's own recipe;
-`best` is the recipe measured best on faces-gdf (see README). Explicit command-line flags
+`best` is the recipe measured best out of source (docs/recipes.md). Explicit command-line flags
 always win over a preset.
 """
 
@@ -145,11 +145,34 @@ PRESETS: dict[str, dict[str, Any]] = {
         "patience": 3,
         "tta": True,
     },
-    # Measured best (README, "Recipes compared"), and what `facegender train` uses without --preset:
-    # dlib's face-recognition ResNet, frozen, on dlib chips of the aligned faces (the whole chip:
-    # greying out its unfilled part cost 2-3 points on faces-ood); a linear head trained on
-    # embeddings of each image and its mirror image.
+    # Measured best (docs/recipes.md), and what `facegender train` uses without --preset: dlib's
+    # face-recognition ResNet on dlib chips of the aligned faces (the whole chip), its last two
+    # stages (layer4, fc) and a new head fine-tuned on the cached output of the frozen first ones
+    # (4 views an image: itself, its mirror image, two strong jitters), the decision threshold
+    # set for equal recall of both classes on validation.
     "best": {
+        "backbone": "dlib_resnet",
+        "image_size": 150,
+        "align": True,
+        "visible_region": False,
+        "frozen_features": False,
+        "trainable_stages": 2,
+        "cached_prefix": True,
+        "feature_views": 4,
+        "augment": "strong",
+        "epochs": 8,
+        "patience": 3,
+        "batch_size": 64,
+        "lr": 1e-3,
+        "body_lr_scale": 0.3,
+        "optimizer": "adamw",
+        "weight_decay": 1e-4,
+        "monitor": "val_loss",
+        "tta": True,
+    },
+    # The bundled recipe before fine-tuning: a linear head on dlib's frozen descriptor, trained on
+    # the embeddings of each image and its mirror image (a model file of a few KB).
+    "frozen": {
         "backbone": "dlib_resnet",
         "image_size": 150,
         "align": True,

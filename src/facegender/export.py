@@ -13,7 +13,7 @@ with PyTorch's on real images (or synthetic ones) and the export fails above a t
 (`export_model`, called by `inference.Model.export` and so by `facegender export`).
 
 A model whose body stayed at the pretrained weights of an installed package (dlib's face
-descriptor, `--preset best`) can also be written head-only (`head_only=True`, `facegender export
+descriptor, `--preset frozen`) can also be written head-only (`head_only=True`, `facegender export
 --head-only`): the file then holds only the head (input `embedding` (N, D)) and a `body` entry in
 its metadata; loading builds the body's ONNX graph from that package's weight file
 (`dlib_weights.body_onnx_path`, cached) and runs the two in turn. That is how the bundled default
