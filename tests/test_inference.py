@@ -184,7 +184,7 @@ def test_train_options_come_from_the_config(capsys):
     for f in dataclasses.fields(TrainConfig):
         if f.metadata.get("cli"):
             assert "--" + f.name.replace("_", "-") in text
-    assert text.count("(default: 0.01; --preset report 0.0001, imagenet 0.0003, plain 0.0001)") == 1  # --lr
+    assert text.count("(default: 0.001; --preset report 0.0001, imagenet 0.0003, frozen 0.01, plain 0.0001)") == 1  # --lr
     assert "None" not in text
     args = build_parser().parse_args(["train", "--data", "d", "--lr", "0.5", "--no-cache"])
     assert args.lr == 0.5 and args.cache is False and args.epochs is None  # not given: the preset's or default
