@@ -28,9 +28,10 @@ pytest.importorskip("onnxruntime")
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "src" / "facegender" / "samples" / "astronaut.jpg"
 
-def colour_model(path: Path, size: int = 16, face: dict | None = None) -> Path:
-    """A facegender ONNX file whose logits are the mean red and the mean blue of the input
-    (classes "blue", "red" -> class = the stronger colour)."""
+def colour_model(path: Path, size: int = 16, face: dict | None = None, **record_extra) -> Path:
+    """A facegender ONNX file whose logits are 4 x the mean red and the mean blue of the input
+    (classes "blue", "red" -> class = the stronger colour); `record_extra` goes into its metadata
+    (threshold, uncertain_band)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -47,7 +48,8 @@ def colour_model(path: Path, size: int = 16, face: dict | None = None) -> Path:
         [numpy_helper.from_array(pick, "pick"), numpy_helper.from_array(np.array(4.0, np.float32), "gain")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     record = {"classes": ["blue", "red"], "backbone": "colour-test",
-              "preprocessing": {"image_size": size, "mean": [0, 0, 0], "std": [1, 1, 1], "face": face}}
+              "preprocessing": {"image_size": size, "mean": [0, 0, 0], "std": [1, 1, 1], "face": face},
+              **record_extra}
     for key, value in onnx_metadata(record).items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value

@@ -34,32 +34,10 @@ RED, BLUE = (200, 30, 40), (40, 30, 200)
 
 
 def colour_model(path, **record_extra):
-    """A facegender ONNX file (classes blue, red) whose logits are 4 x (mean blue, mean red);
-    `record_extra` goes into its metadata (threshold, uncertain_band)."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    """test_light's colour classifier (classes blue, red) at 8 px, with `record_extra` in its metadata."""
+    from test_light import colour_model as make
 
-    from facegender.export import onnx_metadata
-
-    size = 8
-    pick = np.array([[0.0, 1.0], [0.0, 0.0], [1.0, 0.0]], dtype=np.float32)
-    nodes = [helper.make_node("ReduceMean", ["input"], ["mean"], axes=[2, 3], keepdims=0),
-             helper.make_node("MatMul", ["mean", "pick"], ["score"]),
-             helper.make_node("Mul", ["score", "gain"], ["logits"])]
-    graph = helper.make_graph(
-        nodes, "colour",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, size, size])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 2])],
-        [numpy_helper.from_array(pick, "pick"), numpy_helper.from_array(np.array(4.0, np.float32), "gain")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    record = {"classes": CLASSES, "backbone": "colour-test",
-              "preprocessing": {"image_size": size, "mean": [0, 0, 0], "std": [1, 1, 1], "face": None},
-              **record_extra}
-    for key, value in onnx_metadata(record).items():
-        entry = model.metadata_props.add()
-        entry.key, entry.value = key, value
-    onnx.save(model, str(path))
-    return path
+    return make(path, size=8, **record_extra)
 
 
 def image(path, rgb):
