@@ -150,7 +150,7 @@ def training_sets(cfg: TrainConfig, model: nn.Module, data: RunData, weights_sou
     Frozen features: the head, on the body's embeddings. Fine-tuning the last stages on a cached
     prefix: those stages and the head, on the frozen first stages' feature maps. Otherwise the
     whole model, on augmented images."""
-    prefix = cfg.prefix_mode and get_spec(cfg.backbone).sequence is not None
+    prefix = cfg.prefix_mode  # (split_body says which option to change for a backbone without stages)
     if not (cfg.frozen_features or prefix):
         return (model, FaceDataset(data.train, TrainPreset(data.prep, cfg.augment), data.loader),
                 FaceDataset(data.val, EvalPreset(data.prep), data.loader), 1)
