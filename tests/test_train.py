@@ -210,3 +210,20 @@ def test_predict_keeps_same_named_uploads_apart(trained_run):
     results = predictor.predict_sources([("photo.jpg", good), ("photo.jpg", b"junk"), ("photo.jpg", good)])
     assert [r["status"] for r in results] == ["ok", "error", "ok"]
     assert "BytesIO" not in results[1]["error"] and "photo.jpg" in results[1]["error"]
+
+
+def test_validation_metrics_are_fp32_whatever_the_training_precision(tmp_path, monkeypatch):
+    """bf16 autocast (the default on CPUs with AMX) trains; the metrics that choose the best epoch
+    are computed in fp32, so they do not depend on the CPU model."""
+    from facegender import distributed
+    from facegender.config import build_config
+    from facegender.train import train
+
+    seen = []
+    evaluate = distributed.evaluate
+    monkeypatch.setattr(distributed, "evaluate", lambda *a, **k: seen.append(a[4]) or evaluate(*a, **k))
+    data = make_dataset(tmp_path / "data", n_train=6, n_test=2)
+    cfg = build_config(None, data=str(data), out=str(tmp_path / "out"), backbone="resnet18", pretrained=False,
+                       image_size=32, epochs=2, batch_size=4, precision="bf16")
+    train(cfg, log=lambda s: None, progress=False)
+    assert seen == ["fp32", "fp32"]
