@@ -200,14 +200,14 @@ def _add_analysis_options(p) -> None:
 
 
 def _threshold(text: str) -> float:
-    """A --threshold value: a number strictly between 0 and 1 (a usage error otherwise)."""
+    """A --threshold value: a number strictly between 0 and 1 (`metrics.check_threshold`; a usage
+    error otherwise)."""
+    from facegender.metrics import check_threshold
+
     try:
-        value = float(text)
+        return check_threshold(text)
     except ValueError:
-        value = float("nan")
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number between 0 and 1 (exclusive)")
-    return value
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number between 0 and 1 (exclusive)") from None
 
 
 def _add_threshold(p) -> None:
