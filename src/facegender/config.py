@@ -111,6 +111,12 @@ class TrainConfig:
         """Fine-tuning the last stages on their cached input (see `cached_prefix`)."""
         return self.cached_prefix and not self.frozen_features and self.trainable_stages > 0
 
+    @property
+    def embeds_once(self) -> bool:
+        """The epoch loop trains on outputs of a fixed network computed once (frozen features, or
+        the cached prefix), not on images."""
+        return self.frozen_features or self.prefix_mode
+
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The course report: ResNet18 (ImageNet), its augmentation, Adam 1e-4, batch 32, patience 3,

@@ -101,6 +101,7 @@ class FeatureExtractor:
         items = [(i, v) for i in parts for v in range(len(parts[i]), views)]
         if items:
             self.body.eval()
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
         for start in range(0, len(items), self.batch_size):
             batch_items = items[start:start + self.batch_size]
             batch = torch.stack([self.view(images[i], v, keys[i]) for i, v in batch_items]).to(self.device)
@@ -133,7 +134,6 @@ class FeatureExtractor:
         return arr if arr.ndim >= 2 and arr.dtype == self.dtype else None
 
     def _store(self, key: str, arr: np.ndarray) -> np.ndarray:
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
         with atomic_path(self.cache_dir / f"{key}.npy") as tmp, open(tmp, "wb") as f:
             np.save(f, arr, allow_pickle=False)
         return arr

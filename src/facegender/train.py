@@ -95,7 +95,7 @@ def prepare_data(cfg: TrainConfig, scanned: ScannedSources, log: Callable[[str],
         loader = ImageLoader(ImagePreparer(prep))
     # Frozen features and the cached prefix read each image once more to embed it, so the decoded
     # images are not kept: memory then does not grow with the training set.
-    keep = cfg.cache and not (cfg.frozen_features or cfg.prefix_mode)
+    keep = cfg.cache and not cfg.embeds_once
     read = dict(loader=loader, keep=keep, skip_bad=cfg.skip_bad, progress=progress)
     train = load_split(train_split, desc="reading train images", **read)
     val = load_split(val_split, desc="reading validation images", **read)
@@ -150,12 +150,11 @@ def training_sets(cfg: TrainConfig, model: nn.Module, data: RunData, weights_sou
     Frozen features: the head, on the body's embeddings. Fine-tuning the last stages on a cached
     prefix: those stages and the head, on the frozen first stages' feature maps. Otherwise the
     whole model, on augmented images."""
-    prefix = cfg.prefix_mode  # (split_body says which option to change for a backbone without stages)
-    if not (cfg.frozen_features or prefix):
+    if not cfg.embeds_once:
         return (model, FaceDataset(data.train, TrainPreset(data.prep, cfg.augment), data.loader),
                 FaceDataset(data.val, EvalPreset(data.prep), data.loader), 1)
     body_id = weights_source if cfg.pretrained else f"random weights, seed {cfg.seed}"
-    if prefix:
+    if cfg.prefix_mode:  # (split_body says which option to change for a backbone without stages)
         frozen, trained = split_body(model, cfg.trainable_stages, cfg.backbone)
         extractor = FeatureExtractor(frozen, data.prep, f"{body_id}; all but the last {cfg.trainable_stages} "
                                      "stages", device, augment=cfg.augment, dtype=np.float16)
