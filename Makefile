@@ -68,7 +68,7 @@ SOURCES ?= benchmarks/sources/diverse-imfdb.yaml
 
 default-model: venv
 	$(BIN)/facegender train --data $(SOURCES) --preset best --out runs/default-model $(ARGS)
-	$(BIN)/python -m facegender.bundle runs/default-model/best_model.pth --shared $(SHARED)
+	$(BIN)/python -m tools.build_default_model runs/default-model/best_model.pth --shared $(SHARED)
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache

@@ -108,7 +108,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, help="where the folders are built (default: a temporary folder)")
     args = parser.parse_args()
 
-    from facegender.images import expand_paths
+    from facegender.core.images import expand_paths
 
     if not args.source.is_dir():
         print(f"{args.source} not found: nothing to build the folders from (pass --source FOLDER); skipped")

@@ -6,7 +6,7 @@ from them reproduces dlib's descriptors.
 dlib's network was trained on `get_face_chip(img, shape, 150, 0.25)` of its own 5-point
 landmarks (eye corners, nose bottom). facegender finds faces with RetinaFace (eye centres, nose
 tip, mouth corners), so a chip is `warp_affine(img, similarity_transform(landmarks, T), 150)`
-for a template T in chip pixels (pixel centres at integers, as in facegender.faces).
+for a template T in chip pixels (pixel centres at integers, as in facegender.core.faces).
 
 1. Reference chips: dlib's 5-point shape predictor in the whole image (faces-dev crops are tight,
    the whole image is the face box), `get_face_chip_details(shape, 150, 0.25)`; its image -> chip
@@ -30,9 +30,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from facegender import dlib_resnet as D
-from facegender.faces import FaceAlignConfig, FaceDetector, similarity_transform, warp_affine
-from facegender.images import load_image
+from facegender.core import dlib_onnx
+from facegender.training import dlib_resnet as D
+from facegender.core.faces.align import FaceAlignConfig, similarity_transform, warp_affine
+from facegender.core.faces.detect import FaceDetector
+from facegender.core.images import load_image
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -56,7 +58,7 @@ def mapping_to_chip(details) -> np.ndarray:
 
 def dlib_chip(dlib, predictor, rgb: np.ndarray):
     shape = predictor(rgb, dlib.rectangle(0, 0, rgb.shape[1] - 1, rgb.shape[0] - 1))
-    details = dlib.get_face_chip_details(shape, D.CHIP_SIZE, D.CHIP_PADDING)
+    details = dlib.get_face_chip_details(shape, dlib_onnx.CHIP_SIZE, dlib_onnx.CHIP_PADDING)
     return dlib.extract_image_chip(rgb, details), mapping_to_chip(details)
 
 
@@ -81,7 +83,7 @@ def main() -> None:
 
     torch.set_num_threads(2)
     t0 = time.time()
-    dat = D.weights_file()
+    dat = dlib_onnx.weights_file()
     predictor = dlib.shape_predictor(str(dat.parent / "shape_predictor_5_face_landmarks.dat"))
     detector = FaceDetector(FaceAlignConfig(), threads=2)
     net = D.load_dlib_resnet()
@@ -98,7 +100,7 @@ def main() -> None:
         rgb = np.asarray(image)
         chip, m = dlib_chip(dlib, predictor, rgb)
         # check the mapping: warping with it reproduces dlib's chip (up to interpolation)
-        pixel_diff.append(np.abs(np.asarray(warp_affine(image, m, D.CHIP_SIZE, black), np.float64)
+        pixel_diff.append(np.abs(np.asarray(warp_affine(image, m, dlib_onnx.CHIP_SIZE, black), np.float64)
                                  - chip.astype(np.float64))[8:-8, 8:-8].mean())
         faces = detector.detect(image)
         if not faces:
@@ -135,7 +137,7 @@ def main() -> None:
         ref_chips.append(chip)
         for label, t in templates.items():
             matrix = similarity_transform(faces[0].landmarks, t)
-            ours[label].append(np.asarray(warp_affine(image, matrix, D.CHIP_SIZE, black)))
+            ours[label].append(np.asarray(warp_affine(image, matrix, dlib_onnx.CHIP_SIZE, black)))
     ref = describe(net, ref_chips)
     print(f"\ntest: {len(ref_chips)} faces ({skipped} without a RetinaFace face); cosine similarity of "
           "descriptors, dlib's chip vs RetinaFace chip:")

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from facegender import dlib_resnet as D
+from facegender.core import dlib_onnx
+from facegender.training import dlib_resnet as D
 
 
 def timed(fn, repeats: int) -> float:
@@ -42,7 +43,7 @@ def main() -> None:
     import onnxruntime as ort
 
     rng = np.random.default_rng(0)
-    chips = rng.integers(0, 256, (32, D.CHIP_SIZE, D.CHIP_SIZE, 3), dtype=np.uint8)
+    chips = rng.integers(0, 256, (32, dlib_onnx.CHIP_SIZE, dlib_onnx.CHIP_SIZE, 3), dtype=np.uint8)
     x = D.to_input(chips)
     net = D.load_dlib_resnet()
 
@@ -58,7 +59,7 @@ def main() -> None:
         options.inter_op_num_threads = 1
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
-    reference = dlib.face_recognition_model_v1(str(D.weights_file()))
+    reference = dlib.face_recognition_model_v1(str(dlib_onnx.weights_file()))
     chip_list = list(chips)
 
     def pytorch(n):

@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from facegender.faces import FaceAlignConfig, FaceDetector, align_face, align_or_fallback, alignment_matrix
-from facegender.images import load_image
+from facegender.core.faces.align import FaceAlignConfig, align_face, alignment_matrix
+from facegender.core.faces.detect import FaceDetector, align_or_fallback
+from facegender.core.images import load_image
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -50,7 +51,7 @@ def pad_fraction(image: Image.Image, landmarks: np.ndarray, cfg: FaceAlignConfig
     """Fraction of the aligned crop that comes from outside the image."""
     mask = Image.new("L", image.size, 255)
     m = alignment_matrix(landmarks, cfg)
-    from facegender.faces import warp_affine  # same warp as align_face
+    from facegender.core.faces.align import warp_affine  # same warp as align_face
     warped = warp_affine(mask.convert("RGB"), m, cfg.size, (0, 0, 0))
     return 1.0 - np.asarray(warped)[..., 0].mean() / 255.0
 

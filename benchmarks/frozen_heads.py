@@ -22,16 +22,16 @@ import torch
 
 
 def load(shared: Path, views: int, visible: bool):
-    from facegender.data import ImageLoader, load_split, scan_dataset, split_train_val, Split
-    from facegender.faces import FaceAlignConfig
-    from facegender.features import FeatureExtractor
-    from facegender.model import build_model
-    from facegender.train import training_visible_region
-    from facegender.preprocessing import ImagePreparer, Preprocessing
-    from facegender import dlib_resnet
+    from facegender.data.dataset import ImageLoader, load_split, scan_dataset, split_train_val, Split
+    from facegender.core.faces.align import FaceAlignConfig
+    from facegender.training.features import FeatureExtractor
+    from facegender.training.backbones import build_model
+    from facegender.training.train import training_visible_region
+    from facegender.core.preprocessing import ImagePreparer, Preprocessing
+    from facegender.core import dlib_onnx
 
     face = FaceAlignConfig(size=150, template="dlib", pad_color=(0, 0, 0)).to_dict()
-    prep = Preprocessing(image_size=150, mean=dlib_resnet.DLIB_MEAN, std=dlib_resnet.DLIB_STD, face=face)
+    prep = Preprocessing(image_size=150, mean=dlib_onnx.DLIB_MEAN, std=dlib_onnx.DLIB_STD, face=face)
     loader = ImageLoader(ImagePreparer(prep))
     classes, train, test = scan_dataset(shared / "datasets/faces-gdf")
     train, val = split_train_val(train, 0.15, 42)

@@ -38,8 +38,8 @@ def model_throughput(backbone: str, batch: int, precision: str, steps: int, warm
     import torch
     from torch import nn
 
-    from facegender.engine import predict_logits, train_one_epoch
-    from facegender.model import build_model, freeze_stem
+    from facegender.training.engine import predict_logits, train_one_epoch
+    from facegender.training.backbones import build_model, freeze_stem
 
     torch.manual_seed(0)
     model, _ = build_model(backbone, 2, 0.2, pretrained=False)
@@ -71,7 +71,7 @@ def model_throughput(backbone: str, batch: int, precision: str, steps: int, warm
 def part_throughput(args, device) -> list[tuple]:
     import torch
 
-    from facegender.engine import select_precision
+    from facegender.training.engine import select_precision
 
     amp = select_precision("auto", device)
     rows = []

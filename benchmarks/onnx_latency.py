@@ -21,10 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from facegender import checkpoint as ckpt
-from facegender.config import TrainConfig
-from facegender.model import WeightsNotFoundError, build_model, get_spec
-from facegender.preprocessing import Preprocessing
+from facegender.training.export import export_model
+from facegender.training import checkpoint as ckpt
+from facegender.training.config import TrainConfig
+from facegender.training.backbones import WeightsNotFoundError, build_model, get_spec
+from facegender.core.preprocessing import Preprocessing
 
 
 def build_model_file(path: Path, backbone: str = "efficientnet_lite0", image_size: int = 224,
@@ -41,7 +42,7 @@ def build_model_file(path: Path, backbone: str = "efficientnet_lite0", image_siz
     spec = get_spec(backbone)
     face = None
     if align:
-        from facegender.faces import FaceAlignConfig
+        from facegender.core.faces.align import FaceAlignConfig
 
         face = FaceAlignConfig(size=image_size).to_dict()
     prep = Preprocessing(image_size, spec.mean, spec.std, face=face)
@@ -73,12 +74,12 @@ def main() -> None:
     args = parser.parse_args()
 
     import facegender
-    from facegender.export import load_onnx_classifier
+    from facegender.core.onnx_model import load_onnx_classifier
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         pth = build_model_file(Path(tmp) / "best_model.pth", args.backbone, args.image_size)
-        report = facegender.load(pth, device="cpu", detect=False).export(Path(tmp) / "model.onnx", data=args.data)
+        report = export_model(facegender.load(pth, device="cpu", detect=False), Path(tmp) / "model.onnx", data=args.data)
         model, _ = ckpt.load_model(pth)
         onnx_fn, _ = load_onnx_classifier(report["out"], threads=args.threads)
 

@@ -18,7 +18,7 @@ import statistics
 import time
 from pathlib import Path
 
-SAMPLE = str(Path(__file__).resolve().parents[1] / "src" / "facegender" / "samples" / "astronaut.jpg")
+SAMPLE = str(Path(__file__).resolve().parents[1] / "src" / "facegender" / "core" / "samples" / "astronaut.jpg")
 
 
 def timed(fn, repeat: int) -> float:
@@ -40,7 +40,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import facegender
-    from facegender.images import load_image
+    from facegender.core.images import load_image
 
     image = load_image(args.image)
     print(f"{args.image} {image.width}x{image.height}")

@@ -25,7 +25,7 @@ DEFAULT_DATA = [SHARED / "faces-gdf" / "test", SHARED / "faces-ood"]
 
 
 def labelled_photos(folder: Path) -> list[tuple[str, str]]:
-    from facegender.images import expand_paths
+    from facegender.core.images import expand_paths
 
     return [(str(p), p.parent.name) for p in expand_paths([folder]) if p.parent.name in ("male", "female")]
 

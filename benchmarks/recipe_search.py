@@ -7,7 +7,7 @@ Each candidate is a set of `facegender train` options (CANDIDATES below) trained
 per seed. Every finished run appends one JSON line to OUT/results.jsonl (a rerun skips what is
 there), with the validation accuracy and balanced accuracy of the training sources (the only
 figures a recipe is chosen on), faces-gdf/test and faces-ood (FairFace: never trained or tuned
-on) with per-class recall and every age group and race (`facegender.bundle.measure`). The table
+on) with per-class recall and every age group and race (`tools.build_default_model.measure`). The table
 printed at the end gives each candidate's mean and standard deviation over its seeds.
 """
 
@@ -49,7 +49,7 @@ CANDIDATES: dict[str, dict] = {
 
 def run_one(name: str, seed: int, data: list[str], out: Path, shared: Path) -> dict:
     import facegender
-    from facegender.bundle import measure
+    from tools.build_default_model import measure
 
     options = dict(CANDIDATES[name])
     preset = options.pop("preset", None)
@@ -69,7 +69,7 @@ def run_one(name: str, seed: int, data: list[str], out: Path, shared: Path) -> d
 
 
 def remeasure(rows: list[dict], out: Path, shared: Path) -> list[dict]:
-    from facegender.bundle import measure
+    from tools.build_default_model import measure
 
     for row in rows:
         m = measure(out / f"{row['candidate']}-s{row['seed']}" / "best_model.pth", shared)

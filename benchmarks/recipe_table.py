@@ -2,7 +2,7 @@
 
     python benchmarks/recipe_table.py runs/a/best_model.pth runs/b/best_model.pth [--shared ../shared] [--json out.json]
 
-For each model (`facegender.bundle.measure`): accuracy on faces-gdf/test (95% Wilson interval); on
+For each model (`tools.build_default_model.measure`): accuracy on faces-gdf/test (95% Wilson interval); on
 faces-ood (FairFace, never trained on) accuracy, female and male recall, and the worst age group and
 race (groups of at least 10 faces, from manifest.csv); and how many of the 7 faces of the sample
 photos are labelled right (group_6_faces.jpg: F, F, M, M, M, F from left to right;
@@ -22,7 +22,7 @@ def main() -> None:
     parser.add_argument("--shared", default=str(Path(__file__).resolve().parents[1] / ".." / "shared"))
     parser.add_argument("--json", help="also write the rows (with per-group accuracies) to this file")
     args = parser.parse_args()
-    from facegender.bundle import format_measurement, measure
+    from tools.build_default_model import format_measurement, measure
 
     rows = []
     for path in args.models:

@@ -53,7 +53,7 @@ DEGRADATIONS = {"none": lambda im: im, "blur": blur, "downscale_32px": downscale
 
 def labelled_images(folder: Path, classes: list[str], limit: int | None = None) -> list[tuple[Path, int]]:
     """(path, label) of folder/<class>/*, at most `limit` per class (for a quick check)."""
-    from facegender.images import is_image_name
+    from facegender.core.images import is_image_name
 
     items = []
     for label, name in enumerate(classes):
@@ -71,9 +71,9 @@ def evaluate_degradations(model_path: str, data: str, names: list[str], batch_si
     import dataclasses
 
     import facegender
-    from facegender.images import load_image
-    from facegender.metrics import wilson_interval
-    from facegender.preprocessing import ImagePreparer
+    from facegender.core.images import load_image
+    from facegender.evaluation.metrics import wilson_interval
+    from facegender.core.preprocessing import ImagePreparer
 
     model = facegender.load(model_path, device="cpu")  # best_model.pth or an exported .onnx
     classes, prep = model.classes, model.prep
@@ -100,7 +100,7 @@ def evaluate_degradations(model_path: str, data: str, names: list[str], batch_si
 def named_labels(folders: list[str], model_path: str) -> list[dict]:
     """Predictions for files named `<class>__*.ext` in `folders` (e.g. the shared robustness set's
     known_label_faces): every face found, through `Predictor` as `facegender predict` runs it."""
-    from facegender.predict import Predictor, expand_paths
+    from facegender.app.predict import Predictor, expand_paths
 
     predictor = Predictor.from_file(model_path, device="cpu")
     files = [p for p in expand_paths(folders) if "__" in p.name and p.name.split("__")[0] in predictor.classes]

@@ -27,7 +27,7 @@ def main() -> None:
     parser.add_argument("--male", default="male")
     args = parser.parse_args()
 
-    from facegender.predict import Predictor
+    from facegender.app.predict import Predictor
 
     predictor = Predictor.from_file(args.model, device="cpu")
     names = {"F": args.female, "M": args.male}

@@ -108,7 +108,7 @@ def main() -> None:
 
             model = build_model_file(Path(tmp) / "best_model.pth", "efficientnet_lite0", 224, align=True)
             if args.onnx:
-                from facegender.export import export_onnx
+                from facegender.training.export import export_onnx
 
                 model = Path(export_onnx(model, Path(tmp) / "model.onnx", log=lambda s: None)["out"])
         port = free_port()

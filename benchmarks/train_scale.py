@@ -43,14 +43,14 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from facegender.config import build_config
-    from facegender.data import ImageLoader, load_split
-    from facegender.engine import make_loader, select_device, train_one_epoch
-    from facegender.features import FeatureExtractor, feature_dataset
-    from facegender.model import build_model, freeze_body, split_body
-    from facegender.preprocessing import ImagePreparer
-    from facegender.sources import read_sources, scan_sources
-    from facegender.train import make_optimizer, preprocessing_for
+    from facegender.training.config import build_config
+    from facegender.data.dataset import ImageLoader, load_split
+    from facegender.training.engine import make_loader, select_device, train_one_epoch
+    from facegender.training.features import FeatureExtractor, feature_dataset
+    from facegender.training.backbones import build_model, freeze_body, split_body
+    from facegender.core.preprocessing import ImagePreparer
+    from facegender.data.sources import read_sources, scan_sources
+    from facegender.training.train import make_optimizer, preprocessing_for
 
     device = select_device(args.device)
     cfg = build_config("best", data=[args.data], frozen_features=False, trainable_stages=args.trainable_stages)
@@ -83,8 +83,8 @@ def main() -> None:
     epoch_s = time.perf_counter() - t
     print(f"epoch   {_rate(n * args.views, epoch_s)}  views, cached prefix")
 
-    from facegender.engine import FaceDataset
-    from facegender.transforms import TrainPreset
+    from facegender.training.engine import FaceDataset
+    from facegender.training.transforms import TrainPreset
 
     full = FaceDataset(loaded, TrainPreset(prep, cfg.augment))
     t = time.perf_counter()

@@ -22,13 +22,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
-from facegender.data import ImageLoader, Split, load_split, scan_dataset
-from facegender.engine import FaceDataset, make_loader
-from facegender.engine import select_precision, train_one_epoch
-from facegender.images import load_image
-from facegender.model import build_model, freeze_stem, get_spec
-from facegender.preprocessing import ImagePreparer, Preprocessing
-from facegender.transforms import TrainPreset
+from facegender.data.dataset import ImageLoader, Split, load_split, scan_dataset
+from facegender.training.engine import FaceDataset, make_loader
+from facegender.training.engine import select_precision, train_one_epoch
+from facegender.core.images import load_image
+from facegender.training.backbones import build_model, freeze_stem, get_spec
+from facegender.core.preprocessing import ImagePreparer, Preprocessing
+from facegender.training.transforms import TrainPreset
 
 
 class PlainFolder(Dataset):

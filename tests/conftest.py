@@ -58,8 +58,8 @@ def tiny_dataset(tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory) -> Path:
     """One small model trained once per test session (random weights: fast and offline)."""
-    from facegender.config import build_config
-    from facegender.train import train
+    from facegender.training.config import build_config
+    from facegender.training.train import train
 
     root = tmp_path_factory.mktemp("run")
     data = make_dataset(root / "data", n_train=16, n_test=8)

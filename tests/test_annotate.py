@@ -41,7 +41,7 @@ def inside(rect, size):
     (190, 10, 260, 90),    # partly outside the image
 ])
 def test_place_label_keeps_the_label_inside(box):
-    from facegender.annotate import place_label
+    from facegender.app.annotate import place_label
 
     for size in ((60, 16), (250, 30), (20, 300)):
         rect = place_label(size, box, (200, 200))
@@ -49,7 +49,7 @@ def test_place_label_keeps_the_label_inside(box):
 
 
 def test_place_label_above_else_below_else_inside():
-    from facegender.annotate import place_label
+    from facegender.app.annotate import place_label
 
     assert place_label((50, 14), (20, 60, 80, 120), (200, 200)) == (20, 46, 70, 60)   # above
     assert place_label((50, 14), (20, 0, 80, 60), (200, 200)) == (20, 60, 70, 74)    # below
@@ -60,7 +60,7 @@ def test_place_label_above_else_below_else_inside():
 def test_annotated_label_at_top_right_edges_is_drawn_inside_the_image():
     """A face box touching the top and right edges: the label rectangle (from the layout) lies in
     the image, and its pixels really are the class colour."""
-    from facegender.annotate import PALETTE, draw_faces, label_layout
+    from facegender.app.annotate import PALETTE, draw_faces, label_layout
 
     image = Image.new("RGB", (240, 180), (128, 128, 128))
     faces = [face((170, 0, 240, 70), label="wanita")]
@@ -79,7 +79,7 @@ def test_annotated_label_at_top_right_edges_is_drawn_inside_the_image():
 
 
 def test_whole_image_box_gets_its_label_inside_without_a_number():
-    from facegender.annotate import draw_faces, label_layout
+    from facegender.app.annotate import draw_faces, label_layout
 
     image = Image.new("RGB", (120, 90), (20, 20, 20))
     faces = [face((0, 0, 120, 90), label="pria", landmarks=False)]
@@ -92,7 +92,7 @@ def test_whole_image_box_gets_its_label_inside_without_a_number():
 
 
 def test_long_label_on_a_small_image_shrinks_to_fit():
-    from facegender.annotate import label_layout
+    from facegender.app.annotate import label_layout
 
     faces = [face((2, 2, 30, 30), label="a-rather-long-class-name", probability=0.5)]
     [spot] = label_layout((64, 64), faces)
@@ -102,7 +102,7 @@ def test_long_label_on_a_small_image_shrinks_to_fit():
 # ----------------------------------------------------------------------------- numbering
 
 def test_faces_are_numbered_left_to_right():
-    from facegender.annotate import face_numbers, label_layout
+    from facegender.app.annotate import face_numbers, label_layout
 
     faces = [face((300, 50, 380, 130)), face((20, 80, 90, 150)), face((150, 10, 220, 90))]
     assert face_numbers(faces) == [3, 1, 2]
@@ -116,7 +116,7 @@ def test_faces_are_numbered_left_to_right():
 
 
 def test_predict_text_numbers_faces_left_to_right():
-    from facegender.predict import format_result
+    from facegender.app.predict import format_result
 
     result = {"file": "group.jpg", "width": 400, "height": 300, "status": "ok",
               "faces": [face((300, 50, 380, 130), "pria", 0.8), face((20, 80, 90, 150), "wanita", 0.7),
@@ -128,7 +128,7 @@ def test_predict_text_numbers_faces_left_to_right():
 
 
 def test_annotate_results_writes_numbered_labels_inside(tmp_path):
-    from facegender.annotate import annotate_results
+    from facegender.app.annotate import annotate_results
 
     photo = tmp_path / "photo.png"
     Image.new("RGB", (200, 120), (90, 90, 90)).save(photo)
@@ -143,8 +143,8 @@ def test_annotate_results_writes_numbered_labels_inside(tmp_path):
 # ----------------------------------------------------------------------------- models without a face stage
 
 def test_predict_says_whole_image_for_a_model_without_a_face_stage(tmp_path):
-    from facegender.predict import WHOLE_IMAGE, Predictor, format_result
-    from facegender.resources import sample_photo_path
+    from facegender.app.predict import WHOLE_IMAGE, Predictor, format_result
+    from facegender.core.resources import sample_photo_path
 
     model = save_random_model(tmp_path / "best_model.pth", align=False)
     predictor = Predictor.from_file(model, device="cpu")
@@ -160,7 +160,7 @@ def test_predict_says_whole_image_for_a_model_without_a_face_stage(tmp_path):
 def test_model_endpoint_says_whether_the_model_detects_faces(tmp_path):
     from fastapi.testclient import TestClient
 
-    from facegender.serve import create_app
+    from facegender.app.serve import create_app
 
     model = save_random_model(tmp_path / "best_model.pth", align=False)
     with TestClient(create_app(model, device="cpu")) as client:
@@ -170,8 +170,8 @@ def test_model_endpoint_says_whether_the_model_detects_faces(tmp_path):
 
 
 def test_model_summary_flags_a_face_detecting_model():
-    from facegender.serve import ServeLimits, model_summary
-    from facegender.preprocessing import Preprocessing
+    from facegender.app.serve import ServeLimits, model_summary
+    from facegender.core.preprocessing import Preprocessing
 
     class Stub:
         info = {"backbone": "resnet18"}
@@ -189,7 +189,7 @@ def test_model_summary_flags_a_face_detecting_model():
 # ----------------------------------------------------------------------------- the sample photo
 
 def test_sample_photo_ships_with_the_package():
-    from facegender.resources import sample_photo_path
+    from facegender.core.resources import sample_photo_path
 
     path = sample_photo_path()
     assert path.name == "astronaut.jpg" and path.parent.name == "samples"
@@ -197,13 +197,13 @@ def test_sample_photo_ships_with_the_package():
     with Image.open(path) as im:
         assert im.format == "JPEG" and im.size == (512, 512) and im.mode == "RGB"
     assert (path.parent / "README.md").read_text().lower().count("public domain") >= 1
-    assert '"samples/*"' in (REPO / "pyproject.toml").read_text()  # package-data: in the wheel too
+    assert '"core/samples/*"' in (REPO / "pyproject.toml").read_text()  # package-data: in the wheel too
 
 
 def test_sample_photo_is_tracked_by_git():
     try:
-        tracked = subprocess.run(["git", "ls-files", "src/facegender/samples"], cwd=REPO, capture_output=True,
+        tracked = subprocess.run(["git", "ls-files", "src/facegender/core/samples"], cwd=REPO, capture_output=True,
                                  text=True, check=True).stdout.split()
     except (OSError, subprocess.CalledProcessError):
         pytest.skip("not a git checkout")
-    assert {"src/facegender/samples/astronaut.jpg", "src/facegender/samples/README.md"} <= set(tracked)
+    assert {"src/facegender/core/samples/astronaut.jpg", "src/facegender/core/samples/README.md"} <= set(tracked)

@@ -46,7 +46,7 @@ def browser(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def page_url(tmp_path_factory):
-    from facegender.serve import create_app
+    from facegender.app.serve import create_app
 
     model = save_random_model(tmp_path_factory.mktemp("browser") / "best_model.pth", align=True)
     with running(create_app(model, device="cpu")) as url:
@@ -55,7 +55,7 @@ def page_url(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def whole_image_page_url(tmp_path_factory):
-    from facegender.serve import create_app
+    from facegender.app.serve import create_app
 
     model = save_random_model(tmp_path_factory.mktemp("browser-whole") / "best_model.pth", align=False)
     with running(create_app(model, device="cpu")) as url:
@@ -183,8 +183,8 @@ def test_model_without_face_stage_says_it_labels_the_whole_image(browser, whole_
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from facegender.predict import WHOLE_IMAGE
-    from facegender.resources import sample_photo_path
+    from facegender.app.predict import WHOLE_IMAGE
+    from facegender.core.resources import sample_photo_path
 
     browser.get(whole_image_page_url + "/")
     WebDriverWait(browser, 30).until(lambda d: WHOLE_IMAGE in d.find_element(By.ID, "model").text)

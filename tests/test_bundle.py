@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("face_recognition_model
 
 @pytest.fixture(scope="module")
 def record():
-    from facegender.bundle import default_model_record
+    from facegender.core.resources import default_model_record
 
     return default_model_record()
 
@@ -31,10 +31,12 @@ def model():
 
 
 def test_shipped_file_matches_its_record(record):
-    from facegender.bundle import default_model_path, sha256_file
-    from facegender.export import load_onnx_classifier
+    from facegender.core.files import sha256_file
+    from facegender.core.resources import default_model_path
+    from facegender.core.onnx_model import load_onnx_classifier
 
-    from facegender.bundle import MAX_BYTES, is_head_only
+    from tools.build_default_model import MAX_BYTES
+    from facegender.core.model_card import is_head_only
 
     path = default_model_path()
     assert path.suffix == ".onnx"  # runs on onnxruntime, without PyTorch
@@ -52,9 +54,9 @@ def test_shipped_file_matches_its_record(record):
         assert (stored.get("quantization") or "fp32") == record["quantization"]
     assert stored["temperature"] == pytest.approx(record["temperature"])
     assert stored["tta"] is record["tta"]
-    files = subprocess.run(["git", "ls-files", "src/facegender/default_model"], cwd=REPO, capture_output=True,
+    files = subprocess.run(["git", "ls-files", "src/facegender/core/default_model"], cwd=REPO, capture_output=True,
                            text=True).stdout.split()
-    assert sorted(files) == ["src/facegender/default_model/gender.json", "src/facegender/default_model/gender.onnx"]
+    assert sorted(files) == ["src/facegender/core/default_model/gender.json", "src/facegender/core/default_model/gender.onnx"]
 
 
 def test_model_card_gives_the_recorded_numbers(record):
@@ -68,7 +70,7 @@ def test_model_card_gives_the_recorded_numbers(record):
 
 
 def test_labels_the_shipped_sample_photo_as_recorded(model, record):
-    from facegender.resources import sample_photo_path
+    from facegender.core.resources import sample_photo_path
 
     (result,) = model.predict([sample_photo_path()])
     assert len(result["faces"]) == 1
@@ -104,7 +106,7 @@ def test_predict_without_model_says_it_uses_the_bundled_one_and_models_describes
 
 
 def test_a_missing_shipped_file_names_itself_and_the_fix(tmp_path, monkeypatch):
-    from facegender import resources
+    from facegender.core import resources
 
     monkeypatch.setattr(resources, "DEFAULT_DIR", tmp_path)
     monkeypatch.setattr(resources, "SAMPLES_DIR", tmp_path)

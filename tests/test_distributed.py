@@ -18,10 +18,10 @@ import pytest
 import torch
 
 from conftest import make_dataset
-from facegender import checkpoint as ckpt
-from facegender import distributed
-from facegender.config import build_config
-from facegender.model import build_model
+from facegender.training import checkpoint as ckpt
+from facegender.training import distributed
+from facegender.training.config import build_config
+from facegender.training.backbones import build_model
 
 # Per-process settings for both runs; the 2-process run uses half the batch so the global batch,
 # and with it the number of optimizer steps per epoch, is the same as the 1-process run's.
@@ -116,7 +116,7 @@ def test_two_processes_validation_metrics_are_exact(ddp_run):
 def test_two_processes_learn_like_one_process(ddp_run, tmp_path, one_thread):
     root, data, proc = ddp_run
     _ok(proc)
-    from facegender.train import train
+    from facegender.training.train import train
 
     cfg = build_config(None, data=str(data), out=str(tmp_path / "single"), batch_size=BATCH, **SETTINGS)
     single = train(cfg, log=lambda s: None, progress=False)
@@ -131,7 +131,7 @@ def test_two_processes_learn_like_one_process(ddp_run, tmp_path, one_thread):
 def test_resume_two_process_checkpoint_with_one_process(ddp_run, tmp_path, one_thread):
     root, _, proc = ddp_run
     _ok(proc)
-    from facegender.train import resume_config, train
+    from facegender.training.train import resume_config, train
 
     run = tmp_path / "run"
     shutil.copytree(root / "out", run)
@@ -211,7 +211,7 @@ def test_compiled_model_saves_plain_state_dict_keys():
     net = distributed.prepare_model(model, distributed.DistContext(), compile=True)  # compiles lazily
     assert net is not model and distributed.plain_module(net) is model
     cfg = build_config(None, data="x", backbone="resnet18", pretrained=False)
-    from facegender.preprocessing import Preprocessing
+    from facegender.core.preprocessing import Preprocessing
 
     prep = Preprocessing(image_size=64, mean=(0.5,) * 3, std=(0.5,) * 3)
     saved = ckpt.model_record(net, cfg.to_dict(), ["a", "b"], prep, "none")["model_state"]
@@ -221,7 +221,7 @@ def test_compiled_model_saves_plain_state_dict_keys():
 def test_schedule_is_realigned_to_a_new_number_of_steps_per_epoch():
     """A cosine schedule saved after 2 epochs of 10 steps (2 processes) continues at epoch 2 of a
     5-step epoch (1 process with the double share), not at step 20 of it."""
-    from facegender.train import make_optimizer, make_scheduler
+    from facegender.training.train import make_optimizer, make_scheduler
 
     cfg = build_config(None, data="x", scheduler="cosine", warmup_epochs=1, epochs=4, lr=0.1)
     param = torch.nn.Linear(2, 2)
@@ -254,7 +254,7 @@ def test_warmup_then_cosine_schedule_per_step():
     """Linear warm-up over the first epoch, then cosine decay to 0 at the end of the last one."""
     import math
 
-    from facegender.train import make_optimizer, make_scheduler
+    from facegender.training.train import make_optimizer, make_scheduler
 
     cfg = build_config(None, data="x", scheduler="cosine", warmup_epochs=1, epochs=3, lr=0.1)
     opt = make_optimizer(cfg, torch.nn.Linear(2, 2))

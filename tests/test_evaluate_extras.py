@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from facegender.evaluate import evaluate_model
-from facegender.metrics import wilson_interval
-from facegender.report import read_groups
+from facegender.evaluation.evaluate import evaluate_model
+from facegender.evaluation.metrics import wilson_interval
+from facegender.evaluation.report import read_groups
 
 
 def _quiet(**kw):
@@ -121,7 +121,7 @@ def test_groups_file_errors_name_the_file_and_the_fix(tmp_path):
 @pytest.mark.parametrize("argv, expected", [([], None), (["--tta"], True), (["--tta", "flip"], True),
                                             (["--tta", "none"], False), (["--no-tta"], False)])
 def test_cli_tta_forms(argv, expected):
-    from facegender.cli import _tta, build_parser
+    from facegender.app.cli import _tta, build_parser
 
     args = build_parser().parse_args(["evaluate", "--model", "m.pth", "--data", "d", *argv])
     assert _tta(args) is expected
@@ -130,7 +130,7 @@ def test_cli_tta_forms(argv, expected):
 def test_selective_numbers_on_spread_probabilities():
     import numpy as np
 
-    from facegender.report import Predictions, analyse
+    from facegender.evaluation.report import Predictions, analyse
 
     labels = np.array([0, 1, 0, 1, 0, 1, 0, 1])
     p_top = np.array([0.55, 0.65, 0.75, 0.85, 0.95, 0.6, 0.9, 0.99])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from facegender.training.export import export_model
 import json
 
 import numpy as np
@@ -20,14 +21,14 @@ def exported(trained_run, tmp_path_factory):
 
     model = trained_run / "out" / "best_model.pth"
     out = tmp_path_factory.mktemp("onnx") / "model.onnx"
-    report = facegender.load(model, device="cpu").export(out, data=trained_run / "data", log=lambda s: None)
+    report = export_model(facegender.load(model, device="cpu"), out, data=trained_run / "data", log=lambda s: None)
     return out, model, report
 
 
 def test_export_writes_a_valid_model_with_metadata(exported):
     import onnx
 
-    from facegender import checkpoint as ckpt
+    from facegender.training import checkpoint as ckpt
 
     out, model_path, report = exported
     proto = onnx.load(str(out))
@@ -48,7 +49,7 @@ def test_export_writes_a_valid_model_with_metadata(exported):
 
 
 def test_onnx_matches_pytorch_on_test_images(exported, trained_run):
-    from facegender.predict import Predictor
+    from facegender.app.predict import Predictor
 
     out, model_path, _ = exported
     images = sorted((trained_run / "data" / "test").rglob("*.jpg"))
@@ -63,7 +64,7 @@ def test_onnx_matches_pytorch_on_test_images(exported, trained_run):
 
 
 def test_load_onnx_classifier_runs_any_batch_size(exported):
-    from facegender.export import load_onnx_classifier
+    from facegender.core.onnx_model import load_onnx_classifier
 
     out, model_path, _ = exported
     logits_fn, meta = load_onnx_classifier(out, threads=1)
@@ -76,7 +77,7 @@ def test_load_onnx_classifier_runs_any_batch_size(exported):
 
 
 def test_failed_parity_leaves_no_file(trained_run, tmp_path, capsys):
-    from facegender.cli import main
+    from facegender.app.cli import main
 
     out = tmp_path / "model.onnx"
     code = main(["export", "--model", str(trained_run / "out" / "best_model.pth"), "--out", str(out),
@@ -90,7 +91,7 @@ def test_export_refuses_other_suffix(trained_run, tmp_path):
     import facegender
 
     with pytest.raises(ValueError, match=r"\.onnx"):
-        facegender.load(trained_run / "out" / "best_model.pth", device="cpu").export(tmp_path / "model.pth")
+        export_model(facegender.load(trained_run / "out" / "best_model.pth", device="cpu"), tmp_path / "model.pth")
 
 
 def _plain_onnx(path, props: dict[str, str] | None = None):
@@ -110,8 +111,8 @@ def _plain_onnx(path, props: dict[str, str] | None = None):
 
 
 def test_foreign_or_damaged_onnx_files_are_refused(tmp_path):
-    from facegender.checkpoint import CheckpointError
-    from facegender.export import load_onnx_classifier
+    from facegender.training.checkpoint import CheckpointError
+    from facegender.core.onnx_model import load_onnx_classifier
 
     with pytest.raises(CheckpointError, match="not found"):
         load_onnx_classifier(tmp_path / "missing.onnx")
@@ -129,8 +130,8 @@ def test_foreign_or_damaged_onnx_files_are_refused(tmp_path):
 def test_server_runs_the_onnx_model(exported, trained_run):
     from fastapi.testclient import TestClient
 
-    from facegender.predict import Predictor
-    from facegender.serve import create_app
+    from facegender.app.predict import Predictor
+    from facegender.app.serve import create_app
 
     out, model_path, _ = exported
     image_path = sorted((trained_run / "data" / "test" / "wanita").glob("*.jpg"))[0]

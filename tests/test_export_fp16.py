@@ -4,6 +4,7 @@ without PyTorch."""
 
 from __future__ import annotations
 
+from facegender.training.export import export_model
 import json
 from pathlib import Path
 
@@ -45,9 +46,10 @@ def dlib_model(pictures):
     """An `inference.Model` around a randomly initialised dlib_resnet network (no weight file
     needed) on plain crops, its head scaled so that the pictures' logits are of order 1 (their
     probabilities spread out instead of all being about 0.5)."""
-    from facegender.inference import Model, TorchBackend
-    from facegender.model import build_model
-    from facegender.preprocessing import Preprocessing
+    from facegender.core.model import Model
+    from facegender.training.torch_backend import TorchBackend
+    from facegender.training.backbones import build_model
+    from facegender.core.preprocessing import Preprocessing
 
     torch.manual_seed(0)
     network, _ = build_model("dlib_resnet", 2, 0.2, pretrained=False)
@@ -69,7 +71,7 @@ def dlib_model(pictures):
 def exports(dlib_model, pictures, tmp_path_factory):
     root = tmp_path_factory.mktemp("fp16")
     data = str(Path(pictures[0]).parent)
-    reports = {q: dlib_model.export(root / f"{q}.onnx", data=data, quantize=None if q == "fp32" else q,
+    reports = {q: export_model(dlib_model, root / f"{q}.onnx", data=data, quantize=None if q == "fp32" else q,
                                     log=lambda s: None) for q in ("fp32", "fp16")}
     return root, reports
 
@@ -99,7 +101,8 @@ def test_fp16_file_is_half_the_size_and_says_so(exports):
 def test_fp16_probabilities_match_pytorch(dlib_model, exports, pictures):
     from scipy.special import softmax
 
-    from facegender.export import FP16_TOLERANCE, load_onnx_classifier
+    from facegender.training.export import FP16_TOLERANCE
+    from facegender.core.onnx_model import load_onnx_classifier
 
     root, reports = exports
     assert reports["fp16"]["parity_max_abs_diff"] <= FP16_TOLERANCE
@@ -118,7 +121,7 @@ def test_fp16_probabilities_match_pytorch(dlib_model, exports, pictures):
 
 
 def test_fp16_file_predicts_without_torch_or_dlib_weights_package(dlib_model, exports, pictures, tmp_path):
-    from facegender.export import FP16_TOLERANCE
+    from facegender.training.export import FP16_TOLERANCE
 
     root, _ = exports
     photos = pictures[:4]
@@ -147,7 +150,7 @@ def test_store_weights_fp16_keeps_small_out_of_range_and_input_tensors(tmp_path)
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from facegender.export import store_weights_fp16
+    from facegender.training.export import store_weights_fp16
 
     rng = np.random.default_rng(0)
     w = rng.standard_normal((8, 8)).astype(np.float32)
@@ -170,8 +173,8 @@ def test_store_weights_fp16_keeps_small_out_of_range_and_input_tensors(tmp_path)
 
 
 def test_cli_exports_fp16(dlib_model, pictures, tmp_path, capsys):
-    from facegender import checkpoint as ckpt
-    from facegender.cli import main
+    from facegender.training import checkpoint as ckpt
+    from facegender.app.cli import main
 
     config = {"backbone": "dlib_resnet", "dropout": 0.2, "pretrained": False, "frozen_features": False,
               "weights": None}

@@ -3,6 +3,8 @@ preprocessing, model files without the package-provided body, ONNX export."""
 
 from __future__ import annotations
 
+from facegender.core import dlib_onnx
+from facegender.training.export import export_model
 import importlib.util
 
 import pytest
@@ -15,7 +17,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("face_recognition_model
 
 
 def _config(data, out, **overrides):
-    from facegender.config import build_config
+    from facegender.training.config import build_config
 
     values = dict(data=str(data), out=str(out), backbone="dlib_resnet", align=False, frozen_features=True,
                   feature_views=2, epochs=12, batch_size=8, lr=0.05, patience=12)
@@ -29,7 +31,7 @@ def frozen_run(tmp_path_factory):
     test's own folder)."""
     import os
 
-    from facegender.train import train
+    from facegender.training.train import train
 
     root = tmp_path_factory.mktemp("frozen")
     os.environ["XDG_CACHE_HOME"] = str(root / "cache")  # read at call time by the feature cache
@@ -42,21 +44,20 @@ def frozen_run(tmp_path_factory):
 
 
 def test_dlib_backbone_uses_its_native_size_and_mean():
-    from facegender import dlib_resnet
-    from facegender.config import build_config
-    from facegender.train import preprocessing_for
+    from facegender.training.config import build_config
+    from facegender.training.train import preprocessing_for
 
     cfg = build_config(None, backbone="dlib_resnet", align=True)
     assert cfg.image_size == 150
     prep = preprocessing_for(cfg)
-    assert prep.mean == dlib_resnet.DLIB_MEAN and prep.std == dlib_resnet.DLIB_STD
+    assert prep.mean == dlib_onnx.DLIB_MEAN and prep.std == dlib_onnx.DLIB_STD
     assert prep.face["template"] == "dlib" and prep.face["size"] == 150
     assert tuple(prep.face["pad_color"]) == (0, 0, 0)
     assert build_config(None, backbone="dlib_resnet", image_size=112).image_size == 112  # explicit wins
 
 
 def test_frozen_features_model_file_holds_only_the_head(frozen_run):
-    from facegender import checkpoint as ckpt
+    from facegender.training import checkpoint as ckpt
 
     root, summary = frozen_run
     path = root / "out" / "best_model.pth"
@@ -64,7 +65,7 @@ def test_frozen_features_model_file_holds_only_the_head(frozen_run):
     assert record["body_weights"] == "pretrained"
     assert set(record["model_state"]) == {"head.1.weight", "head.1.bias"}
     assert path.stat().st_size < 100_000
-    from facegender.dlib_resnet import converted_weights
+    from facegender.training.dlib_resnet import converted_weights
 
     model, _ = ckpt.load_model(path)  # the body comes back from the package: dlib's weights
     for key, value in converted_weights().items():
@@ -75,8 +76,8 @@ def test_frozen_features_model_file_holds_only_the_head(frozen_run):
 def test_frozen_features_learn_and_the_cache_is_reused(frozen_run, tmp_path, monkeypatch):
     """The head learns the synthetic classes from embeddings; a second run with the same images
     reads every embedding from the cache instead of running the body."""
-    from facegender.dlib_resnet import DlibResNet
-    from facegender.train import train
+    from facegender.training.dlib_resnet import DlibResNet
+    from facegender.training.train import train
 
     root, summary = frozen_run
     assert summary["validation"]["accuracy"] >= 0.75
@@ -94,8 +95,8 @@ def test_frozen_features_learn_and_the_cache_is_reused(frozen_run, tmp_path, mon
 
 
 def test_fine_tuning_trains_only_the_last_stages_at_the_scaled_rate(tmp_path):
-    from facegender.model import build_model, freeze_body
-    from facegender.train import make_optimizer
+    from facegender.training.backbones import build_model, freeze_body
+    from facegender.training.train import make_optimizer
 
     cfg = _config(tmp_path, tmp_path, frozen_features=False, trainable_stages=2, body_lr_scale=0.1, lr=1e-3)
     model, _ = build_model("dlib_resnet", 2, pretrained=True)
@@ -120,8 +121,7 @@ def test_frozen_model_exports_to_onnx_with_parity(frozen_run, tmp_path):
     import facegender
 
     root, _ = frozen_run
-    report = facegender.load(root / "out" / "best_model.pth", device="cpu").export(
-        tmp_path / "model.onnx", data=root / "data", log=lambda s: None)
+    report = export_model(facegender.load(root / "out" / "best_model.pth", device="cpu"), tmp_path / "model.onnx", data=root / "data", log=lambda s: None)
     assert report["parity_max_abs_diff"] <= 1e-3
     assert (tmp_path / "model.onnx").stat().st_size > 5_000_000  # the body is inside the ONNX file
 
@@ -133,13 +133,13 @@ def test_exported_face_backbone_models_predict_without_torch(frozen_run, tmp_pat
 
     import facegender
     from conftest import run_without_torch
-    from facegender.export import INT8_TOLERANCE
+    from facegender.training.export import INT8_TOLERANCE
 
     root, _ = frozen_run
     model = facegender.load(root / "out" / "best_model.pth", device="cpu")
     exports = {"whole": {}, "head": {"head_only": True},
                "int8": {"quantize": "int8", "calibration": root / "data"}}
-    sizes = {name: model.export(tmp_path / f"{name}.onnx", data=root / "data", log=lambda s: None, **kw)["bytes"]
+    sizes = {name: export_model(model, tmp_path / f"{name}.onnx", data=root / "data", log=lambda s: None, **kw)["bytes"]
              for name, kw in exports.items()}
     assert sizes["head"] < 10_000 and sizes["int8"] < sizes["whole"] / 3
     photos = sorted(str(p) for p in (root / "data" / "test").rglob("*.jpg"))
@@ -170,7 +170,7 @@ def test_frozen_features_train_with_torchrun(tmp_path):
 
     from test_distributed import _free_port
 
-    from facegender import checkpoint as ckpt
+    from facegender.training import checkpoint as ckpt
 
     data = make_dataset(tmp_path / "data", n_train=16, n_test=4)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
@@ -192,10 +192,10 @@ def test_frozen_features_train_with_torchrun(tmp_path):
 def test_prepared_folder_must_have_the_backbones_chip(tmp_path):
     """`prepare --template dlib` makes a folder the face backbone trains on; an ArcFace-aligned folder
     is refused with the fix instead of feeding the network crops of another geometry."""
-    from facegender import checkpoint as ckpt
-    from facegender.config import build_config
-    from facegender.prepare import prepare_dataset
-    from facegender.train import train
+    from facegender.training import checkpoint as ckpt
+    from facegender.training.config import build_config
+    from facegender.data.prepare import prepare_dataset
+    from facegender.training.train import train
 
     data = make_dataset(tmp_path / "data", n_train=8, n_test=3)
     prepare_dataset(data, tmp_path / "arcface", {}, progress=False)

@@ -12,21 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from facegender.faces import (
-    ARCFACE_TEMPLATE_112,
-    DetectedFace,
-    FaceAlignConfig,
-    FaceDetector,
-    align_face,
-    align_or_fallback,
-    alignment_matrix,
-    detect_and_align,
-    fallback_crop,
-    select_faces,
-    similarity_transform,
-    template_landmarks,
-)
-from facegender.images import load_image
+from facegender.core.faces.align import ARCFACE_TEMPLATE_112, FaceAlignConfig, align_face, alignment_matrix, fallback_crop, similarity_transform, template_landmarks
+from facegender.core.faces.detect import DetectedFace, FaceDetector, align_or_fallback, detect_and_align, select_faces
+from facegender.core.images import load_image
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
@@ -278,7 +266,7 @@ def test_detection_frames_the_image_only_when_a_face_may_be_cut_off(monkeypatch)
 
 
 def test_importing_faces_loads_no_model():
-    code = "import sys, facegender.faces; assert 'onnxruntime' not in sys.modules and 'retinaface' not in sys.modules"
+    code = "import sys, facegender.core.faces; assert 'onnxruntime' not in sys.modules and 'retinaface' not in sys.modules"
     env_path = str(Path(__file__).resolve().parents[1] / "src")
     result = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {env_path!r}); {code}"])
     assert result.returncode == 0

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from conftest import shared_path
-from facegender.config import build_config
-from facegender.evaluate import evaluate_model
-from facegender.predict import Predictor
-from facegender.train import train
+from facegender.training.config import build_config
+from facegender.evaluation.evaluate import evaluate_model
+from facegender.app.predict import Predictor
+from facegender.training.train import train
 
 
 @pytest.mark.slow

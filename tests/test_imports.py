@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from facegender.imports import age_band, import_csv, import_utkface, parse_utkface_name
+from facegender.data.importers import age_band, import_csv, import_utkface, parse_utkface_name
 
 
 def _jpeg(path: Path, shade: int = 128) -> Path:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from facegender.evaluation.predictions import predict_labelled
 import csv
 import subprocess
 import sys
@@ -24,7 +25,7 @@ def test_import_facegender_loads_no_torch():
 def test_evaluate_and_predict_give_the_same_probability(trained_run, tmp_path):
     """predictions.csv of `evaluate` and `predict --csv`/the Python API agree to 1e-5 per file."""
     import facegender
-    from facegender.cli import main
+    from facegender.app.cli import main
 
     model_path = trained_run / "out" / "best_model.pth"
     test_dir = trained_run / "data" / "test"
@@ -46,8 +47,8 @@ def test_final_test_evaluation_matches_evaluate(trained_run):
     import facegender
 
     model = facegender.load(trained_run / "out" / "best_model.pth")
-    pred = model.evaluate(trained_run / "data" / "test", log=lambda s: None, progress=False)
-    from facegender.evaluate import compute_metrics
+    pred = predict_labelled(model, trained_run / "data" / "test", log=lambda s: None, progress=False)
+    from facegender.evaluation.evaluate import compute_metrics
 
     metrics = compute_metrics(pred.logits, pred.labels, pred.classes, pred.temperature)
     recorded = json.loads((trained_run / "out" / "metrics.json").read_text())["test"]
@@ -91,7 +92,7 @@ def test_streaming_predict_keeps_order_and_errors_in_place(trained_run, tmp_path
 
 def test_one_temperature_softmax_and_tta(trained_run):
     import facegender
-    from facegender.metrics import apply_temperature
+    from facegender.core.decision import apply_temperature
 
     model = facegender.load(trained_run / "out" / "best_model.pth", tta=True)
     batch = np.random.default_rng(0).normal(size=(3, 3, 64, 64)).astype(np.float32)
@@ -102,7 +103,7 @@ def test_one_temperature_softmax_and_tta(trained_run):
 
 
 def test_predict_on_an_empty_folder_says_so(trained_run, tmp_path, capsys):
-    from facegender.cli import main
+    from facegender.app.cli import main
 
     (tmp_path / "empty").mkdir()
     code = main(["predict", "--model", str(trained_run / "out" / "best_model.pth"), str(tmp_path / "empty")])
@@ -112,7 +113,7 @@ def test_predict_on_an_empty_folder_says_so(trained_run, tmp_path, capsys):
 def test_default_model_is_the_bundled_one(monkeypatch):
     """`facegender.load()` without a path goes through `default_model_path` (bundle.py)."""
     import facegender
-    from facegender import inference
+    from facegender.core import model as inference
 
     def missing():
         raise FileNotFoundError("the bundled default model is missing")
@@ -135,11 +136,9 @@ def test_python_api_end_to_end(tmp_path):
     model = facegender.load(run.model_path)
     [result] = model.predict([next((data / "test" / "pria").glob("*.jpg"))])
     assert result["status"] == "ok" and result["faces"][0]["label"] in ("pria", "wanita")
-    # the submodule keeps its functions, and the name is the API whichever way it was reached
-    from facegender import train as by_from_import
-    from facegender.train import TrainRun, train
+    from facegender.training.train import TrainRun
 
-    assert by_from_import is facegender.train and callable(train) and isinstance(run, TrainRun)
+    assert isinstance(run, TrainRun)
 
 
 def test_model_options_refuse_checkpoints_and_other_files(trained_run, tmp_path, capsys):
@@ -148,7 +147,7 @@ def test_model_options_refuse_checkpoints_and_other_files(trained_run, tmp_path,
 
     import torch
 
-    from facegender.cli import main
+    from facegender.app.cli import main
 
     image = str(next((trained_run / "data" / "test").rglob("*.jpg")))
     torch.save({"config": argparse.Namespace(lr=1)}, tmp_path / "pickled.pth")
@@ -162,7 +161,7 @@ def test_model_options_refuse_checkpoints_and_other_files(trained_run, tmp_path,
 
 
 def test_usage_errors_name_the_closest_option(capsys):
-    from facegender.cli import main
+    from facegender.app.cli import main
 
     for argv, expected in ((["predict", "--modle", "m.pth", "a.jpg"], "did you mean --model?"),
                            (["train", "--epoch", "2", "--data", "d"], "did you mean --epochs?")):
@@ -175,8 +174,8 @@ def test_train_options_come_from_the_config(capsys):
     """Every TrainConfig option, its default shown once, and what a preset changes."""
     import dataclasses
 
-    from facegender.cli import build_parser
-    from facegender.config import TrainConfig
+    from facegender.app.cli import build_parser
+    from facegender.training.config import TrainConfig
 
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--help"])

@@ -26,7 +26,7 @@ pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLE = ROOT / "src" / "facegender" / "samples" / "astronaut.jpg"
+SAMPLE = ROOT / "src" / "facegender" / "core" / "samples" / "astronaut.jpg"
 
 def colour_model(path: Path, size: int = 16, face: dict | None = None, **record_extra) -> Path:
     """A facegender ONNX file whose logits are 4 x the mean red and the mean blue of the input
@@ -35,7 +35,7 @@ def colour_model(path: Path, size: int = 16, face: dict | None = None, **record_
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from facegender.export import onnx_metadata
+    from facegender.core.onnx_model import onnx_metadata
 
     pick = np.array([[0.0, 1.0], [0.0, 0.0], [1.0, 0.0]], dtype=np.float32)  # (R, G, B) -> (blue, red)
     nodes = [helper.make_node("ReduceMean", ["input"], ["mean"], axes=[2, 3], keepdims=0),
@@ -70,7 +70,7 @@ def colour_data(tmp_path):
 def test_predict_with_an_onnx_model_imports_no_torch(colour_data):
     model, tmp = colour_data
     out = run_without_torch(f"""
-        from facegender.cli import main
+        from facegender.app.cli import main
         code = main(["predict", "--model", {str(model)!r}, "--json", {str(tmp / "labelled")!r}])
         assert code == 0
     """, tmp)
@@ -84,7 +84,7 @@ def test_evaluate_with_an_onnx_model_imports_no_torch(colour_data):
     model, tmp = colour_data
     run_without_torch(f"""
         import json
-        from facegender.cli import main
+        from facegender.app.cli import main
         code = main(["evaluate", "--model", {str(model)!r}, "--data", {str(tmp / "labelled")!r},
                      "--out", {str(tmp / "eval")!r}, "--quiet"])
         assert code == 0
@@ -100,7 +100,7 @@ def test_serve_with_an_onnx_model_imports_no_torch(colour_data):
     out = run_without_torch(f"""
         import io, json
         from fastapi.testclient import TestClient
-        from facegender.serve import create_app
+        from facegender.app.serve import create_app
         client = TestClient(create_app({str(model)!r}, threads=1))
         files = [("files", (p.name, p.read_bytes(), "image/png"))
                  for p in sorted(__import__("pathlib").Path({str(tmp / "labelled")!r}).rglob("*.png"))]
@@ -138,8 +138,8 @@ def test_the_bundled_model_predicts_without_torch(tmp_path):
     body) needs nothing else: face_recognition_models is not imported and no dlib graph is built; a
     head-only file builds dlib's network as ONNX from that package's weight file (here into an
     empty cache)."""
-    from facegender.bundle import is_head_only
-    from facegender.resources import default_model_record
+    from facegender.core.model_card import is_head_only
+    from facegender.core.resources import default_model_record
 
     head_only = is_head_only(default_model_record())
     if head_only and importlib.util.find_spec("face_recognition_models") is None:
@@ -147,7 +147,7 @@ def test_the_bundled_model_predicts_without_torch(tmp_path):
     out = run_without_torch(f"""
         import os
         os.environ["FACEGENDER_CACHE"] = {str(tmp_path / "cache")!r}
-        from facegender.cli import main
+        from facegender.app.cli import main
         assert main(["predict", "--sample"]) == 0
         print("DLIB-PACKAGE-IMPORTED" if "face_recognition_models" in sys.modules else "NO-DLIB-PACKAGE")
     """, tmp_path)
@@ -166,7 +166,7 @@ def test_training_without_torch_says_what_to_install(tmp_path):
             (tmp_path / "data" / split / cls).mkdir(parents=True)
             Image.new("RGB", (16, 16), (9, 9, 9)).save(tmp_path / "data" / split / cls / "x.png")
     program = BLOCK_TORCH + textwrap.dedent(f"""
-        from facegender.cli import main
+        from facegender.app.cli import main
         code = main(["train", "--data", {str(tmp_path / "data")!r}, "--out", {str(tmp_path / "run")!r},
                      "--preset", "plain", "--epochs", "1"])
         print("EXIT", code)
@@ -181,8 +181,8 @@ def test_training_without_torch_says_what_to_install(tmp_path):
 def test_fast_is_no_refinement_and_no_tta(tmp_path):
     out = run_without_torch("""
         import contextlib, io, json
-        from facegender.cli import main
-        from facegender.serve import create_app
+        from facegender.app.cli import main
+        from facegender.app.serve import create_app
 
         def probabilities(*flags):
             buf = io.StringIO()
@@ -193,7 +193,7 @@ def test_fast_is_no_refinement_and_no_tta(tmp_path):
         fast = probabilities("--fast")
         assert fast == probabilities("--refine-steps", "0", "--no-tta"), "--fast is refine 0 without TTA"
         assert fast != probabilities(), "the default is the trained setting (2 rounds, TTA)"
-        from facegender.resources import default_model_path
+        from facegender.core.resources import default_model_path
         app = create_app(default_model_path(), threads=1, fast=True)
         model = app.state.predictor
         assert model.face_config.refine_steps == 0 and model.tta is False

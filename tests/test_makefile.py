@@ -49,6 +49,6 @@ def test_predict_and_serve_targets():
     assert run.returncode == 0 and ".venv/bin/facegender serve" in run.stdout
     run = make("-n", "default-model")
     assert run.returncode == 0 and "--preset best --out runs/default-model" in run.stdout
-    assert "python -m facegender.bundle runs/default-model/best_model.pth --shared ../shared" in run.stdout
+    assert "python -m tools.build_default_model runs/default-model/best_model.pth --shared ../shared" in run.stdout
     run = make("-n", "test")
     assert run.returncode == 0 and ".venv/bin/python -m pytest -q" in run.stdout

@@ -8,7 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from facegender import metrics as M
+from facegender.core.decision import apply_temperature
+from facegender.evaluation import metrics as M
 
 # Five binary predictions, 5 bins with edges 0, .2, .4, .6, .8, 1.
 #   sample  probs        label  conf  pred  correct  bin
@@ -188,11 +189,11 @@ def test_apply_temperature_one_is_softmax():
     logits = np.array([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]])
     e = np.exp(logits)
     expected = e / e.sum(axis=1, keepdims=True)
-    np.testing.assert_allclose(M.apply_temperature(logits, 1.0), expected, rtol=1e-12)
+    np.testing.assert_allclose(apply_temperature(logits, 1.0), expected, rtol=1e-12)
     # Higher temperature flattens: top probability goes down.
-    assert M.apply_temperature(logits, 3.0).max() < expected.max()
+    assert apply_temperature(logits, 3.0).max() < expected.max()
     with pytest.raises(ValueError):
-        M.apply_temperature(logits, 0.0)
+        apply_temperature(logits, 0.0)
 
 
 def test_temperature_scaling_fixes_planted_overconfidence():
@@ -200,17 +201,17 @@ def test_temperature_scaling_fixes_planted_overconfidence():
     # over-confident by a factor 5 and the NLL-optimal temperature is about 5.
     rng = np.random.default_rng(0)
     true_logits = rng.normal(scale=1.5, size=(3000, 2))
-    p_true = M.apply_temperature(true_logits, 1.0)
+    p_true = apply_temperature(true_logits, 1.0)
     labels = (rng.random(3000) < p_true[:, 1]).astype(int)
     model_logits = 5.0 * true_logits
     t = M.fit_temperature(model_logits, labels)
     assert isinstance(t, float) and t > 1.0
     assert t == pytest.approx(5.0, abs=1.0)
-    before = M.nll(M.apply_temperature(model_logits, 1.0), labels)
-    after = M.nll(M.apply_temperature(model_logits, t), labels)
+    before = M.nll(apply_temperature(model_logits, 1.0), labels)
+    after = M.nll(apply_temperature(model_logits, t), labels)
     assert after < before
-    assert M.expected_calibration_error(M.apply_temperature(model_logits, t), labels) < \
-        M.expected_calibration_error(M.apply_temperature(model_logits, 1.0), labels)
+    assert M.expected_calibration_error(apply_temperature(model_logits, t), labels) < \
+        M.expected_calibration_error(apply_temperature(model_logits, 1.0), labels)
 
 
 def test_fit_temperature_edge_cases():
@@ -245,7 +246,7 @@ def _png_size(path):
 
 
 def test_plots_write_pngs(tmp_path):
-    from facegender import plots as P
+    from facegender.evaluation import plots as P
 
     bins = M.reliability_bins(PROBS, LABELS, n_bins=5)
     p = P.plot_reliability(bins, tmp_path / "sub" / "reliability.png", "test")

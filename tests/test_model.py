@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from facegender import model as M
+from facegender.training import backbones as M
 
 
 def test_head_is_dropout_then_linear_for_the_classes():

@@ -19,8 +19,8 @@ from conftest import make_dataset, make_image, shared_path
 def aligned_model(tmp_path_factory):
     """A tiny random-weight model trained with align=True on synthetic images (which have no faces,
     so training falls back to centred crops); the aligned-crop cache goes to a temporary folder."""
-    from facegender.config import build_config
-    from facegender.train import train
+    from facegender.training.config import build_config
+    from facegender.training.train import train
 
     root = tmp_path_factory.mktemp("aligned")
     data = make_dataset(root / "data", n_train=6, n_test=2)
@@ -34,13 +34,13 @@ def aligned_model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def predictor(aligned_model):
-    from facegender.predict import Predictor
+    from facegender.app.predict import Predictor
 
     return Predictor.from_file(aligned_model, device="cpu")
 
 
 def test_align_training_records_face_stage_and_predictor_detects(aligned_model, predictor):
-    from facegender.checkpoint import load_model
+    from facegender.training.checkpoint import load_model
 
     _, record = load_model(aligned_model)
     face = record["preprocessing"]["face"]
@@ -51,8 +51,8 @@ def test_align_training_records_face_stage_and_predictor_detects(aligned_model, 
 
 
 def test_refine_steps_can_be_lowered_at_prediction_for_speed(aligned_model, predictor, monkeypatch):
-    from facegender.faces import FaceDetector
-    from facegender.predict import Predictor
+    from facegender.core.faces.detect import FaceDetector
+    from facegender.app.predict import Predictor
 
     fast = Predictor.from_file(aligned_model, device="cpu", refine_steps=0)
     assert fast.face_config.refine_steps == 0 and fast.detector.config.refine_steps == 0
@@ -69,7 +69,7 @@ def test_refine_steps_can_be_lowered_at_prediction_for_speed(aligned_model, pred
 
 
 def test_no_face_is_a_status_not_an_exception(predictor, tmp_path):
-    from facegender.predict import NO_FACE, format_result
+    from facegender.app.predict import NO_FACE, format_result
 
     path = make_image(tmp_path / "stripes.png", 0, np.random.default_rng(1), size=96)
     [result] = predictor.predict_paths([path])
@@ -101,7 +101,7 @@ def test_group_photo_every_face_with_box_and_landmarks(predictor):
 
 def test_batching_across_faces_and_images_gives_the_same_result(aligned_model, tmp_path):
     """6 faces of one photo plus a second photo, in batches of 4, equal one batch of everything."""
-    from facegender.predict import Predictor
+    from facegender.app.predict import Predictor
 
     photo = shared_path("images", "group_6_faces.jpg")
     astronaut = shared_path("images", "astronaut_female.png")
@@ -121,7 +121,7 @@ def test_batching_across_faces_and_images_gives_the_same_result(aligned_model, t
 
 
 def test_no_detect_treats_each_image_as_one_face(aligned_model):
-    from facegender.predict import Predictor
+    from facegender.app.predict import Predictor
 
     photo = shared_path("images", "group_6_faces.jpg")
     p = Predictor.from_file(aligned_model, device="cpu", detect=False)
@@ -133,7 +133,7 @@ def test_no_detect_treats_each_image_as_one_face(aligned_model):
 
 
 def test_cli_annotate_json_and_csv(aligned_model, tmp_path, capsys):
-    from facegender.cli import main
+    from facegender.app.cli import main
 
     photo = shared_path("images", "group_6_faces.jpg")
     blank = make_image(tmp_path / "in" / "blank.jpg", 1, np.random.default_rng(2), size=80)

@@ -48,7 +48,7 @@ def photos(tmp_path_factory):
 
 
 def predict(args: list[str], capsys) -> tuple[int, str, str]:
-    from facegender.cli import main
+    from facegender.app.cli import main
 
     code = main(["predict", *args])
     out = capsys.readouterr()
@@ -128,8 +128,8 @@ def test_a_folder_without_images_is_an_error(photos, capsys, tmp_path):
 # ----------------------------------------------------------------------------- lazy walk
 
 def test_folders_are_walked_lazily_in_the_old_order(tmp_path, monkeypatch):
-    from facegender import images
-    from facegender.images import expand_paths, is_image_name, iter_paths
+    from facegender.core import images
+    from facegender.core.images import expand_paths, is_image_name, iter_paths
 
     for rel in ("b.jpg", "a/x.png", "a/notes.txt", "a.b/y.jpg", "A/z.JPG", "c/d/e/f.webp", "c/g.gif", "_.png"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -183,7 +183,7 @@ def _results() -> list[dict]:
 
 
 def _written(fmt: str, results: list[dict], stream=None, items: int = 0, header: bool = True) -> str:
-    from facegender.output import ResultWriter
+    from facegender.app.output import ResultWriter
 
     stream = stream or io.StringIO()
     writer = ResultWriter(fmt, stream, items=items, header=header)
@@ -197,7 +197,7 @@ def _written(fmt: str, results: list[dict], stream=None, items: int = 0, header:
 def test_resume_from_every_cut_point_gives_the_uninterrupted_file(fmt, tmp_path):
     """A file cut at any byte (a kill mid-write), resumed: what is kept is whole, nothing is lost,
     nothing doubled, and the result is byte for byte the uninterrupted run's file."""
-    from facegender.output import open_results
+    from facegender.app.output import open_results
 
     results = _results()
     full = _written(fmt, results).encode("utf-8")
@@ -223,7 +223,7 @@ def test_resume_from_every_cut_point_gives_the_uninterrupted_file(fmt, tmp_path)
 
 def test_csv_resume_drops_the_last_photo_cut_between_its_rows(tmp_path):
     """Two of a photo's three face rows were written: whole lines, but not the whole photo."""
-    from facegender.output import scan_csv
+    from facegender.app.output import scan_csv
 
     full = _written("csv", _results()[:2]).encode()
     lines = full.splitlines(keepends=True)
@@ -236,7 +236,7 @@ def test_csv_resume_drops_the_last_photo_cut_between_its_rows(tmp_path):
 
 
 def test_resume_refuses_a_damaged_middle(tmp_path):
-    from facegender.output import open_results
+    from facegender.app.output import open_results
 
     path = tmp_path / "out.jsonl"
     path.write_text('{"file": "a.jpg"}\nnot json\n{"file": "b.jpg"}\n')
@@ -251,14 +251,14 @@ def test_resume_refuses_a_damaged_middle(tmp_path):
 #: between them and after it, so that a SIGKILL lands inside records as well as between them.
 SLOW_CHILD = textwrap.dedent("""
     import sys, time
-    from facegender import output
+    from facegender.app import output
 
     def put(self, text, _put=output.ResultWriter._put):
         half = len(text) // 2
         _put(self, text[:half]); time.sleep(0.01); _put(self, text[half:]); time.sleep(0.01)
 
     output.ResultWriter._put = put
-    from facegender.cli import main
+    from facegender.app.cli import main
     sys.exit(main(["predict", *sys.argv[1:]]))
 """)
 

@@ -14,14 +14,14 @@ from conftest import make_dataset, make_image, shared_path
 
 
 def _prepare(raw, out, **kwargs):
-    from facegender.prepare import prepare_dataset
+    from facegender.data.prepare import prepare_dataset
 
     kwargs.setdefault("face", {"size": 64})
     return prepare_dataset(raw, out, progress=False, log=lambda s: None, **kwargs)
 
 
 def test_prepare_writes_same_tree_report_and_marker(tmp_path):
-    from facegender.prepare import MARKER, REPORT_JSON, REPORT_TXT
+    from facegender.data.prepare import MARKER, REPORT_JSON, REPORT_TXT
 
     raw = make_dataset(tmp_path / "raw", n_train=3, n_test=2)
     (raw / "train" / "pria" / "extra.png").write_bytes((raw / "train" / "pria" / "pria_000.jpg").read_bytes())
@@ -73,8 +73,8 @@ def test_several_faces_largest_kept_or_left_out(tmp_path):
 
 
 def test_unreadable_files_fail_unless_skip_bad(tmp_path):
-    from facegender.data import DatasetError
-    from facegender.prepare import read_marker
+    from facegender.data.dataset import DatasetError
+    from facegender.data.prepare import read_marker
 
     raw = make_dataset(tmp_path / "raw", n_train=2, n_test=1)
     (raw / "train" / "pria" / "broken.jpg").write_bytes(b"not an image")
@@ -92,12 +92,12 @@ def test_unreadable_files_fail_unless_skip_bad(tmp_path):
 def test_trained_on_prepared_folder_records_face_and_does_not_align_again(tmp_path, monkeypatch):
     """The prepared folder trains as is; the model records the face stage (predict then detects),
     and neither training nor evaluating on the prepared test/ runs the detector again."""
-    from facegender.cli import main
-    from facegender.config import build_config
-    from facegender.evaluate import evaluate_model
-    from facegender.faces import FaceDetector
-    from facegender.predict import Predictor
-    from facegender.train import train
+    from facegender.app.cli import main
+    from facegender.training.config import build_config
+    from facegender.evaluation.evaluate import evaluate_model
+    from facegender.core.faces.detect import FaceDetector
+    from facegender.app.predict import Predictor
+    from facegender.training.train import train
 
     raw = make_dataset(tmp_path / "raw", n_train=5, n_test=2)
     assert main(["prepare", "--data", str(raw), "--out", str(tmp_path / "aligned"), "--size", "64",
@@ -120,8 +120,8 @@ def test_trained_on_prepared_folder_records_face_and_does_not_align_again(tmp_pa
     assert predictor.face_config.size == 64 and predictor.prep.image_size == 48
     assert predictor.face_config.margin == pytest.approx(0.0)
     # the part of the crop the training faces filled is recorded and applied at prediction
-    from facegender.data import scan_dataset, split_train_val
-    from facegender.preprocessing import visible_region
+    from facegender.data.dataset import scan_dataset, split_train_val
+    from facegender.core.preprocessing import visible_region
 
     train_paths = split_train_val(scan_dataset(tmp_path / "aligned")[1], cfg.val_fraction, cfg.seed)[0].paths
     expected = visible_region([predictor.prep.resize(Image.open(p).convert("RGB")) for p in train_paths],
@@ -139,7 +139,7 @@ def test_prepare_refuses_its_own_output_and_out_inside_data(tmp_path):
 
 
 def test_cli_import_csv_and_utkface(tmp_path, capsys):
-    from facegender.cli import main
+    from facegender.app.cli import main
 
     rng = np.random.default_rng(0)
     rows = ["path,label,region"]

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from conftest import make_image
-from facegender.report import Predictions, mistakes, write_report
+from facegender.evaluation.report import Predictions, mistakes, write_report
 
 SECTIONS = ["summary", "config", "training", "confusion", "per-class", "calibration", "groups", "coverage",
             "mistakes"]
@@ -127,7 +127,7 @@ def test_train_writes_a_report_with_its_curves(trained_run):
 
 
 def test_cli_report_with_groups_and_threshold(trained_run, tmp_path):
-    from facegender.cli import main
+    from facegender.app.cli import main
 
     test_dir = trained_run / "data" / "test"
     files = sorted(p for p in test_dir.rglob("*.jpg"))

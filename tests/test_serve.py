@@ -37,11 +37,11 @@ def save_random_model(path: Path, align: bool, backbone: str = "resnet18", image
     """A best_model.pth with random weights, written as `train` writes it (model_record). With
     `align` the model detects and aligns faces, so predictions find every face of a photo; the
     labels themselves are meaningless."""
-    from facegender import checkpoint as ckpt
-    from facegender.config import build_config
-    from facegender.faces import FaceAlignConfig
-    from facegender.model import build_model, get_spec
-    from facegender.preprocessing import Preprocessing
+    from facegender.training import checkpoint as ckpt
+    from facegender.training.config import build_config
+    from facegender.core.faces.align import FaceAlignConfig
+    from facegender.training.backbones import build_model, get_spec
+    from facegender.core.preprocessing import Preprocessing
 
     torch.manual_seed(0)
     cfg = build_config(None, data="unused", backbone=backbone, pretrained=False, image_size=image_size, align=align)
@@ -104,7 +104,7 @@ LIMITS = dict(max_file_bytes=400_000, max_request_bytes=1_000_000, max_files=3, 
 
 @pytest.fixture(scope="module")
 def app(aligned_model):
-    from facegender.serve import create_app
+    from facegender.app.serve import create_app
 
     return create_app(aligned_model, device="cpu", **LIMITS)
 
@@ -247,7 +247,7 @@ def test_a_real_image_over_the_pixel_limit(server):
 
 
 def test_limits_must_be_positive(aligned_model):
-    from facegender.serve import create_app
+    from facegender.app.serve import create_app
 
     with pytest.raises(ValueError, match="max_concurrent"):
         create_app(aligned_model, device="cpu", max_concurrent=0)
@@ -280,9 +280,9 @@ class _BlockedLogits:
 def test_inference_is_bounded_and_off_the_event_loop(aligned_model):
     """Ordering, not time: while two inferences are held inside the model, /health answers (the event
     loop is free) and no third inference has started (at most max_concurrent at once)."""
-    from facegender.predict import Predictor
-    from facegender.serve import create_app
-    from facegender.preprocessing import Preprocessing
+    from facegender.app.predict import Predictor
+    from facegender.app.serve import create_app
+    from facegender.core.preprocessing import Preprocessing
 
     blocked = _BlockedLogits()
     predictor = Predictor(CLASSES, Preprocessing(image_size=16), blocked, info={"backbone": "stub"})
@@ -312,7 +312,7 @@ def test_inference_is_bounded_and_off_the_event_loop(aligned_model):
 # ----------------------------------------------------------------------------- the command
 
 def test_is_loopback():
-    from facegender.serve import is_loopback
+    from facegender.app.serve import is_loopback
 
     assert all(is_loopback(h) for h in ("127.0.0.1", "127.0.1.1", "::1", "[::1]", "localhost"))
     assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "192.168.1.5", "example.org"))
@@ -321,7 +321,7 @@ def test_is_loopback():
 def test_serve_warns_when_not_on_loopback_and_divides_threads(aligned_model, monkeypatch, capsys):
     import uvicorn
 
-    from facegender.serve import serve
+    from facegender.app.serve import serve
 
     calls, threads = [], []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append((app, kw)))

@@ -25,7 +25,7 @@ def _class_folders(root, n_per_class=(6, 6), classes=("pria", "wanita"), seed=1,
 
 
 def test_sources_combine_without_copying_and_keep_their_origin(tmp_path):
-    from facegender.sources import read_sources, scan_sources
+    from facegender.data.sources import read_sources, scan_sources
 
     gdf = make_dataset(tmp_path / "gdf", n_train=5, n_test=3)
     extra = _class_folders(tmp_path / "extra", (4, 7))
@@ -39,8 +39,8 @@ def test_sources_combine_without_copying_and_keep_their_origin(tmp_path):
 
 
 def test_sources_with_other_classes_are_refused_by_name(tmp_path):
-    from facegender.data import DatasetError
-    from facegender.sources import read_sources, scan_sources
+    from facegender.data.dataset import DatasetError
+    from facegender.data.sources import read_sources, scan_sources
 
     gdf = make_dataset(tmp_path / "gdf", n_train=3, n_test=2)
     other = _class_folders(tmp_path / "other", (3, 3), classes=("men", "women"))
@@ -49,7 +49,7 @@ def test_sources_with_other_classes_are_refused_by_name(tmp_path):
 
 
 def test_sources_file_sets_cap_weight_and_licence(tmp_path):
-    from facegender.sources import read_sources, scan_sources
+    from facegender.data.sources import read_sources, scan_sources
 
     gdf = make_dataset(tmp_path / "gdf", n_train=5, n_test=2)
     big = _class_folders(tmp_path / "big", (9, 9))
@@ -67,8 +67,8 @@ def test_sources_file_sets_cap_weight_and_licence(tmp_path):
 
 
 def test_sources_file_errors_name_the_problem(tmp_path):
-    from facegender.data import DatasetError
-    from facegender.sources import read_sources
+    from facegender.data.dataset import DatasetError
+    from facegender.data.sources import read_sources
 
     bad = tmp_path / "s.yaml"
     bad.write_text("sources:\n  - path: a\n    wieght: 2\n")
@@ -79,8 +79,8 @@ def test_sources_file_errors_name_the_problem(tmp_path):
 
 
 def test_validation_split_is_stratified_within_each_source(tmp_path):
-    from facegender.data import split_train_val
-    from facegender.sources import read_sources, scan_sources
+    from facegender.data.dataset import split_train_val
+    from facegender.data.sources import read_sources, scan_sources
 
     a = _class_folders(tmp_path / "a", (20, 20), seed=1)
     b = _class_folders(tmp_path / "b", (40, 10), seed=2)
@@ -94,8 +94,8 @@ def test_validation_split_is_stratified_within_each_source(tmp_path):
 
 
 def test_split_column_keeps_each_person_on_one_side(tmp_path):
-    from facegender.data import split_train_val
-    from facegender.sources import read_sources, scan_sources, split_groups
+    from facegender.data.dataset import split_train_val
+    from facegender.data.sources import read_sources, scan_sources, split_groups
 
     people = _class_folders(tmp_path / "people", (20, 20), manifest=True)
     listing = tmp_path / "s.yaml"
@@ -108,7 +108,7 @@ def test_split_column_keeps_each_person_on_one_side(tmp_path):
 
 
 def test_sample_weights_balance_classes_sources_and_groups(tmp_path):
-    from facegender.sources import read_sources, sample_weights, scan_sources
+    from facegender.data.sources import read_sources, sample_weights, scan_sources
 
     a = _class_folders(tmp_path / "a", (30, 10), seed=1, manifest=True)
     b = _class_folders(tmp_path / "b", (6, 2), seed=2)
@@ -126,7 +126,7 @@ def test_sample_weights_balance_classes_sources_and_groups(tmp_path):
     assert np.allclose(cell_totals, cell_totals[0])
 
     w = sample_weights(sources, split, "group", "age")  # source b has no manifest: its own cell per class
-    from facegender.sources import manifest_column
+    from facegender.data.sources import manifest_column
 
     age = np.array([v or "" for v in manifest_column(sources, split, "age")])
     totals = {(y, g): w[(labels == y) & (age == g)].sum() for y in (0, 1) for g in set(age)}
@@ -138,7 +138,7 @@ def test_sample_weights_balance_classes_sources_and_groups(tmp_path):
 
 
 def test_weighted_sampler_draws_by_weight_and_repeats_after_a_resume():
-    from facegender.engine import EpochWeightedSampler
+    from facegender.training.engine import EpochWeightedSampler
 
     weights = np.array([1.0] * 50 + [3.0] * 50)
     sampler = EpochWeightedSampler(weights, seed=7)
@@ -154,8 +154,8 @@ def test_weighted_sampler_draws_by_weight_and_repeats_after_a_resume():
 
 
 def test_training_on_two_sources_records_them_and_reports_each(tmp_path):
-    from facegender.config import build_config
-    from facegender.train import train
+    from facegender.training.config import build_config
+    from facegender.training.train import train
 
     gdf = make_dataset(tmp_path / "gdf", n_train=10, n_test=4)
     extra = _class_folders(tmp_path / "extra", (10, 6))
@@ -181,7 +181,7 @@ def test_training_on_two_sources_records_them_and_reports_each(tmp_path):
 
 
 def test_evaluate_reports_each_source(trained_run, tmp_path):
-    from facegender.cli import main
+    from facegender.app.cli import main
 
     a = make_dataset(tmp_path / "a", n_train=1, n_test=5, seed=3)
     b = make_dataset(tmp_path / "b", n_train=1, n_test=3, seed=4)

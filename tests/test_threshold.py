@@ -9,6 +9,8 @@ image with red R and blue B gets p(red) = sigmoid(4 (R - B) / 255).
 
 from __future__ import annotations
 
+from facegender.training.export import export_model
+from facegender.evaluation.predictions import predict_labelled
 import csv
 import json
 import math
@@ -52,7 +54,7 @@ def probs_of(p1) -> np.ndarray:
 
 
 def recalls(probs, labels, t) -> tuple[float, float]:
-    from facegender.metrics import decide
+    from facegender.core.decision import decide
 
     preds, labels = decide(probs, t), np.asarray(labels)
     return float((preds[labels == 0] == 0).mean()), float((preds[labels == 1] == 1).mean())
@@ -63,7 +65,7 @@ def recalls(probs, labels, t) -> tuple[float, float]:
 def test_equal_recall_threshold_makes_the_recalls_equal():
     """At 0.5 class 0 has recall 2/4 and class 1 4/4; only thresholds in (0.7, 0.75] balance them
     (3/4 each), and the one closest to 0.5 is just above 0.7."""
-    from facegender.metrics import equal_recall_threshold
+    from facegender.evaluation.metrics import equal_recall_threshold
 
     probs = probs_of([0.1, 0.2, 0.6, 0.75, 0.7, 0.8, 0.9, 0.95])
     labels = [0, 0, 0, 0, 1, 1, 1, 1]
@@ -76,7 +78,7 @@ def test_equal_recall_threshold_makes_the_recalls_equal():
 def test_equal_recall_threshold_is_the_best_on_a_grid():
     """On random scores no threshold of a fine grid gives a smaller recall gap, and none with the
     same gap is closer to 0.5."""
-    from facegender.metrics import equal_recall_threshold
+    from facegender.evaluation.metrics import equal_recall_threshold
 
     rng = np.random.default_rng(3)
     labels = np.r_[np.zeros(40, int), np.ones(25, int)]
@@ -93,7 +95,7 @@ def test_equal_recall_threshold_is_the_best_on_a_grid():
 
 def test_equal_recall_threshold_keeps_half_when_it_is_as_good():
     """Perfectly separated at 0.5: every threshold in (0.3, 0.7] gives recall 1 and 1; 0.5 stays."""
-    from facegender.metrics import equal_recall_threshold
+    from facegender.evaluation.metrics import equal_recall_threshold
 
     probs, labels = probs_of([0.1, 0.3, 0.7, 0.9]), [0, 0, 1, 1]
     assert equal_recall_threshold(probs, labels) == 0.5
@@ -104,7 +106,7 @@ def test_equal_recall_threshold_keeps_half_when_it_is_as_good():
 
 
 def test_equal_recall_threshold_without_one_class_is_half():
-    from facegender.metrics import equal_recall_threshold
+    from facegender.evaluation.metrics import equal_recall_threshold
 
     assert equal_recall_threshold(probs_of([0.9, 0.8, 0.7]), [1, 1, 1]) == 0.5
     assert equal_recall_threshold(probs_of([0.1, 0.95]), [0, 0]) == 0.5
@@ -114,7 +116,7 @@ def test_equal_recall_threshold_without_one_class_is_half():
 
 
 def test_decide_and_the_uncertain_band():
-    from facegender.metrics import decide, uncertain_mask
+    from facegender.core.decision import decide, uncertain_mask
 
     probs = probs_of([0.3, 0.55, 0.62, 0.9])
     assert decide(probs).tolist() == [0, 1, 1, 1]
@@ -181,7 +183,7 @@ def test_the_uncertain_flag_follows_the_band(tmp_path):
 # ----------------------------------------------------------------------------- the commands
 
 def test_predict_threshold_option(tmp_path, capsys):
-    from facegender.cli import main
+    from facegender.app.cli import main
 
     model = str(colour_model(tmp_path / "m.onnx"))
     photo = str(image(tmp_path / "reddish.png", REDDISH))
@@ -213,7 +215,7 @@ def labelled(tmp_path):
 def test_evaluate_threshold_changes_the_metrics(tmp_path, labelled):
     """At 0.5 all 8 are right; at 0.6 the two reddish red images become blue: accuracy 6/8, recall of
     red 3/5, and metrics.json and predictions.csv say so."""
-    from facegender.cli import main
+    from facegender.app.cli import main
 
     model = str(colour_model(tmp_path / "m.onnx"))
     assert main(["evaluate", "--model", model, "--data", str(labelled), "--out", str(tmp_path / "a"),
@@ -238,10 +240,10 @@ def test_evaluate_threshold_changes_the_metrics(tmp_path, labelled):
 def test_analysis_uses_the_threshold_of_the_predictions(labelled):
     """Groups, coverage and mistakes read the same decision as accuracy."""
     import facegender
-    from facegender.evaluate import analyse, mistakes
+    from facegender.evaluation.evaluate import analyse, mistakes
 
     model = facegender.load(colour_model(labelled.parent / "m.onnx", threshold=0.6), detect=False)
-    pred = model.evaluate(labelled, log=lambda s: None, progress=False)
+    pred = predict_labelled(model, labelled, log=lambda s: None, progress=False)
     assert pred.threshold == 0.6
     groups = {"shade": ["light" if "rr" in str(p) else "strong" for p in pred.paths]}
     m = analyse(pred, groups, min_group_size=1)
@@ -254,7 +256,7 @@ def test_analysis_uses_the_threshold_of_the_predictions(labelled):
 def test_serve_threshold_option_and_query(tmp_path):
     from fastapi.testclient import TestClient
 
-    from facegender.serve import create_app
+    from facegender.app.serve import create_app
 
     model = colour_model(tmp_path / "m.onnx")
     data = image(tmp_path / "reddish.png", REDDISH).read_bytes()
@@ -277,7 +279,7 @@ def test_serve_threshold_option_and_query(tmp_path):
 # ----------------------------------------------------------------------------- ONNX
 
 def test_onnx_metadata_carries_the_threshold():
-    from facegender.export import onnx_metadata, read_metadata
+    from facegender.core.onnx_model import onnx_metadata, read_metadata
 
     record = {"classes": CLASSES, "preprocessing": {"image_size": 8}, "threshold": 0.4321, "uncertain_band": 0.1}
     meta = read_metadata(onnx_metadata(record), "x.onnx")
@@ -290,8 +292,9 @@ def test_exported_onnx_decides_like_the_pth_model(tmp_path):
     torch = pytest.importorskip("torch")
 
     import facegender
-    from facegender.inference import Model, TorchBackend
-    from facegender.preprocessing import Preprocessing
+    from facegender.core.model import Model
+    from facegender.training.torch_backend import TorchBackend
+    from facegender.core.preprocessing import Preprocessing
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
@@ -300,7 +303,7 @@ def test_exported_onnx_decides_like_the_pth_model(tmp_path):
     record = {"classes": CLASSES, "backbone": "tiny-test", "preprocessing": prep.to_dict(), "threshold": 0.37,
               "uncertain_band": 0.05}
     model = Model(CLASSES, prep, TorchBackend(net), info=record, detect=False, threshold=0.37, uncertain_band=0.05)
-    model.export(tmp_path / "m.onnx", parity_count=8, log=lambda s: None)
+    export_model(model, tmp_path / "m.onnx", parity_count=8, log=lambda s: None)
     onnx_model = facegender.load(tmp_path / "m.onnx", detect=False)
     assert onnx_model.threshold == 0.37 and onnx_model.uncertain_band == 0.05
     crops = np.random.default_rng(0).integers(0, 256, (32, 3, 16, 16), dtype=np.uint8)

@@ -12,13 +12,14 @@ import pytest
 import torch
 
 from conftest import make_dataset
-from facegender import checkpoint as ckpt
-from facegender.cli import main as cli_main
-from facegender.config import PRESETS, build_config
-from facegender.engine import EarlyStopping
-from facegender.evaluate import evaluate_model
-from facegender.predict import Predictor
-from facegender.train import TrainingInterrupted, resume_config, train
+from facegender.core import files
+from facegender.training import checkpoint as ckpt
+from facegender.app.cli import main as cli_main
+from facegender.training.config import PRESETS, build_config
+from facegender.training.engine import EarlyStopping
+from facegender.evaluation.evaluate import evaluate_model
+from facegender.app.predict import Predictor
+from facegender.training.train import TrainingInterrupted, resume_config, train
 
 OUTPUTS = ["best_model.pth", "gender_checkpoint.pth", "summary.csv", "config.yaml", "loss_curve.png",
            "accuracy_curve.png", "confusion_matrix.png", "metrics.json"]
@@ -86,7 +87,7 @@ def test_resume_continues_with_the_same_history(tmp_path):
 def test_ctrl_c_mid_epoch_keeps_the_last_finished_epoch(tmp_path, monkeypatch):
     data = make_dataset(tmp_path / "d", n_train=8, n_test=4)
     out = tmp_path / "o"
-    import facegender.train as T
+    import facegender.training.train as T
 
     real = T.train_one_epoch
     calls = {"n": 0}
@@ -131,7 +132,7 @@ def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch
 def test_atomic_writes_get_ordinary_file_permissions(tmp_path):
     old = os.umask(0o022)
     try:
-        written = ckpt.write_text_atomic("<html></html>", tmp_path / "report.html")
+        written = files.write_text_atomic("<html></html>", tmp_path / "report.html")
         plain = tmp_path / "plain.txt"
         plain.write_text("x")
     finally:
@@ -215,9 +216,9 @@ def test_predict_keeps_same_named_uploads_apart(trained_run):
 def test_validation_metrics_are_fp32_whatever_the_training_precision(tmp_path, monkeypatch):
     """bf16 autocast (the default on CPUs with AMX) trains; the metrics that choose the best epoch
     are computed in fp32, so they do not depend on the CPU model."""
-    from facegender import distributed
-    from facegender.config import build_config
-    from facegender.train import train
+    from facegender.training import distributed
+    from facegender.training.config import build_config
+    from facegender.training.train import train
 
     seen = []
     evaluate = distributed.evaluate

@@ -5,10 +5,13 @@ code):
 
     import facegender
     run = facegender.train("datasets/mine", preset="best", out="runs/a")   # -> TrainRun (paths, metrics)
-    model = facegender.load(run.model_path)                               # -> inference.Model
+    model = facegender.load(run.model_path)                               # -> Model
     model.predict(["a.jpg", "b.png"])                                     # faces, labels, probabilities
+    pred = facegender.evaluate(model, "datasets/mine/test")               # -> Predictions (pred.probs())
+    facegender.export(model, "runs/a/model.onnx", data="datasets/mine")   # ONNX, checked against PyTorch
 
-`facegender.train` is the module `facegender.train`, made callable: calling it is `train.run`.
+The layers (docs/architecture.md): `core` (torch-free runtime) < `data` < `evaluation` < `app`
+(CLI, server); `training` needs PyTorch (`pip install 'facegender[train]'`).
 """
 
 from __future__ import annotations
@@ -19,12 +22,15 @@ __version__ = "0.1.0"
 
 #: name -> (module, attribute); attribute None: the module itself.
 _LAZY = {
-    "train": ("facegender.train", None),
-    "TrainRun": ("facegender.train", "TrainRun"),
-    "load": ("facegender.inference", "load"),
-    "Model": ("facegender.inference", "Model"),
-    "default_model_path": ("facegender.inference", "default_model_path"),
-    "TrainConfig": ("facegender.config", "TrainConfig"),
+    "train": ("facegender.training.train", "run"),
+    "TrainRun": ("facegender.training.train", "TrainRun"),
+    "TrainConfig": ("facegender.training.config", "TrainConfig"),
+    "load": ("facegender.core.model", "load"),
+    "Model": ("facegender.core.model", "Model"),
+    "default_model_path": ("facegender.core.resources", "default_model_path"),
+    "evaluate": ("facegender.evaluation.predictions", "predict_labelled"),
+    "Predictions": ("facegender.evaluation.predictions", "Predictions"),
+    "export": ("facegender.training.export", "export_model"),
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -1,6 +1,6 @@
 """`python -m facegender` (and `torchrun -m facegender`) runs the command line."""
 
-from facegender.cli import main
+from facegender.app.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())
