@@ -23,7 +23,7 @@ MODEL_ARG := $(if $(MODEL),--model $(MODEL))
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -e '.[train,dev]'
+	$(BIN)/pip install --quiet -e '.[train,ray,dev]'
 	touch $@
 
 venv: $(BIN)/.installed
