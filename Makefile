@@ -53,7 +53,9 @@ train: venv
 	$(BIN)/facegender evaluate --model $(OUT)/best_model.pth --data $(DATA)/test --quiet
 endif
 
+# The layer contracts (pyproject.toml [tool.importlinter]) first, then the suite.
 test: venv
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 predict: venv
