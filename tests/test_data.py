@@ -78,6 +78,31 @@ def test_validation_split_is_stratified_disjoint_and_seeded(tmp_path):
     assert split_train_val(train, 0.2, seed=2)[1].paths != va.paths
 
 
+#: Validation indices the splitters gave before they shared one stratified splitter (issue 20):
+#: the same seed must keep giving the same split (the bundled model's validation part among them).
+_PINNED_SPLITS = {
+    0: {"val": [0, 1, 2, 6, 8, 10, 16, 25, 31, 36, 38], "grouped": [4, 5, 6, 7, 10, 11, 25, 32, 33, 36, 37],
+        "folds": [[1, 3, 8, 15, 18, 19, 22, 29, 33, 35], [4, 5, 12, 13, 14, 16, 20, 24, 25, 32],
+                  [0, 2, 9, 21, 23, 30, 34, 37, 38, 39], [6, 7, 10, 11, 17, 26, 27, 28, 31, 36]]},
+    7: {"val": [1, 7, 9, 11, 12, 14, 20, 27, 32, 34, 35], "grouped": [0, 1, 10, 11, 22, 23, 24, 28, 29],
+        "folds": [[0, 1, 3, 7, 9, 16, 26, 35, 36, 38], [5, 12, 14, 19, 20, 24, 28, 30, 31, 32],
+                  [8, 15, 17, 18, 21, 23, 25, 27, 34, 37], [2, 4, 6, 10, 11, 13, 22, 29, 33, 39]]},
+}
+
+
+@pytest.mark.parametrize("seed", sorted(_PINNED_SPLITS))
+def test_splits_for_a_seed_stay_what_they_were(seed):
+    from facegender.data.dataset import Split, plan_folds
+
+    labels = [i % 3 if i % 5 else 0 for i in range(40)]
+    train = Split([Path(f"{i:02d}.jpg") for i in range(40)], labels, [0] * 25 + [1] * 15)
+    people = [f"p{i // 2}" for i in range(40)]
+    pinned = _PINNED_SPLITS[seed]
+    assert [int(p.stem) for p in split_train_val(train, 0.25, seed)[1].paths] == pinned["val"]
+    assert [int(p.stem) for p in split_train_val(train, 0.25, seed, groups=people)[1].paths] == pinned["grouped"]
+    assert [fold.tolist() for fold in plan_folds(labels, 4, seed)] == pinned["folds"]
+
+
 def test_odd_modes_become_upright_rgb(tmp_path):
     rng = np.random.default_rng(0)
     src = load_image(make_image(tmp_path / "x.png", 0, rng, size=40))
