@@ -194,7 +194,7 @@ class _Images(Sequence):
 
 
 def training_visible_region(train, loader, prep: Preprocessing, limit: int = 512):
-    """`preprocessing.visible_region` of (at most `limit`, evenly spaced) training crops."""
+    """`core.preprocessing.visible_region` of (at most `limit`, evenly spaced) training crops."""
     step = max(1, len(train.split) // limit)
     if train.images is not None:
         images = train.images[::step]
@@ -271,7 +271,7 @@ def train(cfg: TrainConfig, state: dict | None = None, log: Callable[[str], None
     saying how to resume.
 
     Started by torchrun (WORLD_SIZE > 1), every process calls this and they train together with
-    DistributedDataParallel; only rank 0 logs and writes files (see distributed.py)."""
+    DistributedDataParallel; only rank 0 logs and writes files (see training.distributed)."""
     ctx = distributed.setup(cfg.device)
     try:
         if not ctx.is_main:
@@ -281,17 +281,101 @@ def train(cfg: TrainConfig, state: dict | None = None, log: Callable[[str], None
         distributed.cleanup(ctx)
 
 
+@dataclass
+class TrainingRun:
+    """What the steps of `_train` pass on to each other (torchvision-references style: set up, then
+    per epoch train, validate, save): the run's settings, its model and data, the epoch loop's
+    pieces and the state a checkpoint records."""
+
+    cfg: TrainConfig
+    ctx: distributed.DistContext
+    device: torch.device
+    precision: str                    # training precision (validation is always fp32)
+    channels_last: bool               # for the epoch loop's inputs
+    model: nn.Module                  # the whole classifier, as the model files hold it
+    weights_source: str
+    data: RunData
+    trained: nn.Module                # the module the epoch loop trains (the model, its head or last stages)
+    sampler: object
+    train_loader: torch.utils.data.DataLoader
+    val_loader: torch.utils.data.DataLoader
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: torch.amp.GradScaler | None
+    criterion: nn.Module
+    val_criterion: nn.Module
+    stopper: EarlyStopping
+    average: WeightAverage | None
+    net: nn.Module | None = None      # `trained` as the loop runs it: DDP / compiled
+    history: list[dict] = dataclasses.field(default_factory=list)
+    start_epoch: int = 1
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.out)
+
+    @property
+    def val_name(self) -> str:
+        return "test (--val-on-test)" if self.cfg.val_on_test else "validation"
+
+    def record(self, epoch: int, **extra) -> dict:
+        """A model file's content at `epoch` (checkpoint.model_record), with `extra` entries."""
+        return ckpt.model_record(self.model, self.cfg.to_dict(), self.data.classes, self.data.prep,
+                                 self.weights_source, epoch=epoch, **extra)
+
+
 def _train(cfg: TrainConfig, state: dict | None, log: Callable[[str], None], progress: bool,
            ctx: distributed.DistContext) -> dict:
-    out = Path(cfg.out)
+    run = setup_run(cfg, ctx, log, progress)
+    if state is not None:
+        resume_run(run, state, log)
+    prepare_loop_model(run, log)
+    start_run_folder(run, log)
+    started = time.perf_counter()
+    run_epochs(run, log, progress)
+    if not ctx.is_main:  # rank 0 alone evaluates the best epoch on test and writes the reports
+        return distributed.broadcast_object(None, ctx)
+    summary = finish(cfg, run.out, run.data, run.device, run.precision, run.channels_last, run.history, run.stopper,
+                     started, log, progress)
+    return distributed.broadcast_object(summary, ctx)
+
+
+def setup_run(cfg: TrainConfig, ctx: distributed.DistContext, log: Callable[[str], None],
+              progress: bool) -> TrainingRun:
+    """Seed, pick the device, build the model, read the data and make the epoch loop's loaders,
+    optimizer, schedule, losses, early stopping and weight average (a fresh run, before any resume)."""
     seed_everything(cfg.seed)
     device = ctx.device or select_device(cfg.device)
     precision = select_precision(cfg.precision, device)
     channels_last = cfg.channels_last and device.type != "mps"
-
     scanned = scan_sources(read_sources(cfg.data), cfg.seed)  # layout fails fast, before images are read
-    model, weights_source = build_model(cfg.backbone, len(scanned.classes), cfg.dropout, cfg.pretrained,
-                                        cfg.weights)
+    model, weights_source = build_run_model(cfg, len(scanned.classes), device, channels_last, log)
+    data = prepare_data(cfg, scanned, log, progress)
+    trained, train_set, val_set, views = training_sets(cfg, model, data, weights_source, device, progress)
+    if trained is not model:
+        channels_last = False  # (only for the epoch loop: inputs are cached vectors or feature maps)
+    sampler = train_sampler(cfg, data, views, ctx)
+    train_loader = make_loader(train_set, cfg.batch_size, shuffle=True, workers=cfg.workers, seed=cfg.seed,
+                               sampler=sampler)
+    val_loader = make_loader(val_set, cfg.batch_size * 2, False, cfg.workers,
+                             sampler=distributed.shard_sampler(len(val_set), ctx))
+    optimizer = make_optimizer(cfg, model)
+    scheduler = make_scheduler(cfg, optimizer, len(train_loader))
+    return TrainingRun(
+        cfg=cfg, ctx=ctx, device=device, precision=precision, channels_last=channels_last, model=model,
+        weights_source=weights_source, data=data, trained=trained, sampler=sampler, train_loader=train_loader,
+        val_loader=val_loader, optimizer=optimizer, scheduler=scheduler,
+        scaler=torch.amp.GradScaler(device.type) if precision == "fp16" else None,
+        criterion=nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), val_criterion=nn.CrossEntropyLoss(),
+        stopper=EarlyStopping(cfg.patience, "max" if cfg.monitor == "val_acc" else "min"),
+        average=WeightAverage(trained, cfg.ema) if cfg.ema else None)
+
+
+def build_run_model(cfg: TrainConfig, num_classes: int, device, channels_last: bool,
+                    log: Callable[[str], None]) -> tuple[nn.Module, str]:
+    """(the classifier, where its body's weights come from): built, frozen as the options say and
+    moved to `device`."""
+    model, weights_source = build_model(cfg.backbone, num_classes, cfg.dropout, cfg.pretrained, cfg.weights)
     if not cfg.pretrained:
         log("WARNING: --no-pretrained: training from random weights (recorded in the model file).")
     if cfg.frozen_features:
@@ -303,130 +387,154 @@ def _train(cfg: TrainConfig, state: dict | None, log: Callable[[str], None], pro
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    return model, weights_source
 
-    data = prepare_data(cfg, scanned, log, progress)
-    classes = data.classes
-    trained, train_set, val_set, views = training_sets(cfg, model, data, weights_source, device, progress)
-    if trained is not model:
-        channels_last = False  # (only for the epoch loop: inputs are cached vectors or feature maps)
-    sampler = train_sampler(cfg, data, views, ctx)
-    train_loader = make_loader(train_set, cfg.batch_size, shuffle=True, workers=cfg.workers, seed=cfg.seed,
-                               sampler=sampler)
-    val_loader = make_loader(val_set, cfg.batch_size * 2, False, cfg.workers,
-                             sampler=distributed.shard_sampler(len(val_set), ctx))
-    optimizer = make_optimizer(cfg, model)
-    scheduler = make_scheduler(cfg, optimizer, len(train_loader))
-    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    val_criterion = nn.CrossEntropyLoss()
-    stopper = EarlyStopping(cfg.patience, "max" if cfg.monitor == "val_acc" else "min")
-    average = WeightAverage(trained, cfg.ema) if cfg.ema else None
-    history: list[dict] = []
-    start_epoch = 1
-    if state is not None:
-        model.load_state_dict(state["model_state"], strict=state.get("body_weights") != "pretrained")
-        optimizer.load_state_dict(state["optimizer_state"])
-        if scheduler is not None and state.get("scheduler_state"):  # at the same epoch, for any process count
-            scheduler = distributed.schedule_at(lambda opt: make_scheduler(cfg, opt, len(train_loader)), optimizer,
-                                                state["epoch"] * len(train_loader))
-        stopper.load_state_dict(state["early_stopping"])
-        if average is not None and state.get("ema_state"):
-            average.load_state_dict(state["ema_state"])
-        history = list(state["history"])
-        start_epoch = state["epoch"] + 1
-        ckpt.set_rng_state(state["rng_state"])
-        log(f"Resuming {out / CHECKPOINT} after epoch {state['epoch']} (best so far: epoch {stopper.best_epoch}).")
-    distributed.decorrelate_rng(ctx, cfg.seed, start_epoch)
-    net = distributed.prepare_model(trained, ctx, cfg.sync_bn, cfg.compile)  # DDP / compiled; plain one kept
+
+def resume_run(run: TrainingRun, state: dict, log: Callable[[str], None]) -> None:
+    """Continue from `state` (gender_checkpoint.pth): model, optimizer, schedule, early stopping,
+    weight average, history and random state as they were after its epoch."""
+    run.model.load_state_dict(state["model_state"], strict=state.get("body_weights") != "pretrained")
+    run.optimizer.load_state_dict(state["optimizer_state"])
+    if run.scheduler is not None and state.get("scheduler_state"):  # at the same epoch, for any process count
+        steps = len(run.train_loader)
+        run.scheduler = distributed.schedule_at(lambda opt: make_scheduler(run.cfg, opt, steps), run.optimizer,
+                                                state["epoch"] * steps)
+    run.stopper.load_state_dict(state["early_stopping"])
+    if run.average is not None and state.get("ema_state"):
+        run.average.load_state_dict(state["ema_state"])
+    run.history = list(state["history"])
+    run.start_epoch = state["epoch"] + 1
+    ckpt.set_rng_state(state["rng_state"])
+    log(f"Resuming {run.out / CHECKPOINT} after epoch {state['epoch']} (best so far: epoch {run.stopper.best_epoch}).")
+
+
+def prepare_loop_model(run: TrainingRun, log: Callable[[str], None]) -> None:
+    """Give each process its own random stream and wrap the trained module for the loop (DDP,
+    torch.compile); the plain module stays in `run.trained`."""
+    cfg, ctx = run.cfg, run.ctx
+    distributed.decorrelate_rng(ctx, cfg.seed, run.start_epoch)
+    run.net = distributed.prepare_model(run.trained, ctx, cfg.sync_bn, cfg.compile)
     if ctx.enabled:
         log(f"DistributedDataParallel: {ctx.world_size} processes x batch {cfg.batch_size} = global batch "
             f"{ctx.world_size * cfg.batch_size}{', SyncBatchNorm' if cfg.sync_bn else ''}")
     elif cfg.sync_bn:
         log("note: --sync-bn has no effect in a single process")
 
-    out.mkdir(parents=True, exist_ok=True)
-    if ctx.is_main:
+
+def start_run_folder(run: TrainingRun, log: Callable[[str], None]) -> None:
+    """Create the run folder, write config.yaml (rank 0) and say what is trained on what."""
+    cfg, data = run.cfg, run.data
+    run.out.mkdir(parents=True, exist_ok=True)
+    if run.ctx.is_main:
         files.write_text_atomic(yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True),
-                               out / files.CONFIG_YAML)
-    val_name = "test (--val-on-test)" if cfg.val_on_test else "validation"
+                                run.out / files.CONFIG_YAML)
     pretrained_on = get_spec(cfg.backbone).pretrained_on
-    log(f"{cfg.backbone} ({pretrained_on + ': ' + weights_source if cfg.pretrained else 'random weights'}"
-        f"{', frozen: training the head on embeddings' if cfg.frozen_features else ''}) on {device}, "
-        f"{precision}{', channels_last' if channels_last else ''}; classes {classes}; "
-        f"train {len(data.train.split)}, {val_name} {len(data.val.split)}, "
+    log(f"{cfg.backbone} ({pretrained_on + ': ' + run.weights_source if cfg.pretrained else 'random weights'}"
+        f"{', frozen: training the head on embeddings' if cfg.frozen_features else ''}) on {run.device}, "
+        f"{run.precision}{', channels_last' if run.channels_last else ''}; classes {data.classes}; "
+        f"train {len(data.train.split)}, {run.val_name} {len(data.val.split)}, "
         f"test {len(data.test.split) if data.test else 0} images")
 
-    def record(epoch: int, **extra) -> dict:
-        return ckpt.model_record(model, cfg.to_dict(), classes, data.prep, weights_source, epoch=epoch, **extra)
 
-    epoch = start_epoch - 1
-    started = last_plot = time.perf_counter()
+def run_epochs(run: TrainingRun, log: Callable[[str], None], progress: bool) -> None:
+    """Epochs start_epoch..epochs, until early stopping; each ends with its files saved (rank 0).
+    Ctrl-C: `interrupted`."""
+    epoch = run.start_epoch - 1
+    last_plot = time.perf_counter()
     try:
-        for epoch in range(start_epoch, cfg.epochs + 1):
-            if stopper.should_stop:
+        for epoch in range(run.start_epoch, run.cfg.epochs + 1):
+            if run.stopper.should_stop:
                 break
-            if sampler is not None:
-                sampler.set_epoch(epoch)  # the same seeded shuffle for any process count: seed + epoch
-            else:
-                train_loader.generator.manual_seed(cfg.seed + epoch)
-            tr = train_one_epoch(net, train_loader, criterion, optimizer, device, precision, scaler,
-                                 channels_last, scheduler, desc=f"epoch {epoch}/{cfg.epochs}", progress=progress,
-                                 on_step=average.update if average is not None else None)
-            tr = distributed.reduce_train_stats(tr, ctx)
-            # Validation in fp32 whatever the training precision: the metrics that choose the best epoch
-            # must not depend on the CPU model (bf16 autocast is on by default where AMX makes it fast).
-            with averaged(average):  # with --ema the average is validated (and saved as the best model)
-                va = distributed.evaluate(trained, val_loader, val_criterion, device, "fp32", channels_last, ctx,
-                                          desc="validate", progress=progress)
-            row = {"epoch": epoch, "train_loss": round(tr["loss"], 6), "train_acc": round(tr["acc"], 6),
-                   "val_loss": round(va["loss"], 6), "val_acc": round(va["acc"], 6),
-                   "lr": optimizer.param_groups[0]["lr"], "images_per_sec": round(tr["images_per_sec"], 2),
-                   "seconds": round(tr["seconds"], 1)}
-            history.append(row)
-            improved = stopper.step(va["acc"] if cfg.monitor == "val_acc" else va["loss"], epoch)
-            improved = distributed.sync_early_stopping(stopper, improved, ctx)  # rank 0 decides for all
-            log(f"epoch {epoch:3d}  train loss {tr['loss']:.4f} acc {tr['acc']:.4f}  "
-                f"{'val' if not cfg.val_on_test else 'test'} loss {va['loss']:.4f} acc {va['acc']:.4f}  "
-                f"{tr['images_per_sec']:.1f} img/s{'  * best' if improved else ''}")
-            if not ctx.is_main:
-                continue
-            if improved:
-                with averaged(average):
-                    ckpt.save_atomic(record(epoch, metrics={"val_acc": va["acc"], "val_loss": va["loss"]}),
-                                     out / BEST_MODEL)
-            ckpt.save_atomic(record(
-                epoch, optimizer_state=optimizer.state_dict(),
-                scheduler_state=scheduler.state_dict() if scheduler is not None else None,
-                ema_state=average.state_dict() if average is not None else None,
-                history=history, early_stopping=stopper.state_dict(), rng_state=ckpt.rng_state(),
-                world_size=ctx.world_size,
-            ), out / CHECKPOINT)
-            last_epoch = stopper.should_stop or epoch == cfg.epochs
-            plotted = last_epoch or time.perf_counter() - last_plot >= PLOT_EVERY_S
-            write_history(history, out, stopper.best_epoch, val_name, plots=plotted)
-            if plotted:
-                last_plot = time.perf_counter()
+            tr = train_epoch(run, epoch, progress)
+            va = validate(run, progress)
+            improved = record_epoch(run, epoch, tr, va, log)
+            if run.ctx.is_main:
+                save_epoch(run, epoch, va, improved)
+                last_plot = write_epoch_history(run, epoch, last_plot)
     except KeyboardInterrupt:
-        if ctx.is_main:
-            write_history(history, out, stopper.best_epoch, val_name)
-        last = history[-1]["epoch"] if history else None
-        msg = (f"Interrupted during epoch {epoch}. " + (
-            f"{out / CHECKPOINT} and {out / BEST_MODEL} hold epoch {last} (best: {stopper.best_epoch}); "
-            f"continue with: facegender train --resume {out / CHECKPOINT}" if last else "No epoch had finished."))
-        log(msg)
-        raise TrainingInterrupted(msg) from None
+        interrupted(run, epoch, log)
 
-    if not ctx.is_main:  # rank 0 alone evaluates the best epoch on test and writes the reports
-        return distributed.broadcast_object(None, ctx)
-    summary = finish(cfg, out, data, device, precision, channels_last, history, stopper, started, log, progress)
-    return distributed.broadcast_object(summary, ctx)
+
+def train_epoch(run: TrainingRun, epoch: int, progress: bool) -> dict:
+    """One epoch of training, in the epoch's seeded order; its loss, accuracy and speed over all processes."""
+    if run.sampler is not None:
+        run.sampler.set_epoch(epoch)  # the same seeded shuffle for any process count: seed + epoch
+    else:
+        run.train_loader.generator.manual_seed(run.cfg.seed + epoch)
+    tr = train_one_epoch(run.net, run.train_loader, run.criterion, run.optimizer, run.device, run.precision,
+                         run.scaler, run.channels_last, run.scheduler, desc=f"epoch {epoch}/{run.cfg.epochs}",
+                         progress=progress, on_step=run.average.update if run.average is not None else None)
+    return distributed.reduce_train_stats(tr, run.ctx)
+
+
+def validate(run: TrainingRun, progress: bool) -> dict:
+    """Loss and accuracy on the validation set, in fp32 whatever the training precision: the
+    metrics that choose the best epoch must not depend on the CPU model (bf16 autocast is on by
+    default where AMX makes it fast). With --ema the average is validated (and saved as the best model)."""
+    with averaged(run.average):
+        return distributed.evaluate(run.trained, run.val_loader, run.val_criterion, run.device, "fp32",
+                                    run.channels_last, run.ctx, desc="validate", progress=progress)
+
+
+def record_epoch(run: TrainingRun, epoch: int, tr: dict, va: dict, log: Callable[[str], None]) -> bool:
+    """Add the epoch to the history, step early stopping (rank 0 decides for all) and log the
+    epoch's line; whether it is the best so far."""
+    run.history.append({"epoch": epoch, "train_loss": round(tr["loss"], 6), "train_acc": round(tr["acc"], 6),
+                        "val_loss": round(va["loss"], 6), "val_acc": round(va["acc"], 6),
+                        "lr": run.optimizer.param_groups[0]["lr"], "images_per_sec": round(tr["images_per_sec"], 2),
+                        "seconds": round(tr["seconds"], 1)})
+    improved = run.stopper.step(va["acc"] if run.cfg.monitor == "val_acc" else va["loss"], epoch)
+    improved = distributed.sync_early_stopping(run.stopper, improved, run.ctx)
+    log(f"epoch {epoch:3d}  train loss {tr['loss']:.4f} acc {tr['acc']:.4f}  "
+        f"{'val' if not run.cfg.val_on_test else 'test'} loss {va['loss']:.4f} acc {va['acc']:.4f}  "
+        f"{tr['images_per_sec']:.1f} img/s{'  * best' if improved else ''}")
+    return improved
+
+
+def save_epoch(run: TrainingRun, epoch: int, va: dict, improved: bool) -> None:
+    """best_model.pth when the epoch improved, and gender_checkpoint.pth with all that resuming
+    needs; each written to a temporary file first and moved into place (checkpoint.save_atomic)."""
+    if improved:
+        with averaged(run.average):
+            ckpt.save_atomic(run.record(epoch, metrics={"val_acc": va["acc"], "val_loss": va["loss"]}),
+                             run.out / BEST_MODEL)
+    ckpt.save_atomic(run.record(
+        epoch, optimizer_state=run.optimizer.state_dict(),
+        scheduler_state=run.scheduler.state_dict() if run.scheduler is not None else None,
+        ema_state=run.average.state_dict() if run.average is not None else None,
+        history=run.history, early_stopping=run.stopper.state_dict(), rng_state=ckpt.rng_state(),
+        world_size=run.ctx.world_size,
+    ), run.out / CHECKPOINT)
+
+
+def write_epoch_history(run: TrainingRun, epoch: int, last_plot: float) -> float:
+    """summary.csv, and the curves after the last epoch or PLOT_EVERY_S after they were last drawn;
+    when they were last drawn."""
+    last_epoch = run.stopper.should_stop or epoch == run.cfg.epochs
+    plotted = last_epoch or time.perf_counter() - last_plot >= PLOT_EVERY_S
+    write_history(run.history, run.out, run.stopper.best_epoch, run.val_name, plots=plotted)
+    return time.perf_counter() if plotted else last_plot
+
+
+def interrupted(run: TrainingRun, epoch: int, log: Callable[[str], None]) -> None:
+    """Ctrl-C during `epoch`: write the history of the finished epochs (rank 0), say how to resume
+    and raise TrainingInterrupted. The model files of the last finished epoch are left intact."""
+    out, stopper = run.out, run.stopper
+    if run.ctx.is_main:
+        write_history(run.history, out, stopper.best_epoch, run.val_name)
+    last = run.history[-1]["epoch"] if run.history else None
+    msg = (f"Interrupted during epoch {epoch}. " + (
+        f"{out / CHECKPOINT} and {out / BEST_MODEL} hold epoch {last} (best: {stopper.best_epoch}); "
+        f"continue with: facegender train --resume {out / CHECKPOINT}" if last else "No epoch had finished."))
+    log(msg)
+    raise TrainingInterrupted(msg) from None
 
 
 def finish(cfg: TrainConfig, out: Path, data: RunData, device, precision: str, channels_last: bool,
            history: list[dict], stopper: EarlyStopping, started: float, log, progress: bool) -> dict:
     """Best epoch: fit the temperature on validation, evaluate once on test, write the outputs.
 
-    The best model is loaded as every command loads it (`inference.load`: inference precision, not
+    The best model is loaded as every command loads it (`core.model.load`: inference precision, not
     the training `precision`; `channels_last` is training's too), so the test numbers here are those
     `facegender evaluate` gives. The test set is inferred once; report.html uses those predictions."""
     model = load(out / BEST_MODEL, device=device, tta=cfg.tta, detect=False)
@@ -478,7 +586,7 @@ def finish(cfg: TrainConfig, out: Path, data: RunData, device, precision: str, c
 
 def decision_threshold(val, classes: list[str]) -> float | None:
     """Two classes: the threshold on the calibrated probability of classes[1] that makes both
-    classes' recall equal on validation (metrics.equal_recall_threshold); else None (arg-max)."""
+    classes' recall equal on validation (evaluation.metrics.equal_recall_threshold); else None (arg-max)."""
     from facegender.evaluation.metrics import equal_recall_threshold
 
     if len(classes) != 2 or not len(val.labels):
@@ -487,7 +595,7 @@ def decision_threshold(val, classes: list[str]) -> float | None:
 
 
 def by_source(pred, split, data: RunData) -> dict | None:
-    """Accuracy and recall of each source's images (metrics.per_group_metrics, 'source' column);
+    """Accuracy and recall of each source's images (evaluation.metrics.per_group_metrics, 'source' column);
     None with a single source."""
     from facegender.evaluation.metrics import per_group_metrics
 
