@@ -11,10 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_image
 from PIL import Image
 
-from conftest import make_image
-from facegender.evaluation.report import Predictions, mistakes, write_report
+from facegender.evaluation.evaluate import analyse
+from facegender.evaluation.report import Predictions, mistakes, render_html, write_report
 
 SECTIONS = ["summary", "config", "training", "confusion", "per-class", "calibration", "groups", "coverage",
             "mistakes"]
@@ -104,6 +105,26 @@ def test_report_has_every_section_embeds_images_and_escapes_data(synthetic):
     assert "75.00%" in text
     assert metrics["groups"]["band"]["groups"][EVIL_GROUP]["n"] == 10
     assert "No training history" in text
+
+
+def test_the_template_autoescapes_a_script_in_class_file_and_folder_names(tmp_path):
+    script = "<script>alert(1)</script>"
+    name = script.split("/")[0]  # a file name cannot hold the slash; the data folder's path can
+    paths = [str(tmp_path / script / f"{name}{i}.jpg") for i in range(4)]
+    pred = Predictions([script, "female"], paths, np.array([0, 1, 0, 1]),
+                       np.array([[2.0, 0.0], [0.0, 2.0], [0.0, 1.0], [1.0, 0.0]]))
+    figures = {}
+    for key in ("confusion_matrix", "reliability", "reliability_calibrated", "coverage"):
+        figures[key] = tmp_path / f"{key}.png"
+        figures[key].write_bytes(b"png")
+    gallery = mistakes(pred)
+    text = render_html(analyse(pred), {"backbone": script, "classes": pred.classes}, figures, gallery,
+                       f"{script}/model.pth", f"{tmp_path}/{script}", groups_file=None, note=script)
+    page = parse(text)
+    assert "<script" not in text and "script" not in page.tags
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text
+    assert len(gallery) == 2 and "<b>&lt;script&gt;alert(1)&lt;2.jpg</b>" in text  # a mistake's file name
+    assert script in "".join(page.text)
 
 
 def test_mistakes_are_the_most_confident_wrong_predictions_first(synthetic):

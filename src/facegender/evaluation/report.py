@@ -3,28 +3,31 @@
 
 `build_report` writes ONE HTML file: every figure and thumbnail is embedded as a base64 data URI,
 the CSS is inline, and a Content-Security-Policy forbids loading anything from elsewhere, so the
-file can be mailed or archived as it is. Every string that comes from data (file names, class and
-group names, config values) is HTML-escaped.
+file can be mailed or archived as it is. The page is the Jinja2 template templates/report.html.j2,
+rendered from `report_context` with autoescaping: every string that comes from data (file names, class
+and group names, config values) is HTML-escaped.
 """
 
 from __future__ import annotations
 
 import base64
 import csv
-import html
+import functools
 import io
 import os
 import tempfile
-from datetime import datetime, timezone
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
-from facegender.evaluation.predictions import predict_labelled
+import jinja2
+
 from facegender.core import files
-from facegender.evaluation.evaluate import GROUPS_FILE, analyse, mistakes, read_groups, write_figures
 from facegender.core.model import DEFAULT_PRECISION, load
-from facegender.evaluation.predictions import Predictions
+from facegender.evaluation.evaluate import GROUPS_FILE, analyse, mistakes, read_groups, write_figures
 from facegender.evaluation.plots import plot_curves
+from facegender.evaluation.predictions import Predictions, predict_labelled
 
 
 def training_curves(model_path: str | os.PathLike, folder: str | os.PathLike,
@@ -67,35 +70,18 @@ def _number(text: str):
 
 # ----------------------------------------------------------------------------- HTML
 
-_CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;color:#1d2330;background:#f6f7f9}
-main{max-width:1100px;margin:0 auto;padding:24px}
-header{background:#23395b;color:#fff;padding:20px 24px}
-header h1{margin:0 0 6px;font-size:1.6em} header p{margin:2px 0;opacity:.9}
-nav{background:#fff;border-bottom:1px solid #dde;padding:8px 24px;position:sticky;top:0}
-nav a{margin-right:14px;color:#23395b;text-decoration:none}
-section{background:#fff;border:1px solid #dde;border-radius:8px;margin:18px 0;padding:14px 20px}
-h2{margin-top:4px;color:#23395b} h3{margin-bottom:6px}
-table{border-collapse:collapse;margin:8px 0 12px;font-size:.92em}
-th,td{border:1px solid #ccd;padding:4px 9px;text-align:left;vertical-align:top}
-th{background:#eef1f6} td.num{text-align:right;font-variant-numeric:tabular-nums}
-tr.few td{color:#888;font-style:italic}
-.figs{display:flex;flex-wrap:wrap;gap:14px}
-.figs img{max-width:calc(50% - 10px);height:auto;border:1px solid #e3e3e3;box-sizing:border-box}
-.figs img:only-child{max-width:100%}
-.cols{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start}
-.note{color:#555;font-size:.92em}
-.gallery{display:flex;flex-wrap:wrap;gap:12px}
-figure.mistake{margin:0;width:150px;font-size:.82em;border:1px solid #ddd;padding:6px;border-radius:6px;background:#fcfcfc}
-figure.mistake img{width:128px;height:128px;object-fit:contain;display:block;margin:0 auto 4px;background:#eee}
-figure.mistake figcaption{word-break:break-all}
-.bad{color:#b3261e;font-weight:600}
-"""
+TEMPLATE = "report.html.j2"
+CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
 
-def _e(value: Any) -> str:
-    """HTML-escaped text of any value (quotes too, so it is safe in attributes)."""
-    return html.escape(str(value), quote=True)
+@functools.cache
+def _environment() -> jinja2.Environment:
+    """The templates of evaluation/templates, autoescaped, with the report's number filters."""
+    env = jinja2.Environment(loader=jinja2.PackageLoader("facegender.evaluation", "templates"),
+                             autoescape=jinja2.select_autoescape(("html", "html.j2"), default=True),
+                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters.update(pct=_pct, ci=_ci)
+    return env
 
 
 def _pct(x: float | None, digits: int = 1) -> str:
@@ -106,12 +92,13 @@ def _ci(ci: Sequence[float] | None) -> str:
     return "-" if not ci else f"{100 * ci[0]:.1f}–{100 * ci[1]:.1f}%"
 
 
+def _value(v: Any) -> str:
+    """A model-record value as the report shows it: floats to 4 significant digits."""
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
 def _data_uri(data: bytes, mime: str) -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
-
-
-def _img(path: Path, alt: str) -> str:
-    return f'<img src="{_data_uri(Path(path).read_bytes(), "image/png")}" alt="{_e(alt)}">'
 
 
 def thumbnail_uri(path: str | os.PathLike, size: int = 128) -> str | None:
@@ -128,182 +115,78 @@ def thumbnail_uri(path: str | os.PathLike, size: int = 128) -> str | None:
     return _data_uri(buf.getvalue(), "image/jpeg")
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]], row_classes: Sequence[str] | None = None) -> str:
-    """A table; `header` cells are escaped here, `rows` cells must already be HTML."""
-    head = "".join(f"<th>{_e(h)}</th>" for h in header)
-    body = []
-    for i, row in enumerate(rows):
-        cls = f' class="{row_classes[i]}"' if row_classes and row_classes[i] else ""
-        body.append(f"<tr{cls}>" + "".join(row) + "</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
-
-
-def _td(text: Any, num: bool = False) -> str:
-    return f'<td class="num">{_e(text)}</td>' if num else f"<td>{_e(text)}</td>"
-
-
-def _section(sid: str, title: str, body: str) -> str:
-    return f'<section id="{sid}"><h2>{_e(title)}</h2>{body}</section>'
-
-
-def render_html(metrics: dict, record: dict, figures: Mapping[str, Path], gallery: list[dict],
-                model_path: str, data_dir: str, groups_file: str | None = None, note: str | None = None) -> str:
-    """The report page (a string); `figures` from `write_figures`, `gallery` from `mistakes`."""
-    classes = metrics["class_names"]
-    sections = []
-
-    # summary
-    rows = [[_td("images"), _td(metrics["n"], True)],
-            [_td("accuracy (95% Wilson CI)"),
-             _td(f"{_pct(metrics['accuracy'], 2)} ({_ci(metrics['accuracy_ci'])})", True)],
-            [_td("balanced accuracy"), _td(_pct(metrics["balanced_accuracy"], 2), True)],
-            [_td("macro F1"), _td(f"{metrics['macro_f1']:.4f}", True)],
-            [_td(f"ECE ({metrics['n_bins']} bins) before → after temperature {metrics['temperature']:.3f}"),
-             _td(f"{metrics['ece']:.4f} → {metrics['ece_calibrated']:.4f}", True)],
-            [_td("test-time augmentation"), _td("horizontal flip" if metrics["tta"] else "none")],
-            [_td("decision"), _td("arg-max" if metrics.get("threshold") is None
-                                  else f"{classes[1]} when its probability ≥ {metrics['threshold']:.4g}")]]
+def summary_rows(metrics: dict) -> list[tuple[str, str, bool]]:
+    """The Summary table: (label, value, numeric) rows."""
+    classes, threshold = metrics["class_names"], metrics.get("threshold")
+    rows = [("images", str(metrics["n"]), True),
+            ("accuracy (95% Wilson CI)", f"{_pct(metrics['accuracy'], 2)} ({_ci(metrics['accuracy_ci'])})", True),
+            ("balanced accuracy", _pct(metrics["balanced_accuracy"], 2), True),
+            ("macro F1", f"{metrics['macro_f1']:.4f}", True),
+            (f"ECE ({metrics['n_bins']} bins) before → after temperature {metrics['temperature']:.3f}",
+             f"{metrics['ece']:.4f} → {metrics['ece_calibrated']:.4f}", True),
+            ("test-time augmentation", "horizontal flip" if metrics["tta"] else "none", False),
+            ("decision", "arg-max" if threshold is None else f"{classes[1]} when its probability ≥ {threshold:.4g}",
+             False)]
     if "without_tta" in metrics:
         w = metrics["without_tta"]
-        rows.append([_td("without TTA: accuracy (95% CI), ECE after temperature"),
-                     _td(f"{_pct(w['accuracy'], 2)} ({_ci(w['accuracy_ci'])}), {w['ece_calibrated']:.4f}", True)])
+        rows.append(("without TTA: accuracy (95% CI), ECE after temperature",
+                     f"{_pct(w['accuracy'], 2)} ({_ci(w['accuracy_ci'])}), {w['ece_calibrated']:.4f}", True))
     if "selective" in metrics:
         s = metrics["selective"]
-        rows.append([_td(f"at minimum confidence {s['min_confidence']:g}: coverage, accuracy on answered"),
-                     _td(f"{_pct(s['coverage'])} ({s['n_covered']}/{s['n']}), {_pct(s['accuracy_on_covered'], 2)}",
-                         True)])
-    body = _table(["", "value"], rows)
-    if note:
-        body += f'<p class="note">{_e(note)}</p>'
-    sections.append(_section("summary", "Summary", body))
+        rows.append((f"at minimum confidence {s['min_confidence']:g}: coverage, accuracy on answered",
+                     f"{_pct(s['coverage'])} ({s['n_covered']}/{s['n']}), {_pct(s['accuracy_on_covered'], 2)}", True))
+    return rows
 
-    # config
+
+def model_rows(record: dict) -> list[tuple[str, str]]:
+    """The model table of Run configuration: what the model file records, and its recorded metrics."""
     info = [("backbone", record.get("backbone")), ("classes", ", ".join(map(str, record.get("classes", [])))),
             ("pretrained", record.get("pretrained")), ("weights", record.get("weights_source")),
             ("best epoch", record.get("epoch")), ("temperature", record.get("temperature")),
             ("TTA in model file", record.get("tta"))]
     for split, m in (record.get("metrics") or {}).items():
         if isinstance(m, dict):
-            info.append((f"recorded {split} metrics", ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                                                 for k, v in m.items())))
-    body = _table(["model", "value"], [[_td(k), _td(f"{v:.4g}" if isinstance(v, float) else v)] for k, v in info])
-    config = list((record.get("config") or {}).items())
-    if config:
-        third = -(-len(config) // 3)
-        body += "<h3>Training configuration</h3><div class=\"cols\">" + "".join(
-            _table(["option", "value"], [[_td(k), _td(v)] for k, v in config[i:i + third]])
-            for i in range(0, len(config), third)) + "</div>"
-    sections.append(_section("config", "Run configuration", body))
+            info.append((f"recorded {split} metrics", ", ".join(f"{k}={_value(v)}" for k, v in m.items())))
+    return [(name, _value(v)) for name, v in info]
 
-    # training curves
-    curves = [k for k in ("loss_curve", "accuracy_curve") if k in figures]
-    body = (f'<div class="figs">{"".join(_img(figures[k], k.replace("_", " ")) for k in curves)}</div>' if curves
-            else '<p class="note">No training history found next to the model (summary.csv or '
-                 'gender_checkpoint.pth).</p>')
-    sections.append(_section("training", "Training curves", body))
 
-    # confusion matrix
-    cm = metrics["confusion_matrix"]
-    cm_rows = [[f"<th>{_e(c)}</th>"] + [_td(v, True) for v in cm[i]] for i, c in enumerate(classes)]
-    body = (f'<div class="figs">{_img(figures["confusion_matrix"], "confusion matrix")}</div>'
-            + _table(["true \\ predicted", *classes], cm_rows))
-    sections.append(_section("confusion", "Confusion matrix", body))
+def config_columns(config: Mapping | None) -> list[list[tuple[str, Any]]]:
+    """The training configuration's (option, value) pairs in three columns."""
+    items = list((config or {}).items())
+    third = max(1, -(-len(items) // 3))
+    return [items[i:i + third] for i in range(0, len(items), third)]
 
-    # per-class
-    per = metrics["per_class"]
-    rows = [[_td(c), _td(per[c]["support"], True), _td(f"{per[c]['precision']:.4f}", True),
-             _td(f"{per[c]['recall']:.4f}", True), _td(f"{per[c]['f1']:.4f}", True)] for c in classes]
-    sections.append(_section("per-class", "Per-class metrics",
-                             _table(["class", "images", "precision", "recall", "F1"], rows)))
 
-    # calibration
-    rows = [[_td("expected calibration error"), _td(f"{metrics['ece']:.4f}", True),
-             _td(f"{metrics['ece_calibrated']:.4f}", True)],
-            [_td("negative log-likelihood"), _td(f"{metrics['loss']:.4f}", True),
-             _td(f"{metrics['loss_calibrated']:.4f}", True)]]
-    body = (_table(["", "before", f"after temperature {metrics['temperature']:.3f}"], rows)
-            + '<p class="note">The temperature is fitted on the validation split after training; '
-              f'ECE uses {metrics["n_bins"]} equal-width confidence bins.</p>'
-            + f'<div class="figs">{_img(figures["reliability"], "reliability diagram before temperature")}'
-              f'{_img(figures["reliability_calibrated"], "reliability diagram after temperature")}</div>')
-    sections.append(_section("calibration", "Calibration", body))
+def mistake_cards(gallery: list[dict]) -> list[dict]:
+    """The gallery's captions: file name, true and predicted class, probability, thumbnail."""
+    return [{"name": Path(m["path"]).name, "true": m["true"], "predicted": m["predicted"],
+             "probability": m["probability"], "thumbnail": m.get("thumbnail")} for m in gallery]
 
-    # groups
-    if metrics.get("groups"):
-        body = f'<p class="note">Groups from {_e(groups_file or "the groups file")}.</p>'
-        for column, g in metrics["groups"].items():
-            rows, flags = [], []
-            for name, v in g["groups"].items():
-                row = [_td(name), _td(v["n"], True),
-                       _td(f"{_pct(v['accuracy'])} ({_ci(v['accuracy_ci'])})", True)]
-                row += [_td(f"{_pct(v['recall'][c]['recall'])} ({_ci(v['recall'][c]['ci'])}), n={v['recall'][c]['n']}"
-                            if v["recall"][c]["n"] else "-", True) for c in classes]
-                row.append(_td(f"too few (<{g['min_count']})" if v["too_few"] else ""))
-                rows.append(row)
-                flags.append("few" if v["too_few"] else "")
-            body += f"<h3>By {_e(column)}</h3>" + _table(
-                ["group", "images", "accuracy (95% CI)", *[f"recall {c} (95% CI)" for c in classes], "flag"],
-                rows, flags)
-            if g["worst_group"] is not None:
-                body += (f'<p>Worst group: <span class="bad">{_e(g["worst_group"])}</span> '
-                         f'({_pct(g["worst_accuracy"])}); best: {_e(g["best_group"])}; largest accuracy gap '
-                         f'{_pct(g["accuracy_gap"])}.')
-                wc = g.get("worst_class_recall")
-                if wc:
-                    body += (f' Lowest class recall: {_e(wc["class"])} in {_e(wc["group"])} '
-                             f'({_pct(wc["recall"])}, n={wc["n"]}).')
-                body += "</p>"
-            if g.get("note"):
-                body += f'<p class="note">{_e(g["note"])}</p>'
-            elif sum(not v["too_few"] for v in g["groups"].values()) == 1:
-                body += (f'<p class="note">Only one group has {g["min_count"]} or more images, so there is no '
-                         'reliable gap to measure; the smaller groups are shown but not compared.</p>')
-            key = f"groups_{column}"
-            if key in figures:
-                body += f'<div class="figs">{_img(figures[key], f"accuracy by {column}")}</div>'
-    else:
-        body = ('<p class="note">No groups file: pass --groups groups.csv (columns path,label,&lt;group '
-                'columns&gt;; <code>facegender import</code> writes one) for per-group accuracy.</p>')
-    sections.append(_section("groups", "Per-group accuracy", body))
 
-    # coverage
-    rows = [[_td(f"{p['threshold']:.2f}", True), _td(_pct(p["coverage"]), True), _td(p["n_kept"], True),
-             _td(_pct(p["accuracy"], 2), True)] for p in metrics["coverage_curve"]]
-    body = ('<p class="note">An image is answered when the calibrated probability of its predicted class reaches the threshold '
-            '(<code>facegender predict --min-confidence</code>); the others are "uncertain".</p>'
-            + f'<div class="figs">{_img(figures["coverage"], "coverage and accuracy by threshold")}</div>'
-            + _table(["minimum confidence", "coverage", "answered", "accuracy on answered"], rows))
-    sections.append(_section("coverage", "Coverage and accuracy by confidence threshold", body))
+def report_context(metrics: dict, record: dict, figures: Mapping[str, Path], gallery: list[dict],
+                   model_path: str, data_dir: str, groups_file: str | None = None, note: str | None = None) -> dict:
+    """What report.html.j2 renders: the analysis (`m`), the rows formatted here, and every figure as a
+    base64 PNG data URI."""
+    classes = metrics["class_names"]
+    return {
+        "m": metrics, "classes": classes, "recall_headers": [f"recall {c} (95% CI)" for c in classes],
+        "backbone": record.get("backbone", "model"), "data_name": Path(data_dir).name,
+        "model_path": model_path, "data_dir": data_dir, "groups_file": groups_file, "note": note,
+        "generated": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "csp": CSP,
+        "summary": summary_rows(metrics), "model_info": model_rows(record),
+        "config_columns": config_columns(record.get("config")),
+        "images": {k: _data_uri(Path(p).read_bytes(), "image/png") for k, p in figures.items()},
+        "curves": [k for k in ("loss_curve", "accuracy_curve") if k in figures],
+        "gallery": mistake_cards(gallery),
+    }
 
-    # mistakes
-    if gallery:
-        cards = []
-        for m in gallery:
-            uri = m.get("thumbnail")
-            pic = f'<img src="{uri}" alt="{_e(Path(m["path"]).name)}">' if uri else "<p>(unreadable)</p>"
-            cards.append(f'<figure class="mistake">{pic}<figcaption><b>{_e(Path(m["path"]).name)}</b><br>'
-                         f'true: {_e(m["true"])}<br>predicted: <span class="bad">{_e(m["predicted"])}</span><br>'
-                         f'probability {m["probability"]:.3f}</figcaption></figure>')
-        body = ('<p class="note">Wrong predictions with the highest calibrated probability, most confident '
-                f'first ({len(gallery)} shown).</p><div class="gallery">{"".join(cards)}</div>')
-    else:
-        body = '<p class="note">No mistakes on this set.</p>'
-    sections.append(_section("mistakes", "Most confident mistakes", body))
 
-    nav = "".join(f'<a href="#{sid}">{_e(t)}</a>' for sid, t in (
-        ("summary", "Summary"), ("config", "Config"), ("training", "Training"), ("confusion", "Confusion"),
-        ("per-class", "Per class"), ("calibration", "Calibration"), ("groups", "Groups"),
-        ("coverage", "Coverage"), ("mistakes", "Mistakes")))
-    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    csp = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f'<meta http-equiv="Content-Security-Policy" content="{csp}">'
-            '<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>facegender report: {_e(record.get('backbone', 'model'))} on {_e(Path(data_dir).name)}</title>"
-            f"<style>{_CSS}</style></head><body>"
-            f"<header><h1>facegender evaluation report</h1><p>model: {_e(model_path)}</p>"
-            f"<p>data: {_e(data_dir)} ({metrics['n']} images)</p><p>generated {_e(when)}</p></header>"
-            f"<nav>{nav}</nav><main>{''.join(sections)}</main></body></html>\n")
+def render_html(metrics: dict, record: dict, figures: Mapping[str, Path], gallery: list[dict],
+                model_path: str, data_dir: str, groups_file: str | None = None, note: str | None = None) -> str:
+    """The report page (a string) from templates/report.html.j2; `figures` from
+    `evaluate.write_figures`, `gallery` from `evaluate.mistakes`."""
+    context = report_context(metrics, record, figures, gallery, model_path, data_dir, groups_file, note)
+    return _environment().get_template(TEMPLATE).render(context)
 
 
 # ----------------------------------------------------------------------------- entry points
