@@ -333,56 +333,75 @@ def per_group_metrics(
     names = [str(c) for c in class_names]
     result: dict[str, dict[str, Any]] = {}
     for column, values in groups.items():
-        values = list(values)
-        if len(values) != labels.shape[0]:
-            raise ValueError(
-                f"group column {column!r} has {len(values)} values for {labels.shape[0]} samples"
-            )
-        keys = np.array([_group_key(v) for v in values], dtype=object)
-        per_group = {}
-        for key in sorted(set(keys.tolist())):
-            mask = keys == key
-            per_group[key] = _one_group(labels[mask], preds[mask], names, min_count)
-
-        enough = [k for k, g in per_group.items() if not g["too_few"]]
-        compared_all = not enough
-        candidates = enough or list(per_group)
-        entry: dict[str, Any] = {
-            "groups": per_group,
-            "min_count": int(min_count),
-            "compared_all_groups": compared_all,
-            "note": (
-                f"no group has {min_count} or more samples; worst group and gap are over all "
-                f"groups and are unreliable"
-                if compared_all and per_group
-                else None
-            ),
-            "worst_group": None,
-            "worst_accuracy": None,
-            "best_group": None,
-            "accuracy_gap": None,
-            "worst_class_recall": None,
-        }
-        if candidates:
-            worst = min(candidates, key=lambda k: (per_group[k]["accuracy"], k))
-            best = max(candidates, key=lambda k: (per_group[k]["accuracy"], k))
-            entry.update(
-                worst_group=worst,
-                worst_accuracy=per_group[worst]["accuracy"],
-                best_group=best,
-                accuracy_gap=float(per_group[best]["accuracy"] - per_group[worst]["accuracy"]),
-            )
-            recalls = [
-                (r["recall"], k, c, r["n"])
-                for k in candidates
-                for c, r in per_group[k]["recall"].items()
-                if r["recall"] is not None
-            ]
-            if recalls:
-                rec, k, c, n_c = min(recalls, key=lambda t: (t[0], t[1], t[2]))
-                entry["worst_class_recall"] = {"group": k, "class": c, "recall": rec, "n": n_c}
-        result[str(column)] = entry
+        per_group = _groups_of_column(column, values, labels, preds, names, min_count)
+        result[str(column)] = _compare_groups(per_group, min_count)
     return result
+
+
+def _groups_of_column(column, values: Sequence[Any], labels: np.ndarray, preds: np.ndarray, names: list[str],
+                      min_count: int) -> dict[str, dict]:
+    """``{value: _one_group(...)}`` of one group column, values sorted (missing ones are ``"unknown"``)."""
+    values = list(values)
+    if len(values) != labels.shape[0]:
+        raise ValueError(
+            f"group column {column!r} has {len(values)} values for {labels.shape[0]} samples"
+        )
+    keys = np.array([_group_key(v) for v in values], dtype=object)
+    per_group = {}
+    for key in sorted(set(keys.tolist())):
+        mask = keys == key
+        per_group[key] = _one_group(labels[mask], preds[mask], names, min_count)
+    return per_group
+
+
+def _compare_groups(per_group: dict[str, dict], min_count: int) -> dict[str, Any]:
+    """One column's entry of `per_group_metrics`: its groups, and the worst and best of those with at
+    least ``min_count`` samples (of all groups, with a ``note``, when none has that many)."""
+    enough = [k for k, g in per_group.items() if not g["too_few"]]
+    compared_all = not enough
+    candidates = enough or list(per_group)
+    entry: dict[str, Any] = {
+        "groups": per_group,
+        "min_count": int(min_count),
+        "compared_all_groups": compared_all,
+        "note": (
+            f"no group has {min_count} or more samples; worst group and gap are over all "
+            f"groups and are unreliable"
+            if compared_all and per_group
+            else None
+        ),
+        "worst_group": None,
+        "worst_accuracy": None,
+        "best_group": None,
+        "accuracy_gap": None,
+        "worst_class_recall": None,
+    }
+    if candidates:
+        worst = min(candidates, key=lambda k: (per_group[k]["accuracy"], k))
+        best = max(candidates, key=lambda k: (per_group[k]["accuracy"], k))
+        entry.update(
+            worst_group=worst,
+            worst_accuracy=per_group[worst]["accuracy"],
+            best_group=best,
+            accuracy_gap=float(per_group[best]["accuracy"] - per_group[worst]["accuracy"]),
+            worst_class_recall=_worst_class_recall(per_group, candidates),
+        )
+    return entry
+
+
+def _worst_class_recall(per_group: dict[str, dict], candidates: Sequence[str]) -> dict[str, Any] | None:
+    """``{group, class, recall, n}`` of the lowest per-class recall over the ``candidates`` groups
+    (classes without samples in a group are ignored; ties go to the first group, then class, by name)."""
+    recalls = [
+        (r["recall"], k, c, r["n"])
+        for k in candidates
+        for c, r in per_group[k]["recall"].items()
+        if r["recall"] is not None
+    ]
+    if not recalls:
+        return None
+    rec, k, c, n_c = min(recalls, key=lambda t: (t[0], t[1], t[2]))
+    return {"group": k, "class": c, "recall": rec, "n": n_c}
 
 
 def _closest_to_half(low: float, high: float) -> float:
