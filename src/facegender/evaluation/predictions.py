@@ -21,8 +21,8 @@ from facegender.core.preprocessing import Preprocessing
 
 @dataclass
 class Predictions:
-    """Logits of a labelled image set, with what is needed to read them (`inference.Model.evaluate`
-    makes one; `evaluate.analyse`, `report` and `train` read it)."""
+    """Logits of a labelled image set, with what is needed to read them (`predict_labelled` makes
+    one; `evaluation.evaluate.analyse`, `evaluation.report` and `training.train` read it)."""
 
     classes: list[str]
     paths: list[Path]
@@ -57,7 +57,7 @@ class Predictions:
 def predict_labelled(model, data, skip_bad: bool = False, batch_size: int | None = None, loader=None,
              log: Callable[[str], None] = print, progress: bool = True) -> Predictions:
     """Logits of every image of a labelled set: a folder with one subfolder per class of this
-    model (e.g. DATASET/test), or a `data.LoadedSplit` already read (training's test split,
+    model (e.g. DATASET/test), or a `data.dataset.LoadedSplit` already read (training's test split,
     with its image `loader`). Each image is one face, prepared as in training (the largest face
     aligned when the model aligns faces). With TTA the plain logits are kept too."""
     from tqdm.auto import tqdm

@@ -237,7 +237,7 @@ def build_report(model_path: str, data_dir: str, out: str = "report.html", group
 
 def write_run_report(cfg, out: Path, pred: Predictions | None, record: dict,
                      log: Callable[[str], None] = print) -> Path | None:
-    """report.html of a finished training run (`train.finish`): the test predictions made there
+    """report.html of a finished training run (`training.train.finish`): the test predictions made there
     (`pred`, None without a test set), the best model's `record`, the run's history, and
     DATASET/groups.csv when it exists. A failure here is reported and does not fail the finished run."""
     try:
