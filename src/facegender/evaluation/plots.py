@@ -57,8 +57,8 @@ def plot_curves(history: Sequence[Mapping[str, Any]], key: str, path: str | os.P
 def plot_confusion_matrix(matrix: Sequence[Sequence[int]], class_names: Sequence[str],
                           path: str | os.PathLike, title: str = "Confusion matrix") -> Path:
     """Counts with row-normalised shading (rows: true class, columns: predicted class)."""
-    from sklearn.metrics import ConfusionMatrixDisplay
     import numpy as np
+    from sklearn.metrics import ConfusionMatrixDisplay
 
     fig = _new_figure(5.2, 4.6)
     ax = fig.subplots()

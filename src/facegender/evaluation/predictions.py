@@ -9,9 +9,9 @@ and the bundled-model build all read this one record.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -38,7 +38,7 @@ class Predictions:
         return apply_temperature(self.logits, self.temperature if calibrated else 1.0)
 
     @classmethod
-    def concat(cls, parts: Sequence["Predictions"]) -> "Predictions":
+    def concat(cls, parts: Sequence[Predictions]) -> Predictions:
         """One record of several sets evaluated by the same model (`evaluate --data A --data B`)."""
         first = parts[0]
         plain = [p.logits_plain for p in parts]
@@ -55,7 +55,7 @@ class Predictions:
 
 
 def predict_labelled(model, data, skip_bad: bool = False, batch_size: int | None = None, loader=None,
-             log: Callable[[str], None] = print, progress: bool = True) -> Predictions:
+                     log: Callable[[str], None] = print, progress: bool = True) -> Predictions:
     """Logits of every image of a labelled set: a folder with one subfolder per class of this
     model (e.g. DATASET/test), or a `data.dataset.LoadedSplit` already read (training's test split,
     with its image `loader`). Each image is one face, prepared as in training (the largest face
@@ -93,9 +93,9 @@ def read_labelled(folder: str | os.PathLike, classes: list[str], prep: Preproces
                   log: Callable[[str], None] = print, progress: bool = True):
     """(loaded split, image loader) of `folder`/<class>/* for a model with `classes` (the class
     folders must be classes of the model; labels are the model's class indices)."""
+    from facegender.core.preprocessing import ImagePreparer
     from facegender.data.dataset import DatasetError, ImageLoader, find_classes, load_split, scan_split
     from facegender.data.prepare import loader_preprocessing
-    from facegender.core.preprocessing import ImagePreparer
 
     folder = Path(folder)
     if not folder.is_dir():
