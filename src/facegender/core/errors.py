@@ -94,7 +94,7 @@ _EXTRA_NEEDS = {
 #: Said after the install command, where there is another way.
 _EXTRA_ALTERNATIVE = {
     "train": ", or predict with an exported model (`facegender export --model best_model.pth --out model.onnx`, "
-             "run where PyTorch is installed)",
+    "run where PyTorch is installed)",
 }
 
 
@@ -118,9 +118,11 @@ class MissingExtraError(FacegenderError, ModuleNotFoundError):
         extra = extra_for(module)
         if extra is None:
             raise KeyError(f"{module} is not installed by any extra of facegender")
-        message = (f"{feature} needs {_EXTRA_NEEDS[extra]} ({module} is not installed), which `pip install "
-                   f"facegender` leaves out: install it with `pip install 'facegender[{extra}]'`"
-                   + _EXTRA_ALTERNATIVE.get(extra, ""))
+        message = (
+            f"{feature} needs {_EXTRA_NEEDS[extra]} ({module} is not installed), which `pip install "
+            f"facegender` leaves out: install it with `pip install 'facegender[{extra}]'`"
+            + _EXTRA_ALTERNATIVE.get(extra, "")
+        )
         return cls(message, name=module, extra=extra)
 
 
