@@ -102,7 +102,7 @@ def test_predict_without_model_says_it_uses_the_bundled_one_and_models_describes
     proc = subprocess.run([*run, "models", "--json"], capture_output=True, text=True, timeout=120)
     assert json.loads(proc.stdout)["sha256"] == record["sha256"]
     proc = subprocess.run([*run, "predict"], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1 and "--sample" in proc.stderr
+    assert proc.returncode == 3 and "--sample" in proc.stderr
 
 
 def test_a_missing_shipped_file_names_itself_and_the_fix(tmp_path, monkeypatch):

@@ -156,4 +156,4 @@ def test_cli_cv_takes_train_options(tmp_path, monkeypatch, capsys):
     assert [c.cv_fold for c in seen] == [1, 2, 3] and {c.lr for c in seen} == {0.02}
     assert {c.cv_folds for c in seen} == {3}
     assert "0.7500 ± 0.0000" in capsys.readouterr().out
-    assert main(["cv", "--data", str(data), "--val-on-test"]) == 1
+    assert main(["cv", "--data", str(data), "--val-on-test"]) == 3

@@ -107,7 +107,7 @@ def test_predict_on_an_empty_folder_says_so(trained_run, tmp_path, capsys):
 
     (tmp_path / "empty").mkdir()
     code = main(["predict", "--model", str(trained_run / "out" / "best_model.pth"), str(tmp_path / "empty")])
-    assert code == 1 and "no images found in" in capsys.readouterr().err
+    assert code == 3 and "no images found in" in capsys.readouterr().err
 
 
 def test_default_model_is_the_bundled_one(monkeypatch):
@@ -155,7 +155,7 @@ def test_model_options_refuse_checkpoints_and_other_files(trained_run, tmp_path,
     for model, expected in ((trained_run / "out" / "gender_checkpoint.pth", "best_model.pth"),
                             (tmp_path / "pickled.pth", "not a facegender model file"),
                             (tmp_path / "junk.pth", "cannot be read as a facegender model")):
-        assert main(["predict", "--model", str(model), image]) == 1
+        assert main(["predict", "--model", str(model), image]) == 4
         err = capsys.readouterr().err
         assert expected in err and "weights_only" not in err, err
 

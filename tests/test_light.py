@@ -172,7 +172,7 @@ def test_training_without_torch_says_what_to_install(tmp_path):
         print("EXIT", code)
     """)
     proc = subprocess.run([sys.executable, "-c", program], cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert "EXIT 1" in proc.stdout, proc.stdout + proc.stderr
+    assert "EXIT 5" in proc.stdout, proc.stdout + proc.stderr
     assert "pip install 'facegender[train]'" in proc.stderr and "torch" in proc.stderr
 
 

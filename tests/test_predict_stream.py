@@ -105,21 +105,21 @@ def test_output_file_is_never_overwritten_silently(photos, capsys, tmp_path):
     out = tmp_path / "r.jsonl"
     out.write_text("")
     code, _, err = predict(["--model", str(model), "--jsonl", "--out", str(out), str(folder)], capsys)
-    assert code == 1 and "--resume" in err and "delete it" in err
+    assert code == 3 and "--resume" in err and "delete it" in err
     code, _, err = predict(["--model", str(model), "--jsonl", "--resume", str(folder)], capsys)
-    assert code == 1 and "--resume needs --out" in err
+    assert code == 3 and "--resume needs --out" in err
     code, _, err = predict(["--model", str(model), "--out", str(out), str(folder)], capsys)
-    assert code == 1 and "--jsonl, --csv or --json" in err
+    assert code == 3 and "--jsonl, --csv or --json" in err
     out.write_text("something else\n")
     code, _, err = predict(["--model", str(model), "--csv", "--resume", "--out", str(out), str(folder)], capsys)
-    assert code == 1 and "cannot resume" in err and out.read_text() == "something else\n"
+    assert code == 3 and "cannot resume" in err and out.read_text() == "something else\n"
 
 
 def test_a_folder_without_images_is_an_error(photos, capsys, tmp_path):
     model, folder, _ = photos
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     code, _, err = predict(["--model", str(model), "--jsonl", str(tmp_path / "empty")], capsys)
-    assert code == 1 and "no images found in" in err
+    assert code == 3 and "no images found in" in err
     code, out, err = predict(["--model", str(model), "--jsonl", "--quiet", str(tmp_path / "empty"),
                               str(folder / "part1")], capsys)
     assert code == 0 and "note: no images found in" in err and len(out.splitlines()) == 50
@@ -323,5 +323,5 @@ def test_without_resume_the_killed_file_is_refused(photos, tmp_path):
     before = out.read_bytes()
     again = _run(["--model", str(model), "--jsonl", "--out", str(out), str(folder)], tmp_path)
     _, stderr = again.communicate(timeout=300)
-    assert again.returncode == 1 and "exists: pass --resume" in stderr
+    assert again.returncode == 3 and "exists: pass --resume" in stderr
     assert out.read_bytes() == before

@@ -157,7 +157,7 @@ def test_cli_import_csv_and_utkface(tmp_path, capsys):
     for split in ("train", "test"):
         assert sorted(p.name for p in (out / split).iterdir()) == ["laki-laki", "perempuan"]
         assert len(list((out / split / "perempuan").iterdir())) == 3
-    assert main(["import", "csv", str(tmp_path / "labels.csv"), str(out)]) == 1  # no --overwrite
+    assert main(["import", "csv", str(tmp_path / "labels.csv"), str(out)]) == 3  # no --overwrite
     assert "--overwrite" in capsys.readouterr().err
 
     for i, (age, gender) in enumerate([(25, 0), (31, 0), (40, 1), (52, 1)]):

@@ -201,7 +201,7 @@ def test_cli_predict_reports_bad_files_and_goes_on(trained_run, tmp_path, capsys
 
 def test_cli_train_errors_are_one_clear_message(tmp_path, capsys):
     code = cli_main(["train", "--data", str(tmp_path / "nowhere"), "--quiet"])
-    assert code == 1
+    assert code == 3
     assert "dataset folder not found" in capsys.readouterr().err
 
 

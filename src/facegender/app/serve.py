@@ -41,6 +41,8 @@ from typing import Any
 
 from starlette.exceptions import HTTPException
 
+from facegender.core.errors import ConfigError
+
 MB = 1024 * 1024
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -63,7 +65,7 @@ class ServeLimits:
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"serve limit {name} must be a positive whole number, got {value!r}")
+                raise ConfigError(f"serve limit {name} must be a positive whole number, got {value!r}")
 
 
 def is_loopback(host: str) -> bool:

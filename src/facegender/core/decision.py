@@ -24,8 +24,9 @@ Conventions used throughout:
 
 from __future__ import annotations
 
-
 import numpy as np
+
+from facegender.core.errors import ConfigError
 
 #: Half-width of the band of probabilities around the decision threshold in which a face is
 #: flagged `uncertain` (the model record's `uncertain_band` overrides it).
@@ -57,7 +58,7 @@ def check_threshold(threshold) -> float | None:
         return None
     t = float(threshold)
     if not 0.0 < t < 1.0:  # also refuses NaN
-        raise ValueError(f"threshold must be between 0 and 1 (exclusive), got {threshold}")
+        raise ConfigError(f"threshold must be between 0 and 1 (exclusive), got {threshold}")
     return t
 
 

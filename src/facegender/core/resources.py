@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from facegender.core.errors import ModelFileNotFoundError
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 SAMPLES_DIR = PACKAGE_DIR / "samples"
 DEFAULT_DIR = PACKAGE_DIR / "default_model"
@@ -23,8 +25,8 @@ SAMPLE_PHOTO = "astronaut.jpg"
 def _shipped(path: Path, what: str, fix: str = "") -> Path:
     """`path` of a file that ships with facegender, or a clear error when the installation lacks it."""
     if not path.is_file():
-        raise FileNotFoundError(f"{what} {path} is missing from this installation of facegender; reinstall it "
-                                f"(pip install --force-reinstall facegender){fix}")
+        raise ModelFileNotFoundError(f"{what} {path} is missing from this installation of facegender; "
+                                     f"reinstall it (pip install --force-reinstall facegender){fix}")
     return path
 
 

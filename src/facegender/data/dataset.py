@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from facegender.core.errors import ConfigError, DataError
 from facegender.core.files import atomic_path
 from facegender.core.images import ImageError, is_image_name, load_image
 from facegender.core.resources import cache_dir
@@ -27,7 +28,7 @@ from facegender.core.preprocessing import ImagePreparer
 IGNORED_FILES = {".DS_Store", "Thumbs.db", "desktop.ini"}
 
 
-class DatasetError(ValueError):
+class DatasetError(DataError, ValueError):
     """The dataset cannot be used as it is; the message lists every problem and the fix."""
 
 
@@ -179,7 +180,7 @@ def plan_folds(labels: list[int], n_folds: int, seed: int) -> list[np.ndarray]:
     (every class count within one of its share)."""
     labels = np.asarray(labels)
     if n_folds < 2:
-        raise ValueError(f"--folds must be at least 2, got {n_folds}")
+        raise ConfigError(f"--folds must be at least 2, got {n_folds}")
     smallest = int(np.bincount(labels).min()) if labels.size else 0
     if smallest < n_folds:
         raise DatasetError(f"cannot make {n_folds} stratified folds: the smallest class has {smallest} training "

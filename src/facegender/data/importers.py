@@ -34,6 +34,7 @@ from typing import Any
 
 from sklearn.model_selection import train_test_split
 
+from facegender.core.errors import ConfigError, InputFileError, InputNotFoundError, OutputExistsError
 from facegender.core.images import is_image_name
 
 __all__ = [
@@ -132,9 +133,9 @@ def _in_output(path: Path, out: Path) -> bool:
 
 def _check_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
-        raise FileExistsError(f"output {out} exists and is not a folder")
+        raise OutputExistsError(f"output {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(
+        raise OutputExistsError(
             f"output folder {out} is not empty; choose an empty folder or pass overwrite=True "
             f"(which replaces {out}/train, {out}/test and {out}/groups.csv)"
         )
@@ -142,15 +143,15 @@ def _check_out(out: Path, overwrite: bool) -> None:
 
 def _split(items: list[_Item], test_fraction: float, seed: int) -> tuple[list[_Item], list[_Item]]:
     if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be between 0 and 1, got {test_fraction}")
+        raise ConfigError(f"test_fraction must be between 0 and 1, got {test_fraction}")
     counts = Counter(it.label for it in items)
     if len(counts) < 2:
         found = ", ".join(f"{k!r} ({v})" for k, v in counts.items()) or "none"
-        raise ValueError(f"need images of at least 2 classes to train a classifier; found {found}")
+        raise InputFileError(f"need images of at least 2 classes to train a classifier; found {found}")
     small = sorted(k for k, v in counts.items() if v < 2)
     if small:
         detail = ", ".join(f"{k!r} has {counts[k]} image" for k in small)
-        raise ValueError(
+        raise InputFileError(
             f"class {detail}: a stratified train/test split needs at least 2 images per class "
             f"(one for each split). Add more images of that class or remove it from the input."
         )
@@ -160,7 +161,7 @@ def _split(items: list[_Item], test_fraction: float, seed: int) -> tuple[list[_I
             items, test_size=test_fraction, random_state=seed, stratify=labels
         )
     except ValueError as e:  # e.g. the test split is smaller than the number of classes
-        raise ValueError(
+        raise InputFileError(
             f"cannot split {len(items)} images of {len(counts)} classes with "
             f"test_fraction={test_fraction}: {e}. Use a test_fraction that gives every class at "
             f"least one test and one training image, or add images."
@@ -209,11 +210,11 @@ def _write_dataset(
     source: str,
 ) -> dict[str, Any]:
     if link not in LINK_MODES:
-        raise ValueError(f"link must be one of {', '.join(LINK_MODES)}, got {link!r}")
+        raise ConfigError(f"link must be one of {', '.join(LINK_MODES)}, got {link!r}")
     _check_out(out, overwrite)
     inside = [str(it.source) for it in items if _in_output(it.source, out)]
     if inside:
-        raise ValueError(
+        raise ConfigError(
             f"{len(inside)} source image(s) are inside {out}/train or {out}/test, which the import "
             f"replaces (e.g. {inside[0]}); choose another output folder"
         )
@@ -314,7 +315,7 @@ def import_utkface(
     """
     src, out = Path(src), Path(out)
     if not src.is_dir():
-        raise FileNotFoundError(f"UTKFace folder {src} does not exist or is not a folder")
+        raise InputNotFoundError(f"UTKFace folder {src} does not exist or is not a folder")
     items: list[_Item] = []
     skipped: list[dict[str, str]] = []
     ignored = 0
@@ -341,7 +342,7 @@ def import_utkface(
             )
         )
     if not items:
-        raise ValueError(
+        raise InputFileError(
             f"no UTKFace images (age_gender_race_datetime.jpg) found under {src}"
             + (f"; {len(skipped)} image names did not parse" if skipped else "")
         )
@@ -382,16 +383,18 @@ def import_csv(
     """
     labels_csv, out = Path(labels_csv), Path(out)
     base = Path(root) if root is not None else labels_csv.parent
+    if not labels_csv.is_file():
+        raise InputNotFoundError(f"{labels_csv}: labels file not found; pass a CSV with path and label columns")
     with open(labels_csv, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
         try:
             header = [h.strip() for h in next(reader)]
         except StopIteration:
-            raise ValueError(f"{labels_csv} is empty; expected a header row path,label") from None
+            raise InputFileError(f"{labels_csv} is empty; expected a header row path,label") from None
         lower = [h.lower() for h in header]
         missing = [c for c in ("path", "label") if c not in lower]
         if missing:
-            raise ValueError(
+            raise InputFileError(
                 f"{labels_csv} has no {' or '.join(missing)} column (columns: {', '.join(header)})"
             )
         i_path, i_label = lower.index("path"), lower.index("label")
@@ -439,7 +442,7 @@ def import_csv(
         # Compared case-insensitively: "Male" and "male" would share a folder on macOS/Windows.
         first = folder_of.setdefault(folder.casefold(), raw_label)
         if first != raw_label:
-            raise ValueError(
+            raise InputFileError(
                 f"labels {first!r} and {raw_label!r} both become the class folder {folder!r} "
                 f"(folder names are compared ignoring case); make them identical or distinct "
                 f"in {labels_csv}"
@@ -447,7 +450,7 @@ def import_csv(
         seen[key] = line
         items.append(_Item(path, folder, {h: r[i].strip() for i, h in extra}))
     if not items:
-        raise ValueError(
+        raise InputFileError(
             f"no usable images listed in {labels_csv}" + (
                 f" ({len(skipped)} rows skipped, first: {skipped[0]['reason']})" if skipped else ""
             )

@@ -29,6 +29,7 @@ from typing import Callable
 from PIL import Image
 from tqdm.auto import tqdm
 
+from facegender.core.errors import ConfigError, InputFileError
 from facegender.core.files import atomic_path, write_text_atomic
 from facegender.data.dataset import DatasetError, format_problems, scan_dataset
 from facegender.core.images import ImageError, load_image
@@ -130,12 +131,12 @@ def prepare_dataset(raw: str | os.PathLike, out: str | os.PathLike, face: dict |
     from facegender.core.faces.detect import FaceDetector
 
     if fmt not in FORMATS:
-        raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+        raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     raw, out = Path(raw), Path(out)
     if out.resolve() == raw.resolve() or raw.resolve() in out.resolve().parents:
-        raise ValueError(f"--out {out} must not be inside --data {raw}; choose a new folder")
+        raise ConfigError(f"--out {out} must not be inside --data {raw}; choose a new folder")
     if (raw / MARKER).is_file():
-        raise ValueError(f"{raw} is already the output of `facegender prepare`; pass the original images")
+        raise InputFileError(f"{raw} is already the output of `facegender prepare`; pass the original images")
     config = FaceAlignConfig.from_dict(face or {})
     classes, train, test = scan_dataset(raw, need_test=False)
     sources = list(train.paths) + (list(test.paths) if test is not None else [])

@@ -30,6 +30,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from facegender.core.errors import ConfigError
 from facegender.data.dataset import DatasetError, Split, find_classes, format_problems, scan_dataset, scan_split
 
 MANIFEST = "manifest.csv"
@@ -251,7 +252,7 @@ def sample_weights(sources: list[Source], split: Split, balance: str = "none",
         values = manifest_column(sources, split, column or "source")
         cells = [(split.labels[i], values[i] or "") for i in range(n)]
     else:
-        raise ValueError(f"unknown --balance {balance!r}")
+        raise ConfigError(f"unknown --balance {balance!r}")
     size = Counter(cells)
     w = source_weight / np.array([size[c] for c in cells], dtype=np.float64)
     if not np.all(np.isfinite(w)) or w.sum() <= 0:

@@ -33,6 +33,7 @@ import numpy as np
 
 from facegender.evaluation.predictions import predict_labelled
 from facegender.core import files
+from facegender.core.errors import ConfigError, InputFileError, InputNotFoundError
 from facegender.core.model import DEFAULT_PRECISION, load
 from facegender.evaluation.predictions import Predictions
 from facegender.core.decision import apply_temperature, decide
@@ -88,18 +89,19 @@ def read_groups(csv_path: str | os.PathLike, paths: Sequence[str | os.PathLike],
     as group "unknown"). Returns ({column: values in `paths` order}, number of images matched)."""
     csv_path, data_dir = Path(csv_path), Path(data_dir)
     if not csv_path.is_file():
-        raise FileNotFoundError(f"{csv_path}: groups file not found; pass a CSV with a path column and group "
-                                "columns (facegender import writes DATASET/groups.csv)")
+        raise InputNotFoundError(f"{csv_path}: groups file not found; pass a CSV with a path column and group "
+                                 "columns (facegender import writes DATASET/groups.csv)")
     with open(csv_path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         fields = [c.strip() for c in (reader.fieldnames or [])]
         rows = [{(k or "").strip(): v for k, v in row.items()} for row in reader]
     if "path" not in fields:
-        raise ValueError(f"{csv_path}: no 'path' column (found {fields or 'no header'}); the first row must name "
-                         "the columns, e.g. path,label,age_band")
+        raise InputFileError(f"{csv_path}: no 'path' column (found {fields or 'no header'}); the first row must "
+                             "name the columns, e.g. path,label,age_band")
     columns = [c for c in fields if c not in ("path", "label") and c]
     if not columns:
-        raise ValueError(f"{csv_path}: no group columns besides path/label; add columns such as age_band or source")
+        raise InputFileError(f"{csv_path}: no group columns besides path/label; add columns such as age_band or "
+                             "source")
 
     def key(p) -> str:
         return os.path.normcase(os.path.abspath(p))
@@ -119,9 +121,9 @@ def read_groups(csv_path: str | os.PathLike, paths: Sequence[str | os.PathLike],
             values[c].append(None if row is None else row.get(c))
     if paths and not matched:
         example = Path(paths[0])
-        raise ValueError(f"{csv_path}: none of its {len(rows)} paths names an image in {data_dir} (e.g. "
-                         f"{example.relative_to(data_dir).as_posix() if example.is_relative_to(data_dir) else example}"
-                         f"); write paths relative to {data_dir} or to {data_dir.parent}")
+        example = example.relative_to(data_dir).as_posix() if example.is_relative_to(data_dir) else example
+        raise InputFileError(f"{csv_path}: none of its {len(rows)} paths names an image in {data_dir} (e.g. "
+                             f"{example}); write paths relative to {data_dir} or to {data_dir.parent}")
     return values, matched
 
 
@@ -149,7 +151,7 @@ def analyse(pred: Predictions, groups: Mapping[str, Sequence] | None = None, min
     thresholds = None
     if min_confidence is not None:
         if not 0.0 <= min_confidence <= 1.0:
-            raise ValueError(f"--min-confidence must be between 0 and 1, got {min_confidence}")
+            raise ConfigError(f"--min-confidence must be between 0 and 1, got {min_confidence}")
         thresholds = sorted(set(default_thresholds()) | {float(min_confidence)})
         metrics["selective"] = {"min_confidence": float(min_confidence),
                                 **selective_metrics(probs, pred.labels, min_confidence, preds)}

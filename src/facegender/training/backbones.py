@@ -19,6 +19,7 @@ from torch import nn
 
 from facegender.training import dlib_resnet
 from facegender.core.faces.align import DLIB_CHIP_FILL
+from facegender.core.errors import ConfigError
 from facegender.core.files import WeightsNotFoundError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -64,7 +65,7 @@ def register(spec: BackboneSpec) -> None:
 
 def get_spec(name: str) -> BackboneSpec:
     if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(sorted(BACKBONES))}")
+        raise ConfigError(f"unknown backbone {name!r}; choose one of {', '.join(sorted(BACKBONES))}")
     return BACKBONES[name]
 
 
@@ -185,7 +186,7 @@ def freeze_body(model: FaceClassifier, trainable_stages: int, backbone: str) -> 
     stages = spec.stages(model.body) if spec.stages is not None else None
     if stages is None:
         if trainable_stages > 0:
-            raise ValueError(f"--trainable-stages: {backbone} does not list its stages; use 0 or -1")
+            raise ConfigError(f"--trainable-stages: {backbone} does not list its stages; use 0 or -1")
         stages = []
     trainable = {id(m) for stage in stages[len(stages) - trainable_stages:] if trainable_stages
                  for m in stage.modules()}
@@ -199,7 +200,7 @@ def split_body(model: FaceClassifier, trainable_stages: int, backbone: str) -> t
     model's own, so training the rest trains the model. Needs the backbone's `sequence`."""
     spec = get_spec(backbone)
     if spec.sequence is None or spec.stages is None:
-        raise ValueError(f"{backbone} does not list its stages in order; use --no-cached-prefix")
+        raise ConfigError(f"{backbone} does not list its stages in order; use --no-cached-prefix")
     parts = spec.sequence(model.body)
     first_trainable = spec.stages(model.body)[-trainable_stages]
     cut = next(i for i, m in enumerate(parts) if m is first_trainable)  # a pool before it stays in the prefix

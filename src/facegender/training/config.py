@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from facegender.core.errors import ConfigError
+
 
 def option(default: Any, help: str, group: str = "runtime", cli: bool = True, **argparse_kwargs: Any):
     """A TrainConfig field with its command-line help: `facegender train` and `cv` make one option
@@ -208,7 +210,7 @@ def build_config(preset: str | None = None, **overrides: Any) -> TrainConfig:
     values: dict[str, Any] = {}
     if preset is not None:
         if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+            raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
         values.update(PRESETS[preset])
         values["preset"] = preset
     values.update({k: v for k, v in overrides.items() if v is not None})
@@ -251,4 +253,4 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.scheduler not in ("none", "cosine"):
         problems.append(f"--scheduler must be none or cosine, got {cfg.scheduler!r}")
     if problems:
-        raise ValueError("; ".join(problems))
+        raise ConfigError("; ".join(problems))

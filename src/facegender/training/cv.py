@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from facegender.core import files
+from facegender.core.errors import ConfigError
 from facegender.training import train as training
 from facegender.data.dataset import Split, fold_split, plan_folds, scan_dataset  # noqa: F401  (fold_split: cv.fold_split)
 
@@ -60,8 +61,8 @@ def _check_same_recipe(saved: dict, current: dict, where: Path) -> None:
     diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
     if diff:
         shown = ", ".join(f"{k}: {a.get(k)!r} then, {b.get(k)!r} now" for k in diff)
-        raise ValueError(f"{where} was made with different options ({shown}); rerun with the same options "
-                         "to continue this cross-validation, or pass a new --out")
+        raise ConfigError(f"{where} was made with different options ({shown}); rerun with the same options "
+                          "to continue this cross-validation, or pass a new --out")
 
 
 def _fold_row(fold: int, summary: dict, classes: list[str], n_train: int, seconds: float) -> dict:
@@ -151,9 +152,9 @@ def run_cv(cfg, n_folds: int = 5, time_budget_min: float | None = None, log: Cal
     Returns the content of cv_results.json; `complete` is False when the time budget stopped it
     before every fold had finished (rerun the same command to continue)."""
     if cfg.val_on_test:
-        raise ValueError("--val-on-test cannot be combined with cv: each fold validates on its held-out part")
+        raise ConfigError("--val-on-test cannot be combined with cv: each fold validates on its held-out part")
     if len(cfg.data) != 1:
-        raise ValueError("cv cross-validates one dataset: pass a single --data DATASET")
+        raise ConfigError("cv cross-validates one dataset: pass a single --data DATASET")
     cfg = dataclasses.replace(cfg, data=[os.path.abspath(cfg.data[0])], cv_folds=0, cv_fold=0)
     out = Path(cfg.out)
     classes, train_split, _ = scan_dataset(cfg.data[0], need_test=True)
@@ -164,8 +165,8 @@ def run_cv(cfg, n_folds: int = 5, time_budget_min: float | None = None, log: Cal
         previous = json.loads(results_path.read_text(encoding="utf-8"))
         _check_same_recipe(previous["config"], cfg.to_dict(), results_path)
         if previous.get("folds") != n_folds or previous.get("dataset_fingerprint") != fingerprint:
-            raise ValueError(f"{results_path} is a {previous.get('folds')}-fold run on other training files; "
-                             "pass a new --out (or the same --folds and data) to continue it")
+            raise ConfigError(f"{results_path} is a {previous.get('folds')}-fold run on other training files; "
+                              "pass a new --out (or the same --folds and data) to continue it")
     log(f"{n_folds}-fold stratified cross-validation of {cfg.backbone} on {cfg.data[0]}/train "
         f"({len(train_split)} images, classes {classes}); folds in {out}/fold_<k>/")
 

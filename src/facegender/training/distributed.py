@@ -34,6 +34,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from facegender.core.errors import ConfigError
 from facegender.training import engine
 
 #: How long a process waits for the others in one collective call. Ranks other than 0 wait in one
@@ -66,7 +67,7 @@ def env_world_size() -> int:
     try:
         return int(raw)
     except ValueError:
-        raise ValueError(f"WORLD_SIZE={raw!r} is not a number; start the run with torchrun") from None
+        raise ConfigError(f"WORLD_SIZE={raw!r} is not a number; start the run with torchrun") from None
 
 
 def resolve_device(name: str, local_rank: int) -> torch.device:
@@ -75,17 +76,17 @@ def resolve_device(name: str, local_rank: int) -> torch.device:
         if torch.cuda.is_available():
             count = torch.cuda.device_count()
             if local_rank >= count:
-                raise ValueError(f"LOCAL_RANK {local_rank} but only {count} GPU(s) visible on this machine; "
-                                 f"start at most {count} processes per node (--nproc_per_node)")
+                raise ConfigError(f"LOCAL_RANK {local_rank} but only {count} GPU(s) visible on this machine; "
+                                  f"start at most {count} processes per node (--nproc_per_node)")
             return torch.device("cuda", local_rank)
         if name == "cuda":
-            raise ValueError("--device cuda: CUDA is not available on this machine; use --device cpu")
+            raise ConfigError("--device cuda: CUDA is not available on this machine; use --device cpu")
         return torch.device("cpu")
     if name == "cpu":
         return torch.device("cpu")
-    raise ValueError(f"--device {name}: with several processes each one uses its own GPU, cuda:LOCAL_RANK "
-                     "(--device auto or cuda), or the CPU (--device cpu); choose the GPUs with "
-                     "CUDA_VISIBLE_DEVICES instead")
+    raise ConfigError(f"--device {name}: with several processes each one uses its own GPU, cuda:LOCAL_RANK "
+                      "(--device auto or cuda), or the CPU (--device cpu); choose the GPUs with "
+                      "CUDA_VISIBLE_DEVICES instead")
 
 
 def setup(device_name: str = "auto") -> DistContext:
@@ -110,8 +111,8 @@ def setup(device_name: str = "auto") -> DistContext:
         raise RuntimeError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed support")
     for var in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
         if var not in os.environ:
-            raise ValueError(f"WORLD_SIZE={world} but {var} is not set; start the run with torchrun "
-                             "(e.g. torchrun --nproc_per_node=2 -m facegender train ...)")
+            raise ConfigError(f"WORLD_SIZE={world} but {var} is not set; start the run with torchrun "
+                              "(e.g. torchrun --nproc_per_node=2 -m facegender train ...)")
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_name, local_rank)
@@ -140,8 +141,8 @@ def prepare_model(model: nn.Module, ctx: DistContext, sync_bn: bool = False, com
     if ctx.enabled:
         if sync_bn:
             if ctx.device.type != "cuda":
-                raise ValueError("--sync-bn needs CUDA devices (SyncBatchNorm does not run on the CPU); "
-                                 "leave it off for CPU runs")
+                raise ConfigError("--sync-bn needs CUDA devices (SyncBatchNorm does not run on the CPU); "
+                                  "leave it off for CPU runs")
             # the same root, new BN children; a frozen stem's FrozenBatchNorm2d layers stay as they are
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         from torch.nn.parallel import DistributedDataParallel

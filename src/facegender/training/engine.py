@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from facegender.core.errors import ConfigError, TrainingDivergedError
 from facegender.data.dataset import ImageLoader, LoadedSplit
 
 
@@ -31,9 +32,9 @@ def select_device(name: str = "auto") -> torch.device:
     if name != "auto":
         device = torch.device(name)
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+            raise ConfigError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
         if device.type == "mps" and not torch.backends.mps.is_available():
-            raise ValueError(f"--device {name}: MPS is not available on this machine; use --device cpu")
+            raise ConfigError(f"--device {name}: MPS is not available on this machine; use --device cpu")
         return device
     if torch.cuda.is_available():
         return torch.device("cuda")
@@ -127,7 +128,7 @@ def train_one_epoch(model: nn.Module, loader, criterion, optimizer, device: torc
             logits = model(images)
             loss = criterion(logits.float(), labels)
         if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"training loss is {loss.item()}; lower --lr or use --precision fp32")
+            raise TrainingDivergedError(f"training loss is {loss.item()}; lower --lr or use --precision fp32")
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()

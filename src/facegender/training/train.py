@@ -19,10 +19,11 @@ from torch import nn
 
 from facegender.evaluation.predictions import predict_labelled
 from facegender.core import files
+from facegender.core.errors import ConfigError, FacegenderError
 from facegender.training import checkpoint as ckpt
 from facegender.training import distributed
 from facegender.training.config import DEFAULT_PRESET, TrainConfig, build_config
-from facegender.data.dataset import ImageLoader, LoadedSplit, fold_split, load_split, split_train_val
+from facegender.data.dataset import DatasetError, ImageLoader, LoadedSplit, fold_split, load_split, split_train_val
 from facegender.training.engine import EarlyStopping, EpochWeightedSampler, FaceDataset, WeightAverage, make_loader, seed_everything, select_device, select_precision, train_one_epoch
 from facegender.evaluation.evaluate import compute_metrics, write_evaluation
 from facegender.core.model import load
@@ -38,8 +39,10 @@ from facegender.training.transforms import EvalPreset, TrainPreset
 BEST_MODEL, CHECKPOINT = files.BEST_MODEL, files.CHECKPOINT
 
 
-class TrainingInterrupted(Exception):
+class TrainingInterrupted(FacegenderError):
     """Ctrl-C during training; the files of the last finished epoch are intact."""
+
+    exit_code = 130
 
 
 @dataclass
@@ -106,7 +109,7 @@ def prepare_data(cfg: TrainConfig, scanned: ScannedSources, log: Callable[[str],
         if cfg.align and part.no_face:
             log(f"note: no face found in {len(part.no_face)} {name} image(s); used centred and padded")
     if len(train.split) == 0:
-        raise ValueError("no readable training images left")
+        raise DatasetError("no readable training images left")
     if prep.face is not None and cfg.visible_region:
         prep = dataclasses.replace(prep, visible=training_visible_region(train, loader, prep))
         if prep.visible is not None:
@@ -123,16 +126,16 @@ def prepared_marker(cfg: TrainConfig, scanned: ScannedSources) -> dict | None:
 
     markers = [read_marker(s.path) for s in scanned.sources]
     if any(m != markers[0] for m in markers):
-        raise ValueError("some sources hold faces aligned by `facegender prepare` and others not (or with other "
-                         "settings): train on the original images of all of them, with --align")
+        raise DatasetError("some sources hold faces aligned by `facegender prepare` and others not (or with other "
+                           "settings): train on the original images of all of them, with --align")
     prepared = markers[0]
     if prepared is not None:
         wanted = get_spec(cfg.backbone).face.get("template", "arcface")
         have = prepared["face"].get("template", "arcface")
         if have != wanted:
-            raise ValueError(f"{', '.join(cfg.data)} holds faces aligned by `facegender prepare` with the {have} "
-                             f"template, but {cfg.backbone} wants {wanted} crops: run `facegender prepare --template "
-                             f"{wanted}` on the original images, or train on them directly with --align")
+            raise DatasetError(f"{', '.join(cfg.data)} holds faces aligned by `facegender prepare` with the {have} "
+                               f"template, but {cfg.backbone} wants {wanted} crops: run `facegender prepare --template "
+                               f"{wanted}` on the original images, or train on them directly with --align")
     return prepared
 
 
@@ -174,7 +177,7 @@ def train_sampler(cfg: TrainConfig, data: RunData, views: int, ctx: distributed.
     if weights is None:
         return distributed.train_sampler(range(len(data.train.split) * views), ctx, cfg.seed)
     if ctx.enabled:
-        raise ValueError("source weights and --balance are not supported with torchrun yet; train in one process")
+        raise ConfigError("source weights and --balance are not supported with torchrun yet; train in one process")
     return EpochWeightedSampler(np.repeat(weights, views), cfg.seed)
 
 

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from facegender.core.errors import ConfigError
+
 
 #: The ArcFace 5-point template for a 112x112 crop: left eye, right eye, nose tip, left and right
 #: mouth corners, as seen in the image (insightface `arcface_dst`).
@@ -116,20 +118,20 @@ class FaceAlignConfig:
 
     def __post_init__(self) -> None:
         if self.template not in ("arcface", "dlib"):
-            raise ValueError(f"template must be arcface or dlib, got {self.template!r}")
+            raise ConfigError(f"template must be arcface or dlib, got {self.template!r}")
         if self.template == "dlib" and self.margin != 0:
-            raise ValueError("the dlib chip has its own fixed padding; margin must be 0 with template dlib")
+            raise ConfigError("the dlib chip has its own fixed padding; margin must be 0 with template dlib")
         self.pad_color = tuple(int(c) for c in self.pad_color)  # type: ignore[assignment]
         if len(self.pad_color) != 3:
-            raise ValueError(f"pad_color must have 3 values (RGB), got {self.pad_color}")
+            raise ConfigError(f"pad_color must have 3 values (RGB), got {self.pad_color}")
         if self.size < 8:
-            raise ValueError(f"size must be at least 8 pixels, got {self.size}")
+            raise ConfigError(f"size must be at least 8 pixels, got {self.size}")
         if self.margin < 0:
-            raise ValueError(f"margin must be >= 0, got {self.margin}")
+            raise ConfigError(f"margin must be >= 0, got {self.margin}")
         if self.max_faces < 1:
-            raise ValueError(f"max_faces must be >= 1, got {self.max_faces}")
+            raise ConfigError(f"max_faces must be >= 1, got {self.max_faces}")
         if self.detect_pad < 0:
-            raise ValueError(f"detect_pad must be >= 0, got {self.detect_pad}")
+            raise ConfigError(f"detect_pad must be >= 0, got {self.detect_pad}")
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "FaceAlignConfig":

