@@ -10,13 +10,13 @@ The network is exported with PyTorch's TorchScript-based exporter (`dynamo=False
 package beyond `onnx`; the newer torch.export-based exporter needs `onnxscript`, which this
 project does not install. Before the file is written, onnxruntime's probabilities are compared
 with PyTorch's on real images (or synthetic ones) and the export fails above a tolerance
-(`export_model`, called by `inference.Model.export` and so by `facegender export`).
+(`export_model`, called by `facegender.export` and `facegender export`).
 
 A model whose body stayed at the pretrained weights of an installed package (dlib's face
 descriptor, `--preset frozen`) can also be written head-only (`head_only=True`, `facegender export
 --head-only`): the file then holds only the head (input `embedding` (N, D)) and a `body` entry in
 its metadata; loading builds the body's ONNX graph from that package's weight file
-(`dlib_weights.body_onnx_path`, cached) and runs the two in turn. That is how the bundled default
+(`core.dlib_onnx.body_onnx_path`, cached) and runs the two in turn. That is how the bundled default
 model ships (a few KB).
 
 With `quantize="int8"` the network is quantized statically (onnxruntime.quantization, QDQ,
@@ -25,7 +25,7 @@ With `quantize="fp16"` the graph still computes in float32, but its weights are 
 each followed by a `Cast` to float32 (`store_weights_fp16`): onnxruntime folds those casts when the
 session is created, so the file is about half the size and runs as fast as fp32.
 
-`OnnxBackend` runs such a file for `inference.Model` (and so for `predict`, `evaluate` and
+`core.onnx_model.OnnxBackend` runs such a file for `core.model.Model` (and so for `predict`, `evaluate` and
 `serve`): `facegender.load("model.onnx")` works like `facegender.load("best_model.pth")`. Reading
 and running a file needs onnxruntime and numpy only: no torch and no `onnx` package (the metadata
 is read through onnxruntime). torch and onnx are imported only to write a file.
@@ -36,6 +36,7 @@ from __future__ import annotations
 import os
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -99,7 +100,7 @@ def sample_images(prep, data: str | os.PathLike | None = None, count: int = 64, 
 
 def parity(reference, candidate, crops: Sequence) -> tuple[float, float]:
     """(largest |p_reference - p_candidate|, share of `crops` given the same class) for two
-    `inference.Model`s (calibrated probabilities, with the model's TTA). The candidate runs in
+    `core.model.Model`s (calibrated probabilities, with the model's TTA). The candidate runs in
     uneven batches (13) and on a single image too, so that a fixed batch size in the exported graph
     would show."""
     p_ref = reference.classify(crops, batch_size=32)
@@ -190,18 +191,39 @@ def export_model(model, out: str | os.PathLike, data: str | os.PathLike | None =
     Returns {'out', 'parity_max_abs_diff', 'parity_agreement', 'parity_images', 'opset', 'bytes',
     'quantization', ...}.
     """
-    import onnx
-    import torch
-
-    from facegender.core.preprocessing import Preprocessing
+    import onnx  # noqa: F401  (first: without the package the export fails before any work)
 
     out = Path(out)
+    quantize = _export_request(model, out, head_only, quantize, calibration)
+    record = model.info
+    body = _pretrained_body(record) if head_only else None
+    if tolerance is None:
+        tolerance = {"int8": INT8_TOLERANCE, "fp16": FP16_TOLERANCE}.get(quantize, DEFAULT_TOLERANCE)
+    crops, source = sample_images(model.prep, data, parity_count)
+    graph = _graph_to_export(model, body)
+
+    with atomic_path(out) as tmp, tempfile.TemporaryDirectory() as scratch:
+        fp32 = Path(scratch) / "fp32.onnx" if quantize == "int8" else tmp
+        _torch_to_onnx(graph, fp32, opset)
+        if quantize == "int8":
+            _quantize_calibrated(model, fp32, tmp, calibration, calibration_count, log)
+        source_name = source_name or Path(model.info.get("path", "")).name or None
+        _finish_file(tmp, model, graph, quantize, body, source_name, log)
+        diff, agree = _check_parity(model, tmp, crops, source, tolerance, source_name, out, log)
+    log(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB, opset {opset}, dynamic batch, "
+        f"{record['backbone']}{' head only' if body else ''}{f', {quantize}' if quantize else ''}, "
+        f"classes {record['classes']})")
+    return {"out": str(out), "parity_max_abs_diff": diff, "parity_agreement": agree, "parity_images": source,
+            "opset": opset, "backbone": record["backbone"], "classes": record["classes"],
+            "bytes": out.stat().st_size, "head_only": bool(body), "quantization": quantize or "fp32"}
+
+
+def _export_request(model, out: Path, head_only: bool, quantize: str | None, calibration) -> str | None:
+    """Check what `export_model` is asked for before any work; the quantization (None: plain fp32)."""
     if out.suffix.lower() != ".onnx":
         raise ConfigError(f"--out {out}: the file name must end in .onnx")
-    network = getattr(model.backend, "module", None)
-    if network is None:
+    if getattr(model.backend, "module", None) is None:
         raise CheckpointError("only a PyTorch model (best_model.pth) can be exported to ONNX")
-    record = model.info
     if quantize == "fp32":
         quantize = None
     if quantize not in (None, *QUANTIZATIONS):
@@ -211,71 +233,99 @@ def export_model(model, out: str | os.PathLike, data: str | os.PathLike | None =
                           "--head-only")
     if quantize == "int8" and calibration is None:
         raise ConfigError("--quantize int8 needs --calibration DATASET: training images to calibrate on")
-    body = _pretrained_body(record) if head_only else None
-    if tolerance is None:
-        tolerance = {"int8": INT8_TOLERANCE, "fp16": FP16_TOLERANCE}.get(quantize, DEFAULT_TOLERANCE)
-    size = model.prep.image_size
-    crops, source = sample_images(model.prep, data, parity_count)
+    return quantize
+
+
+@dataclass
+class _Graph:
+    """What `export_model` traces: the module, its input and output names, an example input, and
+    the input's description for the file's doc string."""
+
+    module: Any
+    names: tuple[str, str]
+    example: Any
+    shape: str
+
+
+def _graph_to_export(model, body: dict | None) -> _Graph:
+    """The whole network on normalised images, or (head-only, `body`) its head on the body's embeddings."""
+    import torch
+
+    network, record, size = model.backend.module, model.info, model.prep.image_size
     device = next(network.parameters()).device
     if body:
-        module, names = network.head, (BODY_OUTPUT_NAME, OUTPUT_NAME)
         example = torch.zeros(2, _head_inputs(network.head), device=device)
-        shape = f"{BODY_OUTPUT_NAME} (N, {example.shape[1]}) of the pretrained {record['backbone']} body"
-    else:
-        module, names = network, (INPUT_NAME, OUTPUT_NAME)
-        example = torch.zeros(2, 3, size, size, device=device)
-        shape = f"normalised RGB float32 (N, 3, {size}, {size})"
+        return _Graph(network.head, (BODY_OUTPUT_NAME, OUTPUT_NAME), example,
+                      f"{BODY_OUTPUT_NAME} (N, {example.shape[1]}) of the pretrained {record['backbone']} body")
+    return _Graph(network, (INPUT_NAME, OUTPUT_NAME), torch.zeros(2, 3, size, size, device=device),
+                  f"normalised RGB float32 (N, 3, {size}, {size})")
 
-    with atomic_path(out) as tmp, tempfile.TemporaryDirectory() as scratch:
-        fp32 = Path(scratch) / "fp32.onnx" if quantize == "int8" else tmp
-        with warnings.catch_warnings():
-            # The TorchScript exporter warns that it is the legacy one, and about constant folding.
-            warnings.simplefilter("ignore", DeprecationWarning)
-            warnings.simplefilter("ignore", UserWarning)
-            torch.onnx.export(module, (example,), str(fp32), dynamo=False, opset_version=opset,
-                              input_names=[names[0]], output_names=[names[1]],
-                              dynamic_axes={names[0]: {0: "batch"}, names[1]: {0: "batch"}},
-                              do_constant_folding=True)
-        if quantize == "int8":
-            calib, calib_source = sample_images(model.prep, calibration, calibration_count, split="train")
-            batches = [model.normalize(calib[i:i + 32]) for i in range(0, len(calib), 32)]
-            quantize_int8(fp32, tmp, batches)
-            log(f"quantized to int8, calibrated on {calib_source}")
-        proto = onnx.load(str(tmp))
-        if quantize == "fp16":
-            converted = store_weights_fp16(proto)
-            log(f"stored {converted} weight tensors as float16 (computed in float32)")
-        proto.doc_string = f"facegender {record['backbone']} classifier: {shape} -> logits over {record['classes']}"
-        source_name = source_name or Path(model.info.get("path", "")).name or None
-        extra = {"source_model": source_name} if source_name else {}
-        if body:
-            extra["body"] = body
-        if quantize:
-            extra["quantization"] = quantize
-        for key, value in onnx_metadata({**record, "temperature": model.temperature, "tta": model.tta},
-                                        **extra).items():
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = key, value
-        onnx.checker.check_model(proto, full_check=True)
-        onnx.save(proto, str(tmp))
-        del proto
 
-        backend, meta = load_onnx_classifier(tmp)
-        candidate = type(model)(meta["classes"], Preprocessing.from_dict(meta["preprocessing"]), backend,
-                                temperature=meta["temperature"], tta=meta["tta"], detect=False)
-        diff, agree = parity(model, candidate, crops)
-        log(f"parity on {source}: max |p_onnx - p_torch| = {diff:.2e} (tolerance {tolerance:g}), "
-            f"same class for {agree:.1%}")
-        if not diff <= tolerance:  # also catches NaN
-            raise ParityError(f"{source_name or 'the model'}: the ONNX model's probabilities differ from PyTorch's "
-                              f"by {diff:.3g} (more than {tolerance:g}); {out} was not written. Try another --opset, "
-                              "or report the backbone as not exportable.")
-    log(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB, opset {opset}, dynamic batch, "
-        f"{record['backbone']}{' head only' if body else ''}{f', {quantize}' if quantize else ''}, "
-        f"classes {record['classes']})")
-    return {"out": str(out), "parity_max_abs_diff": diff, "parity_agreement": agree, "parity_images": source,
-            "opset": opset, "backbone": record["backbone"], "classes": record["classes"],
-            "bytes": out.stat().st_size, "head_only": bool(body), "quantization": quantize or "fp32"}
+def _torch_to_onnx(graph: _Graph, path: Path, opset: int) -> None:
+    """torch.onnx.export with the TorchScript exporter, a dynamic batch axis and constant folding."""
+    import torch
+
+    names = graph.names
+    with warnings.catch_warnings():
+        # The TorchScript exporter warns that it is the legacy one, and about constant folding.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        torch.onnx.export(graph.module, (graph.example,), str(path), dynamo=False, opset_version=opset,
+                          input_names=[names[0]], output_names=[names[1]],
+                          dynamic_axes={names[0]: {0: "batch"}, names[1]: {0: "batch"}},
+                          do_constant_folding=True)
+
+
+def _quantize_calibrated(model, fp32: Path, out: Path, calibration, count: int, log: Callable[[str], None]) -> None:
+    """`quantize_int8` of the fp32 file into `out`, calibrated on `count` training images of `calibration`."""
+    calib, calib_source = sample_images(model.prep, calibration, count, split="train")
+    batches = [model.normalize(calib[i:i + 32]) for i in range(0, len(calib), 32)]
+    quantize_int8(fp32, out, batches)
+    log(f"quantized to int8, calibrated on {calib_source}")
+
+
+def _finish_file(path: Path, model, graph: _Graph, quantize: str | None, body: dict | None,
+                 source_name: str | None, log: Callable[[str], None]) -> None:
+    """Rewrite the exported file at `path`: float16 weights (fp16), doc string and metadata, after
+    a full `onnx.checker` check."""
+    import onnx
+
+    record = model.info
+    proto = onnx.load(str(path))
+    if quantize == "fp16":
+        converted = store_weights_fp16(proto)
+        log(f"stored {converted} weight tensors as float16 (computed in float32)")
+    proto.doc_string = f"facegender {record['backbone']} classifier: {graph.shape} -> logits over {record['classes']}"
+    extra = {"source_model": source_name} if source_name else {}
+    if body:
+        extra["body"] = body
+    if quantize:
+        extra["quantization"] = quantize
+    for key, value in onnx_metadata({**record, "temperature": model.temperature, "tta": model.tta},
+                                    **extra).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.save(proto, str(path))
+
+
+def _check_parity(model, path: Path, crops: Sequence, source: str, tolerance: float, source_name: str | None,
+                  out: Path, log: Callable[[str], None]) -> tuple[float, float]:
+    """`parity` of the file at `path` (run as predict runs it) with `model`; ParityError above
+    `tolerance`. (largest probability difference, share of the same class)."""
+    from facegender.core.preprocessing import Preprocessing
+
+    backend, meta = load_onnx_classifier(path)
+    candidate = type(model)(meta["classes"], Preprocessing.from_dict(meta["preprocessing"]), backend,
+                            temperature=meta["temperature"], tta=meta["tta"], detect=False)
+    diff, agree = parity(model, candidate, crops)
+    log(f"parity on {source}: max |p_onnx - p_torch| = {diff:.2e} (tolerance {tolerance:g}), "
+        f"same class for {agree:.1%}")
+    if not diff <= tolerance:  # also catches NaN
+        raise ParityError(f"{source_name or 'the model'}: the ONNX model's probabilities differ from PyTorch's "
+                          f"by {diff:.3g} (more than {tolerance:g}); {out} was not written. Try another --opset, "
+                          "or report the backbone as not exportable.")
+    return diff, agree
 
 
 def _pretrained_body(record: dict) -> dict[str, Any]:
@@ -283,10 +333,10 @@ def _pretrained_body(record: dict) -> dict[str, Any]:
     if record.get("body_weights") != "pretrained" or record.get("backbone") != "dlib_resnet":
         raise ConfigError(f"--head-only: this model's body ({record.get('backbone')}) was trained or is not dlib's "
                           "face-recognition network from face_recognition_models; export the whole model")
-    from facegender.core import dlib_onnx as dlib_weights
+    from facegender.core import dlib_onnx
 
-    return {"backbone": "dlib_resnet", "weights": dlib_weights.WEIGHTS_FILENAME,
-            "weights_sha256": dlib_weights.WEIGHTS_SHA256, "package": "face_recognition_models==0.3.0"}
+    return {"backbone": "dlib_resnet", "weights": dlib_onnx.WEIGHTS_FILENAME,
+            "weights_sha256": dlib_onnx.WEIGHTS_SHA256, "package": "face_recognition_models==0.3.0"}
 
 
 def _head_inputs(head) -> int:
