@@ -1,12 +1,12 @@
 """Evaluation: `facegender evaluate`, and the numbers and figures of a labelled image set.
 
-Everything here reads a `metrics.Predictions` record (`inference.Model.evaluate` makes it), so
+Everything here reads a `predictions.Predictions` record (`predictions.predict_labelled` makes it), so
 `evaluate`, `report` and the end of `train` compute the same numbers the same way:
 
 * `compute_metrics`: accuracy (with 95% Wilson interval), per-class precision/recall/F1, confusion
   matrix, loss, and expected calibration error before and after the temperature;
-* the predicted class of an image is the model's one decision (`metrics.decide` at the threshold
-  of the `Predictions` record, `Model.decide`): accuracy, recall, confusion matrix, per-group
+* the predicted class of an image is the model's one decision (`core.decision.decide` at the threshold
+  of the `Predictions` record, `core.model.Model.decide`): accuracy, recall, confusion matrix, per-group
   metrics, coverage, mistakes and predictions.csv all read it; loss and ECE read the probabilities;
 * `analyse`: those plus reliability bins (15 equal-width bins) before and after the temperature,
   test-time augmentation reported beside the plain model, per-group accuracy and per-class recall
@@ -16,7 +16,7 @@ Everything here reads a `metrics.Predictions` record (`inference.Model.evaluate`
 * `write_figures`, `predictions_csv`, `mistakes`, `describe`: the files and lines of an analysis.
 
 Images are prepared exactly as in training: the preprocessing recorded in the model file is
-rebuilt (`preprocessing.Preprocessing.from_dict`), including face alignment when it was used.
+rebuilt (`core.preprocessing.Preprocessing.from_dict`), including face alignment when it was used.
 """
 
 from __future__ import annotations
@@ -26,19 +26,28 @@ import io
 import json
 import os
 import re
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-from facegender.evaluation.predictions import predict_labelled
 from facegender.core import files
+from facegender.core.decision import apply_temperature, decide
 from facegender.core.errors import ConfigError, InputFileError, InputNotFoundError
 from facegender.core.model import DEFAULT_PRECISION, load
-from facegender.evaluation.predictions import Predictions
-from facegender.core.decision import apply_temperature, decide
-from facegender.evaluation.metrics import classification_summary, coverage_curve, default_thresholds, expected_calibration_error, nll, per_group_metrics, reliability_bins, selective_metrics
+from facegender.evaluation.metrics import (
+    classification_summary,
+    coverage_curve,
+    default_thresholds,
+    expected_calibration_error,
+    nll,
+    per_group_metrics,
+    reliability_bins,
+    selective_metrics,
+)
 from facegender.evaluation.plots import plot_confusion_matrix, plot_coverage, plot_group_accuracy, plot_reliability
+from facegender.evaluation.predictions import Predictions, predict_labelled
 
 N_BINS = 15
 GROUPS_FILE = "groups.csv"
@@ -48,7 +57,7 @@ def compute_metrics(logits, labels, classes: list[str], temperature: float = 1.0
                     threshold: float | None = None) -> dict[str, Any]:
     """Accuracy (with 95% Wilson interval), per-class precision/recall/F1, confusion matrix, loss,
     and expected calibration error before and after temperature scaling (logits and labels:
-    numpy arrays or torch tensors). Classes are predicted by `metrics.decide` on the calibrated
+    numpy arrays or torch tensors). Classes are predicted by `core.decision.decide` on the calibrated
     probabilities at `threshold` (None: the arg-max); `threshold` is recorded as used."""
     logits_np = np.asarray(logits.numpy() if hasattr(logits, "numpy") else logits, dtype=np.float64)
     labels_np = np.asarray(labels.numpy() if hasattr(labels, "numpy") else labels)
@@ -254,7 +263,7 @@ def evaluate_model(model_path: str, data_dir: str | Sequence[str], out: str | No
     model's stored threshold, or the arg-max without one; 0.5: the arg-max); metrics.json records it.
     `tta` None uses what the model was trained with; with TTA on, the metrics without it are reported
     too (`without_tta`). Adds reliability bins, the coverage curve and, when given, accuracy at
-    `min_confidence` and per-group metrics from the `groups` CSV (see `report.analyse`). Writes
+    `min_confidence` and per-group metrics from the `groups` CSV (see `analyse`). Writes
     metrics.json, predictions.csv and the figures (confusion matrix, reliability before/after
     temperature, coverage, one chart per group column) into `out` when given."""
     model = load(model_path, device=device, precision=precision, detect=False,
