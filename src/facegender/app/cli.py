@@ -17,6 +17,9 @@ import re
 import sys
 from typing import Callable
 
+from facegender.core.errors import (ConfigError, FacegenderError, InputFileError, MissingExtraError, OutputExistsError,
+                                    extra_for)
+
 from facegender.core.errors import (
     ConfigError,
     FacegenderError,
@@ -213,7 +216,7 @@ def _add_analysis_options(p) -> None:
 
 
 def _threshold(text: str) -> float:
-    """A --threshold value: a number strictly between 0 and 1 (`metrics.check_threshold`; a usage
+    """A --threshold value: a number strictly between 0 and 1 (`decision.check_threshold`; a usage
     error otherwise)."""
     from facegender.core.decision import check_threshold
 

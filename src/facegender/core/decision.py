@@ -53,7 +53,7 @@ def apply_temperature(logits, temperature: float) -> np.ndarray:
 
 
 def check_threshold(threshold) -> float | None:
-    """`threshold` as a float strictly between 0 and 1 (None stays None); ValueError otherwise."""
+    """`threshold` as a float strictly between 0 and 1 (None stays None); ConfigError (a ValueError) otherwise."""
     if threshold is None:
         return None
     t = float(threshold)
