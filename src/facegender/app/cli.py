@@ -17,9 +17,6 @@ import re
 import sys
 from typing import Callable
 
-from facegender.core.errors import (ConfigError, FacegenderError, InputFileError, MissingExtraError, OutputExistsError,
-                                    extra_for)
-
 from facegender.core.errors import (
     ConfigError,
     FacegenderError,
