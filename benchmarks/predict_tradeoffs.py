@@ -33,8 +33,8 @@ def labelled_photos(folder: Path) -> list[tuple[str, str]]:
 def correct(model, photos: list[tuple[str, str]]) -> tuple[list[bool], int]:
     """Whether each photo's largest face got its folder's label, and how many had no face."""
     results = model.predict([p for p, _ in photos])
-    right = [bool(r["faces"]) and r["faces"][0]["predicted_class"] == label for r, (_, label) in zip(results, photos)]
-    return right, sum(not r["faces"] for r in results)
+    right = [bool(r.faces) and r.faces[0].predicted_class == label for r, (_, label) in zip(results, photos)]
+    return right, sum(not r.faces for r in results)
 
 
 def mcnemar(a: list[bool], b: list[bool]) -> tuple[int, int, float]:

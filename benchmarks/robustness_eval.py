@@ -106,9 +106,8 @@ def named_labels(folders: list[str], model_path: str) -> list[dict]:
     files = [p for p in expand_paths(folders) if "__" in p.name and p.name.split("__")[0] in predictor.classes]
     rows = []
     for result, path in zip(predictor.predict_paths(files), files):
-        faces = result["faces"]
-        rows.append({"file": str(path), "true": path.name.split("__")[0], "status": result["status"],
-                     "labels": [f"{f['label']} {f['probability']:.3f}" for f in faces]})
+        rows.append({"file": str(path), "true": path.name.split("__")[0], "status": result.status,
+                     "labels": [f"{f.label} {f.probability:.3f}" for f in result.faces]})
     return rows
 
 

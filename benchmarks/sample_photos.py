@@ -34,13 +34,13 @@ def main() -> None:
     right = total = 0
     for rel, truth in TRUTH.items():
         (result,) = predictor.predict_paths([Path(args.shared) / rel])
-        faces = sorted(result["faces"], key=lambda f: f["box"][0])
+        faces = sorted(result.faces, key=lambda f: f.box[0])
         print(f"{rel}: {len(faces)} faces found, {len(truth)} expected")
         for i, face in enumerate(faces):
             expected = names[truth[i]] if i < len(truth) else "?"
-            ok = face["label"] == expected
+            ok = face.label == expected
             right += ok
-            print(f"  box x {face['box'][0]:7.1f}  {face['label']:<10} p={face['probability']:.3f}  "
+            print(f"  box x {face.box[0]:7.1f}  {face.label:<10} p={face.probability:.3f}  "
                   f"expected {expected:<8} {'ok' if ok else 'WRONG'}")
         total += len(truth)
     print(f"labelled right: {right}/{total}")

@@ -17,13 +17,14 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
 def face(box, label="wanita", probability=0.91, landmarks=True):
+    from facegender.core.results import Face
+
     x1, y1, x2, y2 = box
-    marks = [[x1 + (x2 - x1) * a, y1 + (y2 - y1) * b] for a, b in
-             ((0.3, 0.4), (0.7, 0.4), (0.5, 0.6), (0.35, 0.8), (0.65, 0.8))] if landmarks else None
+    marks = tuple((x1 + (x2 - x1) * a, y1 + (y2 - y1) * b) for a, b in
+                  ((0.3, 0.4), (0.7, 0.4), (0.5, 0.6), (0.35, 0.8), (0.65, 0.8))) if landmarks else None
     other = 1 - probability
-    return {"box": list(box), "landmarks": marks, "detection_score": 0.99 if landmarks else None,
-            "label": label, "predicted_class": label, "probability": probability,
-            "probabilities": {label: probability, "x": other}}
+    return Face(box=tuple(box), landmarks=marks, detection_score=0.99 if landmarks else None, label=label,
+                predicted_class=label, probability=probability, probabilities={label: probability, "x": other})
 
 
 def inside(rect, size):
@@ -117,10 +118,11 @@ def test_faces_are_numbered_left_to_right():
 
 def test_predict_text_numbers_faces_left_to_right():
     from facegender.app.predict import format_result
+    from facegender.core.results import PhotoResult
 
-    result = {"file": "group.jpg", "width": 400, "height": 300, "status": "ok",
-              "faces": [face((300, 50, 380, 130), "pria", 0.8), face((20, 80, 90, 150), "wanita", 0.7),
-                        face((150, 10, 220, 90), "pria", 0.95)]}
+    result = PhotoResult("group.jpg", width=400, height=300,
+                         faces=[face((300, 50, 380, 130), "pria", 0.8), face((20, 80, 90, 150), "wanita", 0.7),
+                                face((150, 10, 220, 90), "pria", 0.95)])
     lines = format_result(result).splitlines()
     assert lines == ["group.jpg: face 1 at (20, 80, 90, 150) wanita 0.700",
                      "group.jpg: face 2 at (150, 10, 220, 90) pria 0.950",
@@ -129,13 +131,16 @@ def test_predict_text_numbers_faces_left_to_right():
 
 def test_annotate_results_writes_numbered_labels_inside(tmp_path):
     from facegender.app.annotate import annotate_results
+    from facegender.core.results import PhotoResult
 
     photo = tmp_path / "photo.png"
     Image.new("RGB", (200, 120), (90, 90, 90)).save(photo)
-    results = [{"file": str(photo), "width": 200, "height": 120, "status": "ok",
-                "faces": [face((140, 0, 200, 60), "pria"), face((0, 0, 60, 60), "wanita")]}]
+    results = [PhotoResult(str(photo), width=200, height=120,
+                           faces=[face((140, 0, 200, 60), "pria"), face((0, 0, 60, 60), "wanita")]),
+               PhotoResult(str(tmp_path / "gone.png"), error="gone.png: file not found")]
     [written] = annotate_results(results, tmp_path / "out", CLASSES)
-    assert results[0]["annotated"] == str(written)
+    assert results[0].annotated == str(written) and results[1].annotated is None
+    assert results[0].to_dict()["annotated"] == str(written) and "annotated" not in results[1].to_dict()
     with Image.open(written) as im:
         assert im.size == (200, 120)
 

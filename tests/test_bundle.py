@@ -73,22 +73,22 @@ def test_labels_the_shipped_sample_photo_as_recorded(model, record):
     from facegender.core.resources import sample_photo_path
 
     (result,) = model.predict([sample_photo_path()])
-    assert len(result["faces"]) == 1
-    face = result["faces"][0]
+    assert len(result.faces) == 1
+    face = result.faces[0]
     expected = next(f for f in record["measured"]["samples"]["faces"] if f["photo"] == "astronaut_female.png")
-    assert face["label"] == expected["label"] == "female"
+    assert face.label == expected["label"] == "female"
     # the shipped JPEG is the recorded PNG re-encoded: the probability moves only a little
-    assert face["probability"] == pytest.approx(expected["probability"], abs=0.02)
+    assert face.probability == pytest.approx(expected["probability"], abs=0.02)
 
 
 def test_labels_the_shared_group_photo_as_recorded(model, record):
     photo = shared_path("images", "group_6_faces.jpg")
     (result,) = model.predict([photo])
-    faces = sorted(result["faces"], key=lambda f: f["box"][0])
+    faces = sorted(result.faces, key=lambda f: f.box[0])
     expected = [f for f in record["measured"]["samples"]["faces"] if f["photo"] == photo.name]
-    assert [f["label"] for f in faces] == [f["label"] for f in expected]
+    assert [f.label for f in faces] == [f["label"] for f in expected]
     for got, want in zip(faces, expected):
-        assert got["probability"] == pytest.approx(want["probability"], abs=1e-3)
+        assert got.probability == pytest.approx(want["probability"], abs=1e-3)
 
 
 def test_predict_without_model_says_it_uses_the_bundled_one_and_models_describes_it(record):

@@ -58,8 +58,8 @@ def test_onnx_matches_pytorch_on_test_images(exported, trained_run):
     assert len(from_onnx) == len(images) == 16
     diffs = []
     for a, b in zip(from_torch, from_onnx):
-        assert a["faces"][0]["predicted_class"] == b["faces"][0]["predicted_class"]
-        diffs += [abs(a["faces"][0]["probabilities"][c] - b["faces"][0]["probabilities"][c]) for c in ("pria", "wanita")]
+        assert a.faces[0].predicted_class == b.faces[0].predicted_class
+        diffs += [abs(a.faces[0].probabilities[c] - b.faces[0].probabilities[c]) for c in ("pria", "wanita")]
     assert max(diffs) <= 1e-3
 
 
@@ -141,7 +141,7 @@ def test_server_runs_the_onnx_model(exported, trained_run):
         r = client.post("/predict", files={"files": (image_path.name, image_path.read_bytes(), "image/jpeg")})
     (result,) = r.json()["results"]
     (face,) = result["faces"]
-    expected = Predictor.from_file(model_path, device="cpu").predict_paths([image_path])[0]["faces"][0]
-    assert face["predicted_class"] == expected["predicted_class"]
-    assert face["probability"] == pytest.approx(expected["probability"], abs=1e-3)
+    expected = Predictor.from_file(model_path, device="cpu").predict_paths([image_path])[0].faces[0]
+    assert face["predicted_class"] == expected.predicted_class
+    assert face["probability"] == pytest.approx(expected.probability, abs=1e-3)
     assert face["box"] == [0.0, 0.0, 48.0, 48.0]  # a model trained on crops: the whole image is the face

@@ -125,7 +125,7 @@ def test_fp16_file_predicts_without_torch_or_dlib_weights_package(dlib_model, ex
 
     root, _ = exports
     photos = pictures[:4]
-    expected = [r["faces"][0]["probabilities"] for r in dlib_model.predict(photos)]
+    expected = [r.faces[0].probabilities for r in dlib_model.predict(photos)]
     out = run_without_torch(f"""
         import json
         class _NoDlibWeights:  # a whole network needs no package for its body either
@@ -136,7 +136,7 @@ def test_fp16_file_predicts_without_torch_or_dlib_weights_package(dlib_model, ex
         import facegender
         model = facegender.load({str(root / "fp16.onnx")!r})
         results = model.predict({photos!r})
-        print("RESULT", model.precision, json.dumps([r["faces"][0]["probabilities"] for r in results]))
+        print("RESULT", model.precision, json.dumps([r.faces[0].probabilities for r in results]))
     """, tmp_path)
     (line,) = [line for line in out.splitlines() if line.startswith("RESULT ")]
     _, precision, probs = line.split(" ", 2)

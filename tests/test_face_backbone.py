@@ -143,14 +143,14 @@ def test_exported_face_backbone_models_predict_without_torch(frozen_run, tmp_pat
              for name, kw in exports.items()}
     assert sizes["head"] < 10_000 and sizes["int8"] < sizes["whole"] / 3
     photos = sorted(str(p) for p in (root / "data" / "test").rglob("*.jpg"))
-    expected = [r["faces"][0]["probabilities"] for r in model.predict(photos)]
+    expected = [r.faces[0].probabilities for r in model.predict(photos)]
     out = run_without_torch(f"""
         import json, os
         os.environ["FACEGENDER_CACHE"] = {str(tmp_path / "cache")!r}
         import facegender
         for name in ("whole", "head", "int8"):
             results = facegender.load({str(tmp_path)!r} + f"/{{name}}.onnx").predict({photos!r})
-            print("RESULT", name, json.dumps([r["faces"][0]["probabilities"] for r in results]))
+            print("RESULT", name, json.dumps([r.faces[0].probabilities for r in results]))
     """, tmp_path)
     results = dict(line.split(" ", 2)[1:] for line in out.splitlines() if line.startswith("RESULT "))
     assert sorted(results) == ["head", "int8", "whole"]

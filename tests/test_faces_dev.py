@@ -30,6 +30,6 @@ def test_faces_dev_brief_training_then_evaluate_and_predict_agree(tmp_path):
 
     results = Predictor.from_file(model).predict_paths([data / "test"])
     assert len(results) == 200
-    correct = sum(Path(r["file"]).parent.name == r["faces"][0]["label"] for r in results)
+    correct = sum(Path(r.file).parent.name == r.faces[0].label for r in results)
     assert correct / 200 == pytest.approx(metrics["accuracy"], abs=1e-9)
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["test"]["accuracy"] == metrics["accuracy"]

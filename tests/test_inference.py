@@ -33,7 +33,7 @@ def test_evaluate_and_predict_give_the_same_probability(trained_run, tmp_path):
                  "--quiet"]) == 0
     with open(tmp_path / "predictions.csv", newline="") as f:
         evaluated = {row["path"]: float(row["p_wanita"]) for row in csv.DictReader(f)}
-    predicted = {r["file"]: r["faces"][0]["probabilities"]["wanita"]
+    predicted = {r.file: r.faces[0].probabilities["wanita"]
                  for r in facegender.load(model_path).predict(sorted(evaluated), batch_size=5)}
     assert len(evaluated) == len(predicted) == 16
     for path, p in evaluated.items():
@@ -80,14 +80,14 @@ def test_streaming_predict_keeps_order_and_errors_in_place(trained_run, tmp_path
     assert [n for n, _ in chunks] == [2, 2, 2, 1], "faces are classified a batch at a time"
     assert all(n_read <= 2 * 2 * (i + 1) for i, (_, n_read) in enumerate(chunks)), \
         "images are read at most one batch ahead of the classifier, not all first"
-    assert [r["status"] for r in results] == ["ok", "error", "ok", "error", "ok", "ok", "ok"]
-    assert results[0]["file"] == str(good[0]) and results[2]["file"] == str(good[1])
-    assert results[6]["file"] == "named.jpg" and "broken.jpg" in results[1]["error"]
+    assert [r.status for r in results] == ["ok", "error", "ok", "error", "ok", "ok", "ok"]
+    assert results[0].file == str(good[0]) and results[2].file == str(good[1])
+    assert results[6].file == "named.jpg" and "broken.jpg" in results[1].error
     # the same image gives the same answer whichever way it came in and whatever its batch
-    alone = model.predict(good[1])[0]["faces"][0]["probabilities"]
-    assert results[2]["faces"][0]["probabilities"] == pytest.approx(alone, abs=1e-5)
-    single = model.predict([good[3]])[0]["faces"][0]["probability"]
-    assert results[5]["faces"][0]["probability"] == pytest.approx(single, abs=1e-5)
+    alone = model.predict(good[1])[0].faces[0].probabilities
+    assert results[2].faces[0].probabilities == pytest.approx(alone, abs=1e-5)
+    single = model.predict([good[3]])[0].faces[0].probability
+    assert results[5].faces[0].probability == pytest.approx(single, abs=1e-5)
 
 
 def test_one_temperature_softmax_and_tta(trained_run):
@@ -135,7 +135,7 @@ def test_python_api_end_to_end(tmp_path):
     assert run.metrics["test"]["n"] == 8 and 0 <= run.metrics["test"]["accuracy"] <= 1
     model = facegender.load(run.model_path)
     [result] = model.predict([next((data / "test" / "pria").glob("*.jpg"))])
-    assert result["status"] == "ok" and result["faces"][0]["label"] in ("pria", "wanita")
+    assert result.status == "ok" and result.faces[0].label in ("pria", "wanita")
     from facegender.training.train import TrainRun
 
     assert isinstance(run, TrainRun)

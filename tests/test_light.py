@@ -125,7 +125,7 @@ def test_the_face_stage_runs_without_torch(tmp_path):
         import json
         import facegender
         result = facegender.load({str(model)!r}).predict({str(SAMPLE)!r})[0]
-        print("RESULT", json.dumps(result))
+        print("RESULT", json.dumps(result.to_dict()))
     """, tmp_path)
     result = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
     assert result["status"] == "ok" and len(result["faces"]) == 1

@@ -62,10 +62,10 @@ def test_refine_steps_can_be_lowered_at_prediction_for_speed(aligned_model, pred
     monkeypatch.setattr(FaceDetector, "run_network_batch", lambda self, b: runs.append(len(b)) or real(self, b))
     photo = shared_path("images", "astronaut_female.png")
     [result] = fast.predict_paths([photo])
-    assert len(result["faces"]) == 1 and runs == [1]  # one detection run, no refinement patches
+    assert len(result.faces) == 1 and runs == [1]  # one detection run, no refinement patches
     runs.clear()
     [result] = predictor.predict_paths([photo])
-    assert len(result["faces"]) == 1 and runs == [1, 2, 2]  # then 2 rounds of (patch, mirror)
+    assert len(result.faces) == 1 and runs == [1, 2, 2]  # then 2 rounds of (patch, mirror)
 
 
 def test_no_face_is_a_status_not_an_exception(predictor, tmp_path):
@@ -73,28 +73,28 @@ def test_no_face_is_a_status_not_an_exception(predictor, tmp_path):
 
     path = make_image(tmp_path / "stripes.png", 0, np.random.default_rng(1), size=96)
     [result] = predictor.predict_paths([path])
-    assert result["status"] == NO_FACE and result["faces"] == []
-    assert "error" not in result
+    assert result.status == NO_FACE and result.faces == []
+    assert result.error is None and "error" not in result.to_dict()
     assert NO_FACE in format_result(result)
 
 
 def test_group_photo_every_face_with_box_and_landmarks(predictor):
     photo = shared_path("images", "group_6_faces.jpg")
     [result] = predictor.predict_paths([photo])
-    faces = result["faces"]
-    assert result["status"] == "ok" and len(faces) == 6
-    width, height = result["width"], result["height"]
+    faces = result.faces
+    assert result.status == "ok" and len(faces) == 6
+    width, height = result.width, result.height
     for f in faces:
-        x1, y1, x2, y2 = f["box"]
+        x1, y1, x2, y2 = f.box
         assert 0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height
-        assert len(f["landmarks"]) == 5
+        assert len(f.landmarks) == 5
         # eyes inside the box, left eye left of the right eye
-        (lx, ly), (rx, ry) = f["landmarks"][:2]
+        (lx, ly), (rx, ry) = f.landmarks[:2]
         assert x1 <= lx < rx <= x2 and y1 <= ly <= y2
-        assert f["label"] in predictor.classes and 0.5 <= f["probability"] <= 1.0
-        assert sum(f["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+        assert f.label in predictor.classes and 0.5 <= f.probability <= 1.0
+        assert sum(f.probabilities.values()) == pytest.approx(1.0, abs=1e-4)
     # six different faces: box centres pairwise apart
-    centres = np.array([[(f["box"][0] + f["box"][2]) / 2, (f["box"][1] + f["box"][3]) / 2] for f in faces])
+    centres = np.array([[(f.box[0] + f.box[2]) / 2, (f.box[1] + f.box[3]) / 2] for f in faces])
     dists = np.linalg.norm(centres[:, None] - centres[None], axis=-1) + np.eye(6) * 1e9
     assert dists.min() > 10
 
@@ -111,13 +111,13 @@ def test_batching_across_faces_and_images_gives_the_same_result(aligned_model, t
     small.logits_fn = lambda batch: calls.append(len(batch)) or inner(batch)
     big = Predictor.from_file(aligned_model, device="cpu", batch_size=64)
     a, b = small.predict_paths([photo, astronaut]), big.predict_paths([photo, astronaut])
-    assert [len(r["faces"]) for r in a] == [6, 1]
+    assert [len(r.faces) for r in a] == [6, 1]
     n_tta = 2 if small.tta else 1
     assert max(calls) <= 4 and sum(calls) == 7 * n_tta
     for ra, rb in zip(a, b):
-        for fa, fb in zip(ra["faces"], rb["faces"]):
-            assert fa["box"] == fb["box"]
-            assert fa["probability"] == pytest.approx(fb["probability"], abs=1e-4)
+        for fa, fb in zip(ra.faces, rb.faces):
+            assert fa.box == fb.box
+            assert fa.probability == pytest.approx(fb.probability, abs=1e-4)
 
 
 def test_no_detect_treats_each_image_as_one_face(aligned_model):
@@ -127,9 +127,9 @@ def test_no_detect_treats_each_image_as_one_face(aligned_model):
     p = Predictor.from_file(aligned_model, device="cpu", detect=False)
     assert p.detector is None
     [result] = p.predict_paths([photo])
-    assert len(result["faces"]) == 1
-    face = result["faces"][0]
-    assert face["landmarks"] is None and face["box"] == [0.0, 0.0, result["width"], result["height"]]
+    assert len(result.faces) == 1
+    face = result.faces[0]
+    assert face.landmarks is None and face.box == (0.0, 0.0, result.width, result.height) and face.is_whole_image
 
 
 def test_cli_annotate_json_and_csv(aligned_model, tmp_path, capsys):

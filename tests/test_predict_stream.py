@@ -73,7 +73,8 @@ def test_json_is_the_old_all_at_end_array(photos, capsys, tmp_path):
 
     model, folder, paths = photos
     code, out, err = predict(["--model", str(model), "--json", str(folder)], capsys)
-    old = json.dumps(facegender.load(model).predict([folder]), indent=2, ensure_ascii=False) + "\n"
+    old = json.dumps([r.to_dict() for r in facegender.load(model).predict([folder])], indent=2,
+                     ensure_ascii=False) + "\n"
     assert out == old  # the same bytes as the array printed at the end
     assert [r["file"] for r in json.loads(out)] == paths
     assert "predict:" in err  # the progress bar, on stderr
@@ -165,7 +166,7 @@ def test_predict_iter_takes_a_one_shot_iterator(photos):
             return next(self.items)
 
     results = list(facegender.load(model).predict_iter(OneShot(Path(p) for p in paths[:40]), batch_size=8))
-    assert [r["file"] for r in results] == paths[:40]
+    assert [r.file for r in results] == paths[:40]
 
 
 # ----------------------------------------------------------------------------- resume, every cut point

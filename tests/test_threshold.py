@@ -140,16 +140,16 @@ def test_a_stored_threshold_changes_the_label_at_the_boundary(tmp_path):
     photo = image(tmp_path / "reddish.png", REDDISH)
     model = facegender.load(model_path)
     assert model.threshold == 0.6 and model.uncertain_band == 0.15
-    face = model.predict(photo)[0]["faces"][0]
-    assert face["label"] == face["predicted_class"] == "blue"
-    assert face["probability"] == pytest.approx(1 - p_red(REDDISH), abs=1e-4) and face["probability"] < 0.5
-    assert face["probabilities"]["red"] == pytest.approx(p_red(REDDISH), abs=1e-4)
-    assert face["uncertain"] is True
+    face = model.predict(photo)[0].faces[0]
+    assert face.label == face.predicted_class == "blue"
+    assert face.probability == pytest.approx(1 - p_red(REDDISH), abs=1e-4) and face.probability < 0.5
+    assert face.probabilities["red"] == pytest.approx(p_red(REDDISH), abs=1e-4)
+    assert face.uncertain is True
 
-    plain = facegender.load(model_path, threshold=0.5).predict(photo)[0]["faces"][0]
-    assert plain["label"] == "red" and plain["probability"] == pytest.approx(p_red(REDDISH), abs=1e-4)
-    assert facegender.load(model_path, threshold=None).predict(photo)[0]["faces"][0]["label"] == "red"
-    assert model.replace(threshold=0.55).predict(photo)[0]["faces"][0]["label"] == "red"
+    plain = facegender.load(model_path, threshold=0.5).predict(photo)[0].faces[0]
+    assert plain.label == "red" and plain.probability == pytest.approx(p_red(REDDISH), abs=1e-4)
+    assert facegender.load(model_path, threshold=None).predict(photo)[0].faces[0].label == "red"
+    assert model.replace(threshold=0.55).predict(photo)[0].faces[0].label == "red"
     with pytest.raises(ValueError, match="between 0 and 1"):
         model.replace(threshold=1.0)
 
@@ -170,14 +170,14 @@ def test_the_uncertain_flag_follows_the_band(tmp_path):
 
     photos = [image(tmp_path / "red.png", RED), image(tmp_path / "reddish.png", REDDISH)]
     model = facegender.load(colour_model(tmp_path / "m.onnx", threshold=0.6))
-    flags = [r["faces"][0]["uncertain"] for r in model.predict(photos)]
+    flags = [r.faces[0].uncertain for r in model.predict(photos)]
     assert flags == [False, True]
     narrow = facegender.load(colour_model(tmp_path / "n.onnx", threshold=0.6, uncertain_band=0.01))
     assert narrow.uncertain_band == 0.01
-    assert [r["faces"][0]["uncertain"] for r in narrow.predict(photos)] == [False, False]
+    assert [r.faces[0].uncertain for r in narrow.predict(photos)] == [False, False]
     gated = model.replace(min_confidence=0.8).predict(photos)
-    assert [r["faces"][0]["label"] for r in gated] == ["red", "uncertain"]
-    assert gated[1]["faces"][0]["predicted_class"] == "blue"
+    assert [r.faces[0].label for r in gated] == ["red", "uncertain"]
+    assert gated[1].faces[0].predicted_class == "blue"
 
 
 # ----------------------------------------------------------------------------- the commands

@@ -63,10 +63,10 @@ def test_evaluate_and_predict_agree_with_training(trained_run):
     assert metrics["accuracy"] == pytest.approx(recorded["accuracy"])
     predictor = Predictor.from_file(model_path)
     results = predictor.predict_paths([trained_run / "data" / "test"])
-    assert len(results) == 16 and all(len(r["faces"]) == 1 for r in results)
-    correct = sum(Path(r["file"]).parent.name == r["faces"][0]["label"] for r in results)
+    assert len(results) == 16 and all(len(r.faces) == 1 for r in results)
+    correct = sum(Path(r.file).parent.name == r.faces[0].label for r in results)
     assert correct / 16 == pytest.approx(metrics["accuracy"])
-    probs = [r["faces"][0]["probabilities"] for r in results]
+    probs = [r.faces[0].probabilities for r in results]
     assert all(abs(sum(p.values()) - 1) < 1e-4 for p in probs)
 
 
@@ -209,8 +209,8 @@ def test_predict_keeps_same_named_uploads_apart(trained_run):
     predictor = Predictor.from_file(trained_run / "out" / "best_model.pth")
     good = next((trained_run / "data" / "test" / "pria").iterdir()).read_bytes()
     results = predictor.predict_sources([("photo.jpg", good), ("photo.jpg", b"junk"), ("photo.jpg", good)])
-    assert [r["status"] for r in results] == ["ok", "error", "ok"]
-    assert "BytesIO" not in results[1]["error"] and "photo.jpg" in results[1]["error"]
+    assert [r.status for r in results] == ["ok", "error", "ok"]
+    assert "BytesIO" not in results[1].error and "photo.jpg" in results[1].error
 
 
 def test_validation_metrics_are_fp32_whatever_the_training_precision(tmp_path, monkeypatch):

@@ -198,12 +198,12 @@ def _sample_photos(model, shared: Path) -> dict[str, Any]:
     right, faces_out = 0, []
     for rel, truth in SAMPLES.items():
         (result,) = model.predict([shared / rel])
-        faces = sorted(result.get("faces", []), key=lambda f: f["box"][0])
+        faces = sorted(result.faces, key=lambda f: f.box[0])
         for i, face in enumerate(faces):
             expected = truth[i] if i < len(truth) else None
-            right += face["label"] == expected
-            faces_out.append({"photo": Path(rel).name, "face": i + 1, "label": face["label"],
-                              "probability": round(float(face["probability"]), 3), "expected": expected})
+            right += face.label == expected
+            faces_out.append({"photo": Path(rel).name, "face": i + 1, "label": face.label,
+                              "probability": round(float(face.probability), 3), "expected": expected})
     return {"right": right, "total": sum(len(t) for t in SAMPLES.values()), "faces": faces_out}
 
 

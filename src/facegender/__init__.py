@@ -6,7 +6,7 @@ code):
     import facegender
     run = facegender.train("datasets/mine", preset="best", out="runs/a")   # -> TrainRun (paths, metrics)
     model = facegender.load(run.model_path)                               # -> Model
-    model.predict(["a.jpg", "b.png"])                                     # faces, labels, probabilities
+    model.predict(["a.jpg", "b.png"])                                     # -> [PhotoResult] (.faces, .to_dict())
     pred = facegender.evaluate(model, "datasets/mine/test")               # -> Predictions (pred.probs())
     facegender.export(model, "runs/a/model.onnx", data="datasets/mine")   # ONNX, checked against PyTorch
 
@@ -27,6 +27,8 @@ _LAZY = {
     "TrainConfig": ("facegender.training.config", "TrainConfig"),
     "load": ("facegender.core.model", "load"),
     "Model": ("facegender.core.model", "Model"),
+    "PhotoResult": ("facegender.core.results", "PhotoResult"),
+    "Face": ("facegender.core.results", "Face"),
     "default_model_path": ("facegender.core.resources", "default_model_path"),
     "evaluate": ("facegender.evaluation.predictions", "predict_labelled"),
     "Predictions": ("facegender.evaluation.predictions", "Predictions"),

@@ -385,7 +385,7 @@ def _predict_stream(args, model, paths, writer, done: set[str]) -> dict[str, int
             with bar.external_write_mode() if on_terminal else contextlib.nullcontext():
                 writer.write(r)
             counts["photos"] += 1
-            counts["failed"] += bool(r.get("error"))
+            counts["failed"] += r.failed
             if bar.total is None and total[0] is not None:
                 bar.total = total[0]
             bar.update()

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import BinaryIO, Iterator, TextIO
 
 from facegender.core.errors import ConfigError, InputFileError
+from facegender.core.results import PhotoResult
 
 FORMATS = ("text", "jsonl", "csv", "json")
 CSV_COLUMNS = ["file", "face", "label", "probability", "uncertain", "x1", "y1", "x2", "y2", "status"]
@@ -43,11 +44,11 @@ _JSON_ITEM_END = b"  }"
 
 # ----------------------------------------------------------------------------- records
 
-def csv_rows(result: dict) -> list[list]:
+def csv_rows(result: PhotoResult) -> list[list]:
     """The CSV rows of one result: one per face, or one with the status (or error) and no face."""
-    rows = [[result["file"], i + 1, f["label"], f["probability"], str(f["uncertain"]).lower(), *f["box"],
-             result["status"]] for i, f in enumerate(result["faces"])]
-    return rows or [[result["file"], "", "", "", "", "", "", "", "", result.get("error") or result["status"]]]
+    rows = [[result.file, i + 1, f.label, f.probability, str(f.uncertain).lower(), *f.box, result.status]
+            for i, f in enumerate(result.faces)]
+    return rows or [[result.file, "", "", "", "", "", "", "", "", result.error or result.status]]
 
 
 def _csv_text(rows: list[list]) -> str:
@@ -57,7 +58,7 @@ def _csv_text(rows: list[list]) -> str:
 
 
 def json_item(result: dict) -> str:
-    """One result as an item of the indent-2 JSON array (no separator, no final newline)."""
+    """One result (its `to_dict()`) as an item of the indent-2 JSON array (no separator, no final newline)."""
     return "\n".join("  " + line for line in json.dumps(result, indent=2, ensure_ascii=False).split("\n"))
 
 
@@ -65,7 +66,9 @@ class ResultWriter:
     """Writes one run's results to a text stream in `fmt`, each photo's record in one write and a
     flush. `items`: the JSON items already in the stream (resume); `header`: write the CSV header
     first. `close()` ends the JSON array; a run that stops without it leaves an array that
-    `--resume` reopens (an unterminated array means an unfinished run)."""
+    `--resume` reopens (an unterminated array means an unfinished run). Results are
+    `PhotoResult`s, serialised here (`to_dict()`); a result dict (a record read back, e.g. a Ray
+    worker's JSON) is read with `PhotoResult.from_dict` first."""
 
     def __init__(self, fmt: str, stream: TextIO, items: int = 0, header: bool = True):
         if fmt not in FORMATS:
@@ -74,19 +77,20 @@ class ResultWriter:
         if fmt == "csv" and header:
             self._put(_csv_text([CSV_COLUMNS]))
 
-    def record(self, result: dict) -> str:
+    def record(self, result: PhotoResult | dict) -> str:
         """The text `write` puts out for one result."""
+        result = PhotoResult.from_dict(result) if isinstance(result, dict) else result
         if self.fmt == "jsonl":
-            return json.dumps(result, ensure_ascii=False) + "\n"
+            return json.dumps(result.to_dict(), ensure_ascii=False) + "\n"
         if self.fmt == "csv":
             return _csv_text(csv_rows(result))
         if self.fmt == "json":
-            return ("[\n" if self.items == 0 else ",\n") + json_item(result)
+            return ("[\n" if self.items == 0 else ",\n") + json_item(result.to_dict())
         from facegender.app.predict import format_result
 
         return format_result(result) + "\n"
 
-    def write(self, result: dict) -> None:
+    def write(self, result: PhotoResult | dict) -> None:
         self._put(self.record(result))
         self.items += 1
 

@@ -1,4 +1,4 @@
-"""`facegender serve`: an HTTP API and a small web page over `inference.Model`.
+"""`facegender serve`: an HTTP API and a small web page over `core.model.Model`.
 
 Endpoints (see /docs for the OpenAPI description):
 
@@ -12,7 +12,7 @@ Endpoints (see /docs for the OpenAPI description):
 - `GET /model`: backbone, classes, preprocessing, temperature, decision threshold and uncertain
   band, training metrics, the limits.
 
-The model (`best_model.pth` or an exported `.onnx`) is loaded once (`inference.load`), when the app
+The model (`best_model.pth` or an exported `.onnx`) is loaded once (`core.model.load`), when the app
 is made, into `app.state.predictor`; it holds no per-request state. Inference runs in a worker thread, never
 on the event loop, and at most `max_concurrent` requests run inference at once (the others wait).
 
@@ -27,7 +27,7 @@ The server listens on 127.0.0.1 unless told otherwise; any other address prints 
 """
 
 # No `from __future__ import annotations`: FastAPI reads the endpoint annotations at run time, and
-# they name classes imported inside create_app.
+# they name classes imported inside the functions that add the routes.
 import asyncio
 import io
 import ipaddress
@@ -42,6 +42,7 @@ from typing import Any
 from starlette.exceptions import HTTPException
 
 from facegender.core.errors import ConfigError
+from facegender.core.results import PhotoResult
 
 MB = 1024 * 1024
 DEFAULT_HOST = "127.0.0.1"
@@ -121,14 +122,17 @@ def model_summary(predictor, model_path: str | Path, limits: ServeLimits) -> dic
     }, default=str))
 
 
-def predict_uploads(predictor, uploads: list[tuple[str, bytes]], max_pixels: int) -> list[dict]:
-    """Results for (name, bytes) pairs, in order, each with its `index`: faces, `no face found`, or
-    a per-file error (`inference.Model.predict_sources`: images decoded and detected in its worker
-    threads). Runs in a worker thread; uses only its arguments (no shared per-request state)."""
-    results = predictor.predict_sources(uploads, max_pixels=max_pixels)
-    for index, result in enumerate(results):
-        result["index"] = index
-    return results
+def predict_uploads(predictor, uploads: list[tuple[str, bytes]], max_pixels: int) -> list[PhotoResult]:
+    """Results for (name, bytes) pairs, in order: faces, `no face found`, or a per-file error
+    (`core.model.Model.predict_sources`: images decoded and detected in its worker threads). Runs
+    in a worker thread; uses only its arguments (no shared per-request state)."""
+    return predictor.predict_sources(uploads, max_pixels=max_pixels)
+
+
+def predict_response(results: list[PhotoResult], seconds: float) -> dict[str, Any]:
+    """The body of a POST /predict answer: each result's `to_dict()` with its `index` in the
+    request, and the seconds of decoding and inference (not queueing)."""
+    return {"results": [{**r.to_dict(), "index": i} for i, r in enumerate(results)], "seconds": round(seconds, 4)}
 
 
 class BodySizeLimit:
@@ -193,28 +197,18 @@ def create_app(model_path: str | Path, device: str = "auto", limits: ServeLimits
                predictor=None, threads: int | None = None, precision: str = "fp32", fast: bool = False,
                threshold: float | None = None, **limit_overrides: int):
     """The FastAPI app serving `model_path` (.pth or .onnx). Limits come from `limits` and/or
-    keyword overrides (`max_file_bytes=...`). `predictor` reuses an already loaded `inference.Model`;
+    keyword overrides (`max_file_bytes=...`). `predictor` reuses an already loaded `core.model.Model`;
     `threads` are the threads per inference (ONNX Runtime: detector and classifier; PyTorch);
-    `fast`: `inference.FAST` settings (no landmark refinement, no TTA); `threshold`: the server's
+    `fast`: `core.model.FAST` settings (no landmark refinement, no TTA); `threshold`: the server's
     decision threshold (None: the model's stored one)."""
-    from fastapi import FastAPI, File, Query, Request, UploadFile
-    from fastapi.exception_handlers import http_exception_handler
-    from fastapi.responses import HTMLResponse
-    from starlette.concurrency import run_in_threadpool
+    from fastapi import FastAPI
 
     from facegender import __version__
-    from facegender.core.model import FAST, load
 
     limits = ServeLimits(**{**asdict(limits or ServeLimits()), **limit_overrides})
-    chosen = {} if threshold is None else {"threshold": threshold}
-    if predictor is None:
-        predictor = load(model_path, device=device, precision=precision, threads=threads, **(FAST if fast else {}),
-                         **chosen)
-    elif chosen:
-        predictor = predictor.replace(**chosen)
+    predictor = _serving_model(model_path, predictor, device=device, precision=precision, threads=threads,
+                               fast=fast, threshold=threshold)
     summary = model_summary(predictor, model_path, limits)
-    page = index_html()
-
     app = FastAPI(title="facegender", version=__version__,
                   description="Face gender classification: every face in a photo with box, landmarks, label and "
                               f"calibrated probability. Model: {summary['file']} ({summary['backbone']}, "
@@ -223,8 +217,28 @@ def create_app(model_path: str | Path, device: str = "auto", limits: ServeLimits
     app.state.limits = limits
     app.state.summary = summary
     app.state.inference_slots = asyncio.Semaphore(limits.max_concurrent)
-
     app.add_middleware(BodySizeLimit, max_bytes=limits.max_request_bytes)
+    _add_error_handler(app, limits)
+    _add_info_routes(app, summary, index_html())
+    _add_predict_route(app, predictor, limits)
+    return app
+
+
+def _serving_model(model_path: str | Path, predictor, device: str, precision: str, threads: int | None,
+                   fast: bool, threshold: float | None):
+    """The model the app serves: `predictor` (at `threshold` when one is given), else loaded from `model_path`."""
+    from facegender.core.model import FAST, load
+
+    chosen = {} if threshold is None else {"threshold": threshold}
+    if predictor is None:
+        return load(model_path, device=device, precision=precision, threads=threads, **(FAST if fast else {}),
+                    **chosen)
+    return predictor.replace(**chosen) if chosen else predictor
+
+
+def _add_error_handler(app, limits: ServeLimits) -> None:
+    from fastapi import Request
+    from fastapi.exception_handlers import http_exception_handler
 
     @app.exception_handler(HTTPException)
     async def explain_http_errors(request: Request, exc: HTTPException):
@@ -232,6 +246,11 @@ def create_app(model_path: str | Path, device: str = "auto", limits: ServeLimits
         if exc.status_code == 400 and "Too many files" in str(exc.detail):
             exc = HTTPException(413, _too_many_files(limits))
         return await http_exception_handler(request, exc)
+
+
+def _add_info_routes(app, summary: dict[str, Any], page: str) -> None:
+    """GET /, /health and /model."""
+    from fastapi.responses import HTMLResponse
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> HTMLResponse:
@@ -245,37 +264,49 @@ def create_app(model_path: str | Path, device: str = "auto", limits: ServeLimits
     async def model() -> dict:
         return summary
 
+
+def _add_predict_route(app, predictor, limits: ServeLimits) -> None:
+    """POST /predict: the uploads checked against `limits`, then predicted in a worker thread, at
+    most `max_concurrent` requests at once."""
+    from fastapi import File, Query, UploadFile
+    from starlette.concurrency import run_in_threadpool
+
     @app.post("/predict", summary="Label every face in one or more images",
               form_limits={"max_files": limits.max_files})
     async def predict(files: list[UploadFile] | None = File(None, description="image files (repeat the field)"),
                       threshold: float | None = Query(None, gt=0, lt=1, description=(
                           "decision threshold on the probability of the model's second class for this request "
                           "(default: the server's)"))) -> dict:
-        if not files:
-            raise HTTPException(422, "no images: send one or more image files in the multipart form field `files`, "
-                                     "e.g. curl -F files=@photo.jpg http://127.0.0.1:8000/predict")
-        if len(files) > limits.max_files:
-            raise HTTPException(413, _too_many_files(limits))
-        uploads = []
-        for i, f in enumerate(files):
-            name = f.filename or f"file{i + 1}"
-            if f.size is not None and f.size > limits.max_file_bytes:
-                raise HTTPException(413, _file_too_large(name, f.size, limits))
-            data = await f.read()
-            if len(data) > limits.max_file_bytes:
-                raise HTTPException(413, _file_too_large(name, len(data), limits))
-            problem = pixel_problem(name, data, limits.max_pixels)
-            if problem:
-                raise HTTPException(413, problem)
-            uploads.append((name, data))
+        uploads = await _read_uploads(files, limits)
         async with app.state.inference_slots:
             start = time.perf_counter()
             model = predictor if threshold is None else predictor.replace(threshold=threshold)
             results = await run_in_threadpool(predict_uploads, model, uploads, limits.max_pixels)
             seconds = time.perf_counter() - start
-        return {"results": results, "seconds": round(seconds, 4)}  # decoding and inference, not queueing
+        return predict_response(results, seconds)
 
-    return app
+
+async def _read_uploads(files, limits: ServeLimits) -> list[tuple[str, bytes]]:
+    """(name, bytes) of each uploaded file; an HTTPException (422, 413) for none, too many, too
+    large or too many pixels."""
+    if not files:
+        raise HTTPException(422, "no images: send one or more image files in the multipart form field `files`, "
+                                 "e.g. curl -F files=@photo.jpg http://127.0.0.1:8000/predict")
+    if len(files) > limits.max_files:
+        raise HTTPException(413, _too_many_files(limits))
+    uploads = []
+    for i, f in enumerate(files):
+        name = f.filename or f"file{i + 1}"
+        if f.size is not None and f.size > limits.max_file_bytes:
+            raise HTTPException(413, _file_too_large(name, f.size, limits))
+        data = await f.read()
+        if len(data) > limits.max_file_bytes:
+            raise HTTPException(413, _file_too_large(name, len(data), limits))
+        problem = pixel_problem(name, data, limits.max_pixels)
+        if problem:
+            raise HTTPException(413, problem)
+        uploads.append((name, data))
+    return uploads
 
 
 def _size(n: int) -> str:

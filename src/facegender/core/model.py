@@ -11,12 +11,13 @@ backend that turns a normalised float batch (N, 3, S, S) into logits (N, C):
 
 Backends take and return numpy arrays. torch is imported only by the PyTorch backend: an exported
 model predicts, evaluates and serves with onnxruntime, numpy and Pillow alone (preprocessing is
-`preprocessing.normalize`, face detection `faces.FaceDetector`, both numpy).
+`core.preprocessing.normalize`, face detection `core.faces.detect.FaceDetector`, both numpy).
 
 What a Model does:
 - `predict(items)`: faces, labels and calibrated probabilities for image files, folders, PIL
   images or bytes, read and classified a batch of images at a time (bounded memory), results in
-  input order, an unreadable file as an error in its place;
+  input order, an unreadable file as an error in its place: a `results.PhotoResult` per image, with
+  a `results.Face` per face (`to_dict()`: the JSON form of `predict --json` and the HTTP API);
 - `classify(crops)` / `logits(batch)`: probabilities / logits of prepared crops or a batch;
 - `decide(probs)`: the one decision from calibrated probabilities to classes, for every command:
   with two classes and a `threshold` (the record's, chosen on validation to equalise the two
@@ -46,9 +47,8 @@ from facegender.core.images import DEFAULT_MAX_PIXELS, ImageError, expand_paths,
 from facegender.core.resources import default_model_path  # the model `load()` uses without a path
 from facegender.core.decision import DEFAULT_UNCERTAIN_BAND, apply_temperature, check_threshold, decide, uncertain_mask
 from facegender.core.preprocessing import Preprocessing, normalize
+from facegender.core.results import NO_FACE, UNCERTAIN, Face, PhotoResult
 
-UNCERTAIN = "uncertain"
-NO_FACE = "no face found"
 #: The precision of inference unless a command is told otherwise.
 DEFAULT_PRECISION = "fp32"
 #: `--fast` (predict, serve): no landmark refinement, no flip TTA. About 2x the photos per second of
@@ -56,7 +56,8 @@ DEFAULT_PRECISION = "fp32"
 #: its 350 photos) and 0.5 more on faces-gdf/test (benchmarks/predict_tradeoffs.py, README).
 FAST = {"refine_steps": 0, "tta": False}
 
-__all__ = ["Model", "load", "default_model_path", "UNCERTAIN", "NO_FACE", "FAST", "expand_paths"]
+__all__ = ["Model", "load", "default_model_path", "UNCERTAIN", "NO_FACE", "FAST", "expand_paths", "Face",
+           "PhotoResult"]
 
 
 class FunctionBackend:
@@ -92,7 +93,7 @@ class Model:
                  batch_size: int = 32, info: dict | None = None, threads: int | None = None,
                  refine_steps: int | None = None, workers: int | None = None, threshold: float | None = None,
                  uncertain_band: float = DEFAULT_UNCERTAIN_BAND):
-        """`backend`: `TorchBackend`, `export.OnnxBackend` or a `batch -> logits` callable.
+        """`backend`: `TorchBackend`, `onnx_model.OnnxBackend` or a `batch -> logits` callable.
         `detect=False`: every image is one already-cropped face. `threads`: ONNX Runtime threads of
         the face detector (None: the runtime's default). `refine_steps`: landmark refinement rounds,
         instead of the trained face stage's (fewer is faster; see benchmarks/predict_tradeoffs.py).
@@ -195,11 +196,11 @@ class Model:
 
     def decide(self, probs) -> np.ndarray:
         """Predicted class indices (N,) of calibrated probabilities (N, C): the one decision of
-        every command (`metrics.decide` at this model's `threshold`)."""
+        every command (`decision.decide` at this model's `threshold`)."""
         return decide(probs, self.threshold)
 
     def is_uncertain(self, probs) -> np.ndarray:
-        """The `uncertain` flag (bool (N,)) of calibrated probabilities (`metrics.uncertain_mask`)."""
+        """The `uncertain` flag (bool (N,)) of calibrated probabilities (`decision.uncertain_mask`)."""
         return uncertain_mask(probs, self.threshold, self.uncertain_band)
 
     def normalize(self, crops: Sequence) -> np.ndarray:
@@ -231,50 +232,50 @@ class Model:
                       [float(v) for v in f.box], f.landmarks.tolist(), float(f.score))
                 for f in self.detector.detect(image)]
 
-    def _face_result(self, crop: _Crop, probs: np.ndarray) -> dict:
+    def _face_result(self, crop: _Crop, probs: np.ndarray) -> Face:
         """One face: its label (`decide`; `uncertain` below `min_confidence`), the probability of
-        that label, every class's probability and the `uncertain` flag."""
+        that label, every class's probability and the `uncertain` flag, rounded as reported."""
         best = int(self.decide(probs[None])[0])
         label = self.classes[best]
         confident = self.min_confidence is None or probs[best] >= self.min_confidence
-        return {
-            "box": [round(v, 1) for v in crop.box],
-            "landmarks": [[round(x, 1), round(y, 1)] for x, y in crop.landmarks] if crop.landmarks else None,
-            "detection_score": None if crop.detection_score is None else round(crop.detection_score, 4),
-            "label": label if confident else UNCERTAIN,
-            "predicted_class": label,
-            "probability": round(float(probs[best]), 6),
-            "probabilities": {c: round(float(p), 6) for c, p in zip(self.classes, probs)},
-            "uncertain": bool(self.is_uncertain(probs[None])[0]),
-        }
+        return Face(
+            box=tuple(round(v, 1) for v in crop.box),
+            landmarks=tuple((round(x, 1), round(y, 1)) for x, y in crop.landmarks) if crop.landmarks else None,
+            detection_score=None if crop.detection_score is None else round(crop.detection_score, 4),
+            label=label if confident else UNCERTAIN,
+            predicted_class=label,
+            probability=round(float(probs[best]), 6),
+            probabilities={c: round(float(p), 6) for c, p in zip(self.classes, probs)},
+            uncertain=bool(self.is_uncertain(probs[None])[0]),
+        )
 
-    def predict_images(self, images: Sequence[Image.Image]) -> list[list[dict]]:
+    def predict_images(self, images: Sequence[Image.Image]) -> list[list[Face]]:
         """Faces (largest first) for each PIL image; an empty list means no face was found."""
-        return [r["faces"] for r in self.predict_iter(images)]
+        return [r.faces for r in self.predict_iter(images)]
 
-    def _classify_crops(self, crops_per_image: list[list[_Crop]]) -> list[list[dict]]:
+    def _classify_crops(self, crops_per_image: list[list[_Crop]]) -> list[list[Face]]:
         """The crops of a batch of images through the classifier at once; the faces of each image."""
         probs = iter(self.classify([c.pixels for crops in crops_per_image for c in crops]))
         return [[self._face_result(c, next(probs)) for c in crops] for crops in crops_per_image]
 
-    def _prepare(self, source: tuple[str, Any], max_pixels: int) -> tuple[dict, list[_Crop]]:
-        """Read one image and make its face crops: (result so far, crops)."""
+    def _prepare(self, source: tuple[str, Any], max_pixels: int) -> tuple[PhotoResult, list[_Crop]]:
+        """Read one image and make its face crops: (result so far, without faces; crops)."""
         name, src = source
         try:
             im = src if isinstance(src, Image.Image) else load_image(src, max_pixels=max_pixels, name=name)
         except ImageError as exc:
-            return {"file": name, "error": str(exc), "status": "error", "faces": []}, []
+            return PhotoResult(name, error=str(exc)), []
         im = im if im.mode == "RGB" else im.convert("RGB")
-        return {"file": name, "width": im.width, "height": im.height}, self._crops(im)
+        return PhotoResult(name, width=im.width, height=im.height), self._crops(im)
 
     def predict_iter(self, items: Iterable[Any], batch_size: int | None = None,
-                     max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[dict]:
-        """One result per image, in input order, classifying the faces of `batch_size` images at a
-        time. Items (any iterable, consumed as the work goes, never listed first): file paths and
-        folders (walked lazily for image files), PIL images, bytes, or (name, path-or-bytes-or-image)
-        pairs. A file that cannot be read gets `status: error` and its
-        `error`, and the others go on; an image without a face gets `faces: []` and `status: no
-        face found`.
+                     max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[PhotoResult]:
+        """One `PhotoResult` per image, in input order, classifying the faces of `batch_size` images
+        at a time. Items (any iterable, consumed as the work goes, never listed first): file paths
+        and folders (walked lazily for image files), PIL images, bytes, or (name,
+        path-or-bytes-or-image) pairs. A file that cannot be read gets its `error` (`status`
+        "error"), and the others go on; an image without a face gets no `faces` (`status` "no face
+        found").
 
         Images are decoded, detected and aligned in `workers` threads, working ahead by one batch:
         while the faces of one batch go through the classifier, the next batch is being prepared
@@ -298,25 +299,26 @@ class Model:
                 yield from self._finish([f.result() for f in pending[:size]])
                 pending = pending[size:]
 
-    def _finish(self, prepared: list[tuple[dict, list[_Crop]]]) -> list[dict]:
+    def _finish(self, prepared: list[tuple[PhotoResult, list[_Crop]]]) -> list[PhotoResult]:
         """Classify the crops of a batch of prepared images; their results, in order."""
         results, crops = zip(*prepared)
         for r, faces in zip(results, self._classify_crops(list(crops))):
-            if "error" not in r:
-                r.update(faces=faces, status="ok" if faces else NO_FACE)
+            r.faces = faces  # none for a file that could not be read
         return list(results)
 
-    def predict(self, items: Any, batch_size: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> list[dict]:
+    def predict(self, items: Any, batch_size: int | None = None,
+                max_pixels: int = DEFAULT_MAX_PIXELS) -> list[PhotoResult]:
         """`predict_iter` as a list; one item (a path, an image) may be passed without a list."""
         if isinstance(items, (str, os.PathLike, bytes, Image.Image)):
             items = [items]
         return list(self.predict_iter(items, batch_size, max_pixels))
 
-    def predict_sources(self, sources: Sequence[tuple[str, Any]], max_pixels: int = DEFAULT_MAX_PIXELS) -> list[dict]:
+    def predict_sources(self, sources: Sequence[tuple[str, Any]],
+                        max_pixels: int = DEFAULT_MAX_PIXELS) -> list[PhotoResult]:
         """Results for (name, path-or-bytes) pairs (see `predict_iter`)."""
         return list(self.predict_iter(sources, max_pixels=max_pixels))
 
-    def predict_paths(self, paths: Iterable[str | os.PathLike]) -> list[dict]:
+    def predict_paths(self, paths: Iterable[str | os.PathLike]) -> list[PhotoResult]:
         return list(self.predict_iter(paths))
 
 
@@ -343,7 +345,7 @@ def load(path: str | os.PathLike | None = None, device: str = "auto", precision:
     (onnxruntime, `threads` threads); None: the bundled default model (`default_model_path`).
     Keyword arguments of `Model` (tta, detect, min_confidence, batch_size, refine_steps, threshold,
     uncertain_band) override the recorded ones (the record's `threshold`, when it has one, and its
-    `uncertain_band`, default `metrics.DEFAULT_UNCERTAIN_BAND`)."""
+    `uncertain_band`, default `decision.DEFAULT_UNCERTAIN_BAND`)."""
     path = Path(default_model_path() if path is None else path)
     if path.suffix.lower() == ".onnx":
         backend, meta = load_onnx_classifier(path, threads=threads)
