@@ -29,8 +29,8 @@ import os
 import sys
 import tempfile
 import time
-from pathlib import Path
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from facegender.core.errors import ConfigError, InputFileError, InputNotFoundError, OutputExistsError, require
@@ -77,7 +77,7 @@ def check_inputs(names: list[str]) -> None:
     local = [n for n in names if "://" not in n]
     if not names or (len(local) == len(names) and next(iter_paths(local), None) is None):
         raise InputFileError(f"no images found in {', '.join(names) or 'the inputs'} (image files end in "
-                         f"{', '.join(IMAGE_EXTENSIONS)})")
+                             f"{', '.join(IMAGE_EXTENSIONS)})")
 
 
 def missing_result(name: str) -> dict:
