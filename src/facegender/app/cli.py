@@ -292,6 +292,8 @@ def _add_predict(sub) -> None:
                          help="JSON output: one array, written a photo at a time (valid JSON once the run ends)")
     formats.add_argument("--jsonl", action="store_true", help="JSON Lines output: one result object a line")
     formats.add_argument("--csv", action="store_true", help="CSV output, one row per face")
+    formats.add_argument("--parquet", action="store_true",
+                         help="with --ray and --out FILE: Parquet, one row per photo (faces as JSON text)")
     p.add_argument("--out", metavar="FILE", help="write the --jsonl, --csv or --json output to FILE instead of "
                    "stdout, each photo as it is done; an existing FILE is an error unless --resume")
     p.add_argument("--resume", action="store_true",
@@ -310,6 +312,11 @@ def _add_predict(sub) -> None:
     _add_precision(p)
     p.add_argument("--batch-size", type=int, default=32, help="images read and classified at a time")
     p.add_argument("--annotate", metavar="DIR", help="also write copies of the images with boxes and labels into DIR")
+    p.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS",
+                   help="predict on a Ray cluster (pip install 'facegender[ray]'; docs/scale.md): ADDRESS such as "
+                        "ray://HOST:10001; alone: RAY_ADDRESS, a cluster started here, or a new local one; inputs "
+                        "may also be URIs (s3://...)")
+    p.add_argument("--ray-workers", type=int, metavar="N", help="model actors on Ray (default: one per CPU)")
 
 
 def _predict_inputs(names: list[str]):
@@ -399,6 +406,10 @@ def _run_predict(args) -> int:
         from facegender.core.resources import sample_photo_path
 
         args.images = [*args.images, str(sample_photo_path())]
+    if args.ray is not None or args.parquet:  # `--ray FOLDER`: argparse took FOLDER for the address
+        from facegender.app.ray_predict import run_cli
+
+        return run_cli(args)
     if not args.images:
         raise ConfigError("name image files or folders to predict on, or --sample for the shipped sample photo")
     fmt = "json" if args.json else "jsonl" if args.jsonl else "csv" if args.csv else "text"
