@@ -267,6 +267,7 @@ def predict_ray(model_path: str | os.PathLike | None, inputs: Iterable[str | os.
     options = {**(FAST if fast else {}), **{k: v for k, v in load_options.items() if v is not None}}
     if threshold is not None:
         options["threshold"] = threshold
+    require("ray.data", FEATURE)  # before anything is made
     inputs = [str(i) for i in inputs]
     check_inputs(inputs)
     model = _model_payload(model_path)
