@@ -1,6 +1,6 @@
 """`facegender cv`: stratified k-fold cross-validation of the training recipe on DATASET/train.
 
-Each fold is an ordinary training run (`train.train`, the same recipe and options) in its own
+Each fold is an ordinary training run (`training.train.train`, the same recipe and options) in its own
 folder OUT/fold_<k>/, whose validation part is fold k of a seeded `StratifiedKFold` over
 DATASET/train (the config fields `cv_folds`/`cv_fold` select it, so a fold's checkpoint describes
 the fold completely). That held-out part chooses the best epoch and stops training early, so its
@@ -66,7 +66,7 @@ def _check_same_recipe(saved: dict, current: dict, where: Path) -> None:
 
 
 def _fold_row(fold: int, summary: dict, classes: list[str], n_train: int, seconds: float) -> dict:
-    """The numbers of one finished fold (from `train.train`'s summary)."""
+    """The numbers of one finished fold (from `training.train.train`'s summary)."""
     val, test = summary["validation"], summary.get("test")
     return {
         "fold": fold,
@@ -145,92 +145,134 @@ def format_table(rows: list[dict], summary: dict, classes: list[str]) -> str:
     return "\n".join(lines)
 
 
+@dataclasses.dataclass
+class _CrossValidation:
+    """What the steps of `run_cv` share: the recipe, the folds over DATASET/train and where results go."""
+
+    cfg: Any                          # TrainConfig, data = [absolute DATASET]
+    n_folds: int
+    classes: list[str]
+    train_split: Split
+    folds: list
+    fingerprint: str
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.out)
+
+    @property
+    def results_path(self) -> Path:
+        return self.out / RESULTS
+
+    def n_train(self, fold: int) -> int:
+        return len(self.train_split) - len(self.folds[fold - 1])
+
+
 def run_cv(cfg, n_folds: int = 5, time_budget_min: float | None = None, log: Callable[[str], None] = print,
            progress: bool = True) -> dict[str, Any]:
     """Cross-validate the recipe `cfg` (a TrainConfig; `cfg.out` is the cross-validation folder).
 
     Returns the content of cv_results.json; `complete` is False when the time budget stopped it
     before every fold had finished (rerun the same command to continue)."""
+    cv = _plan_cv(cfg, n_folds)
+    log(f"{n_folds}-fold stratified cross-validation of {cv.cfg.backbone} on {cv.cfg.data[0]}/train "
+        f"({len(cv.train_split)} images, classes {cv.classes}); folds in {cv.out}/fold_<k>/")
+    started = time.monotonic()
+    rows: list[dict] = []
+    stopped_by_budget = False
+    cv.out.mkdir(parents=True, exist_ok=True)
+    for fold in range(1, n_folds + 1):
+        fcfg = fold_config(cv.cfg, n_folds, fold, cv.out)
+        finished = _finished_fold(fcfg, fold, n_folds, log)
+        if finished is not None:
+            rows.append(finished)
+            continue
+        if time_budget_min is not None and time.monotonic() - started >= time_budget_min * 60:
+            stopped_by_budget = True
+            missing = [k for k in range(fold, n_folds + 1) if not (cv.out / f"fold_{k}" / RESULT).is_file()]
+            log(f"time budget of {time_budget_min:g} min used up: not starting fold(s) {missing}; "
+                "run the same command again to continue")
+            break
+        rows.append(_run_fold(cv, fcfg, fold, rows, log, progress))
+        _write_results(cv, rows)
+    result = _write_results(cv, rows)
+    result["stopped_by_time_budget"] = stopped_by_budget
+    log(format_table(rows, result["summary"], cv.classes))
+    if not result["complete"]:
+        log(f"{len(rows)} of {n_folds} folds finished; missing {result['missing_folds']}")
+    log(f"results: {cv.results_path}, {cv.out / SUMMARY}")
+    return result
+
+
+def _plan_cv(cfg, n_folds: int) -> _CrossValidation:
+    """Check the options, plan the folds (failing early on a class too small) and check that an
+    earlier cv_results.json in the folder is of this recipe, fold count and data."""
     if cfg.val_on_test:
         raise ConfigError("--val-on-test cannot be combined with cv: each fold validates on its held-out part")
     if len(cfg.data) != 1:
         raise ConfigError("cv cross-validates one dataset: pass a single --data DATASET")
     cfg = dataclasses.replace(cfg, data=[os.path.abspath(cfg.data[0])], cv_folds=0, cv_fold=0)
-    out = Path(cfg.out)
     classes, train_split, _ = scan_dataset(cfg.data[0], need_test=True)
-    folds = plan_folds(train_split.labels, n_folds, cfg.seed)  # fails early on a class too small
-    fingerprint = dataset_fingerprint(train_split)
-    results_path = out / RESULTS
-    if results_path.is_file():
-        previous = json.loads(results_path.read_text(encoding="utf-8"))
-        _check_same_recipe(previous["config"], cfg.to_dict(), results_path)
-        if previous.get("folds") != n_folds or previous.get("dataset_fingerprint") != fingerprint:
-            raise ConfigError(f"{results_path} is a {previous.get('folds')}-fold run on other training files; "
+    folds = plan_folds(train_split.labels, n_folds, cfg.seed)
+    cv = _CrossValidation(cfg, n_folds, classes, train_split, folds, dataset_fingerprint(train_split))
+    if cv.results_path.is_file():
+        previous = json.loads(cv.results_path.read_text(encoding="utf-8"))
+        _check_same_recipe(previous["config"], cfg.to_dict(), cv.results_path)
+        if previous.get("folds") != n_folds or previous.get("dataset_fingerprint") != cv.fingerprint:
+            raise ConfigError(f"{cv.results_path} is a {previous.get('folds')}-fold run on other training files; "
                               "pass a new --out (or the same --folds and data) to continue it")
-    log(f"{n_folds}-fold stratified cross-validation of {cfg.backbone} on {cfg.data[0]}/train "
-        f"({len(train_split)} images, classes {classes}); folds in {out}/fold_<k>/")
+    return cv
 
-    started = time.monotonic()
-    rows: list[dict] = []
-    missing: list[int] = []
-    stopped_by_budget = False
 
-    def write_results() -> dict:
-        summary = summarise(rows, classes)
-        result = {"config": cfg.to_dict(), "folds": n_folds, "seed": cfg.seed, "classes": classes,
-                  "dataset_fingerprint": fingerprint, "fold_sizes": [int(len(f)) for f in folds],
-                  "complete": len(rows) == n_folds, "finished_folds": [r["fold"] for r in rows],
-                  "missing_folds": [k for k in range(1, n_folds + 1) if k not in {r["fold"] for r in rows}],
-                  "per_fold": rows, "summary": summary,
-                  "std_note": "sample standard deviation over folds (n - 1)",
-                  "val_note": "validation = the fold's held-out part, which also chose the best epoch "
-                              "(slightly optimistic); test = DATASET/test, never used in training"}
-        files.write_text_atomic(json.dumps(result, indent=2, ensure_ascii=False), results_path)
-        files.write_text_atomic(summary_csv(rows, summary, classes), out / SUMMARY)
-        return result
+def _finished_fold(fcfg, fold: int, n_folds: int, log: Callable[[str], None]) -> dict | None:
+    """The row of a fold that an earlier run finished (its fold_result.json, of the same recipe), or None."""
+    done = Path(fcfg.out) / RESULT
+    if not done.is_file():
+        return None
+    saved = json.loads(done.read_text(encoding="utf-8"))
+    _check_same_recipe(saved["config"], fcfg.to_dict(), done)
+    log(f"fold {fold}/{n_folds}: already finished ({done}), skipped")
+    return saved["result"]
 
-    out.mkdir(parents=True, exist_ok=True)
-    for fold in range(1, n_folds + 1):
-        fcfg = fold_config(cfg, n_folds, fold, out)
-        fold_dir = Path(fcfg.out)
-        done = fold_dir / RESULT
-        if done.is_file():
-            saved = json.loads(done.read_text(encoding="utf-8"))
-            _check_same_recipe(saved["config"], fcfg.to_dict(), done)
-            rows.append(saved["result"])
-            log(f"fold {fold}/{n_folds}: already finished ({done}), skipped")
-            continue
-        if time_budget_min is not None and time.monotonic() - started >= time_budget_min * 60:
-            stopped_by_budget = True
-            missing = [k for k in range(fold, n_folds + 1) if not (out / f"fold_{k}" / RESULT).is_file()]
-            log(f"time budget of {time_budget_min:g} min used up: not starting fold(s) {missing}; "
-                "run the same command again to continue")
-            break
-        state = None
-        checkpoint = fold_dir / training.CHECKPOINT
-        if checkpoint.is_file():
-            resumed_cfg, state = training.resume_config(str(checkpoint))
-            _check_same_recipe(resumed_cfg.to_dict(), fcfg.to_dict(), checkpoint)
-            log(f"fold {fold}/{n_folds}: resuming from {checkpoint}")
-        else:
-            log(f"fold {fold}/{n_folds}: training on {len(train_split) - len(folds[fold - 1])} images, "
-                f"validating on {len(folds[fold - 1])}")
-        t0 = time.monotonic()
-        try:
-            summary = training.train(fcfg, state, log=log, progress=progress)
-        except training.TrainingInterrupted:
-            write_results()
-            log(f"cross-validation interrupted in fold {fold}; run the same command again to resume it")
-            raise
-        row = _fold_row(fold, summary, classes, len(train_split) - len(folds[fold - 1]), time.monotonic() - t0)
-        files.write_text_atomic(json.dumps({"config": fcfg.to_dict(), "result": row}, indent=2,
-                                          ensure_ascii=False), done)
-        rows.append(row)
-        write_results()
-    result = write_results()
-    result["stopped_by_time_budget"] = stopped_by_budget
-    log(format_table(rows, result["summary"], classes))
-    if not result["complete"]:
-        log(f"{len(rows)} of {n_folds} folds finished; missing {result['missing_folds']}")
-    log(f"results: {results_path}, {out / SUMMARY}")
+
+def _run_fold(cv: _CrossValidation, fcfg, fold: int, rows: list[dict], log: Callable[[str], None],
+              progress: bool) -> dict:
+    """Train fold `fold` (continuing its checkpoint, if any) and write its fold_result.json; its
+    row. On Ctrl-C the results so far (`rows`) are written before TrainingInterrupted goes on."""
+    state = None
+    checkpoint = Path(fcfg.out) / training.CHECKPOINT
+    if checkpoint.is_file():
+        resumed_cfg, state = training.resume_config(str(checkpoint))
+        _check_same_recipe(resumed_cfg.to_dict(), fcfg.to_dict(), checkpoint)
+        log(f"fold {fold}/{cv.n_folds}: resuming from {checkpoint}")
+    else:
+        log(f"fold {fold}/{cv.n_folds}: training on {cv.n_train(fold)} images, "
+            f"validating on {len(cv.folds[fold - 1])}")
+    t0 = time.monotonic()
+    try:
+        summary = training.train(fcfg, state, log=log, progress=progress)
+    except training.TrainingInterrupted:
+        _write_results(cv, rows)
+        log(f"cross-validation interrupted in fold {fold}; run the same command again to resume it")
+        raise
+    row = _fold_row(fold, summary, cv.classes, cv.n_train(fold), time.monotonic() - t0)
+    files.write_text_atomic(json.dumps({"config": fcfg.to_dict(), "result": row}, indent=2,
+                                      ensure_ascii=False), Path(fcfg.out) / RESULT)
+    return row
+
+
+def _write_results(cv: _CrossValidation, rows: list[dict]) -> dict:
+    """cv_results.json and cv_summary.csv of the folds finished so far; cv_results.json's content."""
+    n_folds, classes = cv.n_folds, cv.classes
+    summary = summarise(rows, classes)
+    result = {"config": cv.cfg.to_dict(), "folds": n_folds, "seed": cv.cfg.seed, "classes": classes,
+              "dataset_fingerprint": cv.fingerprint, "fold_sizes": [int(len(f)) for f in cv.folds],
+              "complete": len(rows) == n_folds, "finished_folds": [r["fold"] for r in rows],
+              "missing_folds": [k for k in range(1, n_folds + 1) if k not in {r["fold"] for r in rows}],
+              "per_fold": rows, "summary": summary,
+              "std_note": "sample standard deviation over folds (n - 1)",
+              "val_note": "validation = the fold's held-out part, which also chose the best epoch "
+                          "(slightly optimistic); test = DATASET/test, never used in training"}
+    files.write_text_atomic(json.dumps(result, indent=2, ensure_ascii=False), cv.results_path)
+    files.write_text_atomic(summary_csv(rows, summary, classes), cv.out / SUMMARY)
     return result
