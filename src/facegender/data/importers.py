@@ -197,6 +197,17 @@ def _unique_name(name: str, taken: set[str]) -> str:
     return f"{stem}_{i}{ext}"
 
 
+@dataclass
+class _Placed:
+    """What placing the images in the staging folder did: the rows of ``groups.csv``, the files
+    renamed to avoid a collision, hard links that fell back to copies, and images per split and class."""
+
+    rows: list[dict[str, str]] = field(default_factory=list)
+    renamed: list[dict[str, str]] = field(default_factory=list)
+    fallbacks: int = 0
+    counts: dict[str, dict[str, int]] = field(default_factory=lambda: {s: {} for s in SPLITS})
+
+
 def _write_dataset(
     items: list[_Item],
     out: Path,
@@ -209,15 +220,9 @@ def _write_dataset(
     skipped: list[dict[str, str]],
     source: str,
 ) -> dict[str, Any]:
-    if link not in LINK_MODES:
-        raise ConfigError(f"link must be one of {', '.join(LINK_MODES)}, got {link!r}")
-    _check_out(out, overwrite)
-    inside = [str(it.source) for it in items if _in_output(it.source, out)]
-    if inside:
-        raise ConfigError(
-            f"{len(inside)} source image(s) are inside {out}/train or {out}/test, which the import "
-            f"replaces (e.g. {inside[0]}); choose another output folder"
-        )
+    """Split ``items`` and write the layout into ``out`` (see the module docstring): built in a
+    staging folder next to ``out``, moved into place only when complete. The import's summary."""
+    _check_import(items, out, link, overwrite)
     # Deterministic order before the seeded split, whatever order the file system lists.
     items = sorted(items, key=lambda it: (it.label, str(it.source)))
     train, test = _split(items, test_fraction, seed)
@@ -225,43 +230,10 @@ def _write_dataset(
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.importing-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
-    rows: list[dict[str, str]] = []
-    renamed: list[dict[str, str]] = []
-    fallbacks = 0
-    counts: dict[str, dict[str, int]] = {s: {} for s in SPLITS}
     try:
-        taken: dict[Path, set[str]] = {}
-        for split, split_items in zip(SPLITS, (train, test)):
-            for it in split_items:
-                rel_dir = Path(split) / it.label
-                folder = staging / rel_dir
-                if rel_dir not in taken:
-                    folder.mkdir(parents=True, exist_ok=True)
-                    taken[rel_dir] = set()
-                name = _unique_name(it.source.name, taken[rel_dir])
-                taken[rel_dir].add(name.lower())
-                if name != it.source.name:
-                    renamed.append({"source": str(it.source), "path": f"{split}/{it.label}/{name}"})
-                fallbacks += _place(it.source, folder / name, link)
-                counts[split][it.label] = counts[split].get(it.label, 0) + 1
-                rows.append(
-                    {"path": f"{split}/{it.label}/{name}", "label": it.label,
-                     **{c: it.groups.get(c, "") for c in group_columns}}
-                )
-        with open(staging / "groups.csv", "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=["path", "label", *group_columns])
-            writer.writeheader()
-            writer.writerows(rows)
-
-        # Move the finished result into place.
-        out.mkdir(parents=True, exist_ok=True)
-        for name in (*SPLITS, "groups.csv"):
-            target = out / name
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-            elif target.exists() or target.is_symlink():
-                target.unlink()
-            os.replace(staging / name, target)
+        placed = _place_items(staging, (train, test), link, group_columns)
+        _write_groups_csv(staging / "groups.csv", placed.rows, group_columns)
+        _move_into_place(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -273,18 +245,77 @@ def _write_dataset(
         "test_dir": str(out / "test"),
         "groups_csv": str(out / "groups.csv"),
         "classes": classes,
-        "counts": {s: {c: counts[s].get(c, 0) for c in classes} for s in SPLITS},
+        "counts": {s: {c: placed.counts[s].get(c, 0) for c in classes} for s in SPLITS},
         "n_images": len(items),
         "n_train": len(train),
         "n_test": len(test),
         "test_fraction": test_fraction,
         "seed": seed,
         "link": link,
-        "hardlink_fallback_copies": fallbacks,
-        "renamed": renamed,
+        "hardlink_fallback_copies": placed.fallbacks,
+        "renamed": placed.renamed,
         "skipped": skipped,
         "n_skipped": len(skipped),
     }
+
+
+def _check_import(items: list[_Item], out: Path, link: str, overwrite: bool) -> None:
+    """Refuse an unknown link mode, an output that may not be replaced, and sources inside the
+    parts of ``out`` the import replaces."""
+    if link not in LINK_MODES:
+        raise ConfigError(f"link must be one of {', '.join(LINK_MODES)}, got {link!r}")
+    _check_out(out, overwrite)
+    inside = [str(it.source) for it in items if _in_output(it.source, out)]
+    if inside:
+        raise ConfigError(
+            f"{len(inside)} source image(s) are inside {out}/train or {out}/test, which the import "
+            f"replaces (e.g. {inside[0]}); choose another output folder"
+        )
+
+
+def _place_items(
+    staging: Path, splits: tuple[list[_Item], list[_Item]], link: str, group_columns: Sequence[str]
+) -> _Placed:
+    """Put the images of each split at ``staging/<split>/<class>/<name>``, names made unique per folder."""
+    placed = _Placed()
+    taken: dict[Path, set[str]] = {}
+    for split, split_items in zip(SPLITS, splits):
+        for it in split_items:
+            rel_dir = Path(split) / it.label
+            folder = staging / rel_dir
+            if rel_dir not in taken:
+                folder.mkdir(parents=True, exist_ok=True)
+                taken[rel_dir] = set()
+            name = _unique_name(it.source.name, taken[rel_dir])
+            taken[rel_dir].add(name.lower())
+            if name != it.source.name:
+                placed.renamed.append({"source": str(it.source), "path": f"{split}/{it.label}/{name}"})
+            placed.fallbacks += _place(it.source, folder / name, link)
+            placed.counts[split][it.label] = placed.counts[split].get(it.label, 0) + 1
+            placed.rows.append(
+                {"path": f"{split}/{it.label}/{name}", "label": it.label,
+                 **{c: it.groups.get(c, "") for c in group_columns}}
+            )
+    return placed
+
+
+def _write_groups_csv(path: Path, rows: list[dict[str, str]], group_columns: Sequence[str]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=["path", "label", *group_columns])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _move_into_place(staging: Path, out: Path) -> None:
+    """Replace ``out``'s train/, test/ and groups.csv with the finished ones from ``staging``."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name in (*SPLITS, "groups.csv"):
+        target = out / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.exists() or target.is_symlink():
+            target.unlink()
+        os.replace(staging / name, target)
 
 
 # --------------------------------------------------------------------------------------------
@@ -359,6 +390,18 @@ def import_utkface(
 # --------------------------------------------------------------------------------------------
 
 
+@dataclass
+class _LabelsTable:
+    """A labels CSV as read: its header, the positions of ``path``, ``label`` and the group
+    columns, and its rows with their line numbers."""
+
+    header: list[str]
+    i_path: int
+    i_label: int
+    extra: list[tuple[int, str]]
+    rows: list[tuple[int, list[str]]]
+
+
 def import_csv(
     labels_csv: Path,
     out: Path,
@@ -385,6 +428,22 @@ def import_csv(
     base = Path(root) if root is not None else labels_csv.parent
     if not labels_csv.is_file():
         raise InputNotFoundError(f"{labels_csv}: labels file not found; pass a CSV with path and label columns")
+    table = _read_labels_csv(labels_csv)
+    items, skipped = _csv_items(table, base, labels_csv)
+    if not items:
+        raise InputFileError(
+            f"no usable images listed in {labels_csv}" + (
+                f" ({len(skipped)} rows skipped, first: {skipped[0]['reason']})" if skipped else ""
+            )
+        )
+    return _write_dataset(
+        items, out, test_fraction=test_fraction, seed=seed, link=link, overwrite=overwrite,
+        group_columns=[h for _, h in table.extra], skipped=skipped, source=str(labels_csv),
+    )
+
+
+def _read_labels_csv(labels_csv: Path) -> _LabelsTable:
+    """The CSV's header (which must name ``path`` and ``label``, in any case) and rows."""
     with open(labels_csv, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
         try:
@@ -399,63 +458,62 @@ def import_csv(
             )
         i_path, i_label = lower.index("path"), lower.index("label")
         extra = [(i, h) for i, h in enumerate(header) if i not in (i_path, i_label) and h]
-        rows = [(reader.line_num, r) for r in reader]
+        return _LabelsTable(header, i_path, i_label, extra, [(reader.line_num, r) for r in reader])
 
+
+def _csv_items(table: _LabelsTable, base: Path, labels_csv: Path) -> tuple[list[_Item], list[dict[str, Any]]]:
+    """(the images to import, the rows skipped as ``{row, path, reason}``); blank lines are ignored."""
     items: list[_Item] = []
     skipped: list[dict[str, Any]] = []
     seen: dict[Path, int] = {}
     folder_of: dict[str, str] = {}
-    for line, r in rows:
+    for line, r in table.rows:
         if not any(cell.strip() for cell in r):
             continue  # blank line
-        r = r + [""] * (len(header) - len(r))
-        raw_path, raw_label = r[i_path].strip(), r[i_label].strip()
+        r = r + [""] * (len(table.header) - len(r))
+        item = _csv_item(r, table, base, seen)
+        if isinstance(item, str):
+            skipped.append({"row": line, "path": r[table.i_path].strip(), "reason": item})
+            continue
+        _check_label_folder(folder_of, item.label, r[table.i_label].strip(), labels_csv)
+        seen[item.source.resolve()] = line
+        items.append(item)
+    return items, skipped
 
-        def skip(reason: str) -> None:
-            skipped.append({"row": line, "path": raw_path, "reason": reason})
 
-        if not raw_path:
-            skip("empty path")
-            continue
-        p = Path(raw_path)
-        path = p if p.is_absolute() else base / p
-        if not path.exists() and "\\" in raw_path:
-            path = base / Path(*raw_path.split("\\"))
-        if not path.is_file():
-            skip(f"file not found: {path}")
-            continue
-        if not is_image_name(path.name):
-            skip("not an image file name")
-            continue
-        if path.stat().st_size == 0:
-            skip("empty file")
-            continue
-        key = path.resolve()
-        if key in seen:
-            skip(f"same file as row {seen[key]}")
-            continue
-        try:
-            folder = _class_folder_name(raw_label)
-        except ValueError as e:
-            skip(str(e))
-            continue
-        # Compared case-insensitively: "Male" and "male" would share a folder on macOS/Windows.
-        first = folder_of.setdefault(folder.casefold(), raw_label)
-        if first != raw_label:
-            raise InputFileError(
-                f"labels {first!r} and {raw_label!r} both become the class folder {folder!r} "
-                f"(folder names are compared ignoring case); make them identical or distinct "
-                f"in {labels_csv}"
-            )
-        seen[key] = line
-        items.append(_Item(path, folder, {h: r[i].strip() for i, h in extra}))
-    if not items:
+def _csv_item(r: list[str], table: _LabelsTable, base: Path, seen: dict[Path, int]) -> _Item | str:
+    """The image of one CSV row, or why the row is skipped (empty path, file missing, not an image,
+    empty, listed before in ``seen``, label unusable as a folder name)."""
+    raw_path, raw_label = r[table.i_path].strip(), r[table.i_label].strip()
+    if not raw_path:
+        return "empty path"
+    p = Path(raw_path)
+    path = p if p.is_absolute() else base / p
+    if not path.exists() and "\\" in raw_path:
+        path = base / Path(*raw_path.split("\\"))
+    if not path.is_file():
+        return f"file not found: {path}"
+    if not is_image_name(path.name):
+        return "not an image file name"
+    if path.stat().st_size == 0:
+        return "empty file"
+    key = path.resolve()
+    if key in seen:
+        return f"same file as row {seen[key]}"
+    try:
+        folder = _class_folder_name(raw_label)
+    except ValueError as e:
+        return str(e)
+    return _Item(path, folder, {h: r[i].strip() for i, h in table.extra})
+
+
+def _check_label_folder(folder_of: dict[str, str], folder: str, raw_label: str, labels_csv: Path) -> None:
+    """Refuse two labels that become the same class folder; ``folder_of`` records each folder's first label."""
+    # Compared case-insensitively: "Male" and "male" would share a folder on macOS/Windows.
+    first = folder_of.setdefault(folder.casefold(), raw_label)
+    if first != raw_label:
         raise InputFileError(
-            f"no usable images listed in {labels_csv}" + (
-                f" ({len(skipped)} rows skipped, first: {skipped[0]['reason']})" if skipped else ""
-            )
+            f"labels {first!r} and {raw_label!r} both become the class folder {folder!r} "
+            f"(folder names are compared ignoring case); make them identical or distinct "
+            f"in {labels_csv}"
         )
-    return _write_dataset(
-        items, out, test_fraction=test_fraction, seed=seed, link=link, overwrite=overwrite,
-        group_columns=[h for _, h in extra], skipped=skipped, source=str(labels_csv),
-    )
