@@ -2,7 +2,7 @@
 
 RAW/train/<class>/... and RAW/test/<class>/... become OUT/train/<class>/... and OUT/test/<class>/...
 (same relative paths, written as .jpg quality 95 or .png): each image is replaced by the aligned
-crop of its largest face, exactly as `train --align` would prepare it (`faces.align_or_fallback`).
+crop of its largest face, exactly as `train --align` would prepare it (`core.faces.detect.align_or_fallback`).
 An image where no face is found gets the same centred, padded crop as in training; an image with
 several faces keeps the largest one (or is left out with `single_face_only`).
 
@@ -19,6 +19,7 @@ several faces and unreadable files; `prepare_report.txt` is the same for people.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -130,6 +131,40 @@ def prepare_dataset(raw: str | os.PathLike, out: str | os.PathLike, face: dict |
     from facegender.core.faces.align import FaceAlignConfig
     from facegender.core.faces.detect import FaceDetector
 
+    raw, out = _check_folders(raw, out, fmt)
+    config = FaceAlignConfig.from_dict(face or {})
+    classes, train, test = scan_dataset(raw, need_test=False)
+    sources = list(train.paths) + (list(test.paths) if test is not None else [])
+    targets = output_paths(sources, raw, out, fmt)
+    settings = json.loads(json.dumps({"face": config.to_dict(), "format": fmt, "single_face_only": single_face_only}))
+    previous = _previous_outcomes(out, settings, targets, log)
+    out.mkdir(parents=True, exist_ok=True)
+    marker = {"facegender_prepare": 1, **settings, "source": str(raw.resolve()), "classes": classes,
+              "complete": False}
+    _write_json(marker, out / MARKER)
+
+    detector = FaceDetector(config, threads=threads)
+    align = functools.partial(_prepare_one, detector=detector, config=config, single_face_only=single_face_only,
+                              fmt=fmt)
+    result = PrepareResult(out, {})
+    started = time.perf_counter()
+    try:
+        for src in tqdm(sources, desc="aligning faces", unit="img", disable=not progress):
+            _align_source(src, raw, targets[src], previous, result, align)
+    except KeyboardInterrupt:  # keep what was done, so that the next run resumes
+        _write_json(build_report(raw, out, settings, result, time.perf_counter() - started), out / REPORT_JSON)
+        raise
+
+    result.report = _write_report(build_report(raw, out, settings, result, time.perf_counter() - started), out, log)
+    _check_outcome(raw, result, skip_bad)
+    marker["complete"] = True
+    _write_json(marker, out / MARKER)
+    return result
+
+
+def _check_folders(raw: str | os.PathLike, out: str | os.PathLike, fmt: str) -> tuple[Path, Path]:
+    """(RAW, OUT) as paths, once the format is known, OUT is a new folder outside RAW and RAW is
+    not itself a prepared folder."""
     if fmt not in FORMATS:
         raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     raw, out = Path(raw), Path(out)
@@ -137,71 +172,69 @@ def prepare_dataset(raw: str | os.PathLike, out: str | os.PathLike, face: dict |
         raise ConfigError(f"--out {out} must not be inside --data {raw}; choose a new folder")
     if (raw / MARKER).is_file():
         raise InputFileError(f"{raw} is already the output of `facegender prepare`; pass the original images")
-    config = FaceAlignConfig.from_dict(face or {})
-    classes, train, test = scan_dataset(raw, need_test=False)
-    sources = list(train.paths) + (list(test.paths) if test is not None else [])
-    targets = output_paths(sources, raw, out, fmt)
+    return raw, out
 
-    # Outputs are reused only if they were made with the same settings.
-    settings = json.loads(json.dumps({"face": config.to_dict(), "format": fmt, "single_face_only": single_face_only}))
-    previous: dict = {}
+
+def _previous_outcomes(out: Path, settings: dict, targets: dict[Path, Path], log: Callable[[str], None]) -> dict:
+    """The per-file outcomes of an earlier run into OUT, reused only if it had the same settings;
+    with other settings its outputs are deleted (every image is aligned again)."""
     marker_path = out / MARKER
-    if marker_path.is_file():
-        try:
-            old = json.loads(marker_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            old = {}
-        if {k: old.get(k) for k in settings} == settings:
-            try:
-                previous = json.loads((out / REPORT_JSON).read_text(encoding="utf-8")).get("files", {})
-            except (OSError, ValueError):
-                previous = {}
-        else:
-            log(f"note: {out} was prepared with other settings; every image is aligned again")
-            for target in targets.values():
-                target.unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    marker = {"facegender_prepare": 1, **settings, "source": str(raw.resolve()), "classes": classes,
-              "complete": False}
-    write_text_atomic(json.dumps(marker, indent=2, ensure_ascii=False), marker_path)
-
-    detector = FaceDetector(config, threads=threads)
-    result = PrepareResult(out, {})
-    started = time.perf_counter()
+    if not marker_path.is_file():
+        return {}
     try:
-        for src in tqdm(sources, desc="aligning faces", unit="img", disable=not progress):
-            rel = str(src.relative_to(raw))
-            if _still_valid(previous.get(rel), src, targets[src]):
-                result.per_file[rel] = previous[rel]
-                result.reused += 1
-                continue
-            entry = _prepare_one(src, targets[src], detector, config, single_face_only, fmt)
-            entry["source_mtime_ns"] = src.stat().st_mtime_ns
-            if entry.get("output"):
-                entry["output"] = str(targets[src].relative_to(out))
-                result.written += 1
-            result.per_file[rel] = entry
-    except KeyboardInterrupt:  # keep what was done, so that the next run resumes
-        partial = build_report(raw, out, settings, result, time.perf_counter() - started)
-        write_text_atomic(json.dumps(partial, indent=2, ensure_ascii=False), out / REPORT_JSON)
-        raise
+        old = json.loads(marker_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        old = {}
+    if {k: old.get(k) for k in settings} == settings:
+        try:
+            return json.loads((out / REPORT_JSON).read_text(encoding="utf-8")).get("files", {})
+        except (OSError, ValueError):
+            return {}
+    log(f"note: {out} was prepared with other settings; every image is aligned again")
+    for target in targets.values():
+        target.unlink(missing_ok=True)
+    return {}
 
-    report = build_report(raw, out, settings, result, time.perf_counter() - started)
-    result.report = report
-    write_text_atomic(json.dumps(report, indent=2, ensure_ascii=False), out / REPORT_JSON)
+
+def _align_source(src: Path, raw: Path, target: Path, previous: dict, result: PrepareResult,
+                  align: Callable[[Path, Path], dict]) -> None:
+    """Record one source's outcome in `result`: the previous one while still valid, else that of
+    `align(src, target)` (`_prepare_one`)."""
+    rel = str(src.relative_to(raw))
+    if _still_valid(previous.get(rel), src, target):
+        result.per_file[rel] = previous[rel]
+        result.reused += 1
+        return
+    entry = align(src, target)
+    entry["source_mtime_ns"] = src.stat().st_mtime_ns
+    if entry.get("output"):
+        entry["output"] = str(target.relative_to(result.out))
+        result.written += 1
+    result.per_file[rel] = entry
+
+
+def _write_json(value: dict, path: Path) -> None:
+    write_text_atomic(json.dumps(value, indent=2, ensure_ascii=False), path)
+
+
+def _write_report(report: dict, out: Path, log: Callable[[str], None]) -> dict:
+    """prepare_report.json and prepare_report.txt in OUT, the latter also logged; `report`."""
+    _write_json(report, out / REPORT_JSON)
     text = format_report(report)
     write_text_atomic(text + "\n", out / REPORT_TXT)
     log(text)
-    unreadable = report["unreadable"]
+    return report
+
+
+def _check_outcome(raw: Path, result: PrepareResult, skip_bad: bool) -> None:
+    """DatasetError for unreadable images (unless `skip_bad`) and when no image could be prepared."""
+    unreadable = result.report["unreadable"]
     if unreadable and not skip_bad:
         raise DatasetError(format_problems([u["error"] for u in unreadable]) + "\nFix: delete or replace these "
                            "files, or pass --skip-bad to leave them out (listed in "
-                           f"{out / REPORT_JSON}).")
+                           f"{result.out / REPORT_JSON}).")
     if not any(e["status"] != UNREADABLE and e["status"] != SKIPPED_MULTIPLE for e in result.per_file.values()):
-        raise DatasetError(f"{raw}: no image could be prepared; see {out / REPORT_JSON}")
-    marker["complete"] = True
-    write_text_atomic(json.dumps(marker, indent=2, ensure_ascii=False), marker_path)
-    return result
+        raise DatasetError(f"{raw}: no image could be prepared; see {result.out / REPORT_JSON}")
 
 
 def _still_valid(entry: dict | None, src: Path, target: Path) -> bool:
