@@ -17,7 +17,7 @@ from facegender.core.errors import ConfigError
 
 def option(default: Any, help: str, group: str = "runtime", cli: bool = True, **argparse_kwargs: Any):
     """A TrainConfig field with its command-line help: `facegender train` and `cv` make one option
-    per field from these (`cli.py`), so name, type, default and help live here only. `group` is the
+    per field from these (`app/cli.py`), so name, type, default and help live here only. `group` is the
     --help section; `argparse_kwargs` (choices, metavar, flag) go to argparse; `cli=False`: no option.
     An empty list default makes a repeatable option (`--data A --data B`)."""
     metadata = {"help": help, "group": group, "cli": cli, **argparse_kwargs}
@@ -51,7 +51,7 @@ class TrainConfig:
     face: dict | None = option(None, "face alignment settings (FaceAlignConfig) when align is on", "data", cli=False)
     # model
     backbone: str = option("efficientnet_lite0", "efficientnet_lite0 (offline weights), resnet18, resnet50, "
-                           "mobilenet_v3_large, efficientnet_b0, ... (model.py)", "model")
+                           "mobilenet_v3_large, efficientnet_b0, ... (training/backbones.py)", "model")
     pretrained: bool = option(True, "start from ImageNet weights; --no-pretrained: random weights (recorded in "
                               "the model file)", "model")
     weights: str | None = option(None, "ImageNet weight file for the backbone", "model", metavar="FILE")

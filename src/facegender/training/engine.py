@@ -157,7 +157,7 @@ def predict_logits(model: nn.Module, loader, device: torch.device, precision: st
                    channels_last: bool = False, desc: str = "eval", progress: bool = True
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits (N, C) float32 on CPU, labels (N,)) for every batch of `loader`, at the training
-    precision (validation during training; inference after training is `inference.Model`)."""
+    precision (validation during training; inference after training is `core.model.Model`)."""
     model.eval()
     all_logits, all_labels = [], []
     for images, labels in tqdm(loader, desc=desc, leave=False, disable=not progress, unit="batch"):
