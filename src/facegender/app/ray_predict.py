@@ -220,17 +220,18 @@ def build_dataset(paths: list[str], prefix: str, model: tuple[str, bytes] | None
     """The lazy Ray dataset of JSON result records (`result` column), in input order."""
     rd = require("ray.data", FEATURE)
     rd.DataContext.get_current().execution_options.preserve_order = True
-    # Reading costs no CPU of its own: with every CPU held by a model actor (the default), read tasks
-    # that asked for one would never be scheduled and the run would hang.
-    read: dict[str, Any] = {"include_paths": True, "num_cpus": 0}
+    # The files are read in the actors: a block of photos a call (map_batches without a batch size fuses
+    # the read into the actor pool). Read tasks of their own would need CPUs that the actors hold (the
+    # run hangs), or take none and start a process each (the CPUs thrash).
+    read: dict[str, Any] = {"include_paths": True}
     if prefix:  # a listed URI folder: image files only (local folders are walked by iter_paths)
         read["file_extensions"] = sorted({e.lstrip(".") for e in IMAGE_EXTENSIONS} |
                                          {e.lstrip(".").upper() for e in IMAGE_EXTENSIONS})
-    else:  # enough blocks to keep every actor busy, a batch or more each
+    else:  # blocks of about `batch_size` photos, and one per actor at least
         read["override_num_blocks"] = max(1, min(len(paths), max(workers, math.ceil(len(paths) / batch_size))))
     threads = max(1, math.ceil(cpus_per_worker))
     return rd.read_binary_files(paths, **read).map_batches(
-        PhotoPredictor, batch_size=batch_size, batch_format="numpy", compute=rd.ActorPoolStrategy(size=workers),
+        PhotoPredictor, batch_size=None, batch_format="numpy", compute=rd.ActorPoolStrategy(size=workers),
         num_cpus=cpus_per_worker, fn_constructor_args=(model, prefix),
         fn_constructor_kwargs={"threads": threads, "workers": threads, "batch_size": batch_size, **options})
 
