@@ -71,6 +71,9 @@ def test_cli_predict_ray_writes_the_same_rows(ray_local, local_rows, tmp_path):
                str(shared_path(*FOLDER))])
     assert rc == 0
     _assert_same(_jsonl(out), local_rows)
+    local = tmp_path / "local.jsonl"
+    assert main(["predict", "--jsonl", "--fast", "--quiet", "--out", str(local), str(shared_path(*FOLDER))]) == 0
+    assert out.read_bytes() == local.read_bytes()  # the local command's file, byte for byte
 
 
 def test_parquet_columns_and_a_missing_file(ray_local, local_rows, tmp_path):
