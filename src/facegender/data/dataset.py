@@ -6,22 +6,20 @@ Layout: DATASET/train/<class>/*.jpg and DATASET/test/<class>/*.jpg; class names 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from facegender.core.cache import cache_folder, cache_key, store
 from facegender.core.errors import ConfigError, DataError
-from facegender.core.files import atomic_path
+from facegender.core.files import sha256_file
 from facegender.core.images import ImageError, is_image_name, load_image
-from facegender.core.resources import cache_dir
 from facegender.core.preprocessing import ImagePreparer
 
 #: Files that operating systems leave in folders; ignored without a word.
@@ -47,12 +45,12 @@ class Split:
     def source_of(self, i: int) -> int:
         return self.sources[i] if self.sources else 0
 
-    def subset(self, indices: Sequence[int]) -> "Split":
+    def subset(self, indices: Sequence[int]) -> Split:
         return Split([self.paths[i] for i in indices], [self.labels[i] for i in indices],
                      [self.sources[i] for i in indices] if self.sources else [])
 
     @classmethod
-    def concat(cls, parts: Sequence["Split"]) -> "Split":
+    def concat(cls, parts: Sequence[Split]) -> Split:
         """One split of several sources' splits, part k tagged as source k."""
         out = cls()
         for k, part in enumerate(parts):
@@ -200,25 +198,23 @@ def fold_split(train: Split, n_folds: int, fold: int, seed: int) -> tuple[Split,
 
 # ----------------------------------------------------------------------------- decoding and caching
 
-def _aligned_cache_path(cache_dir: Path, path: Path, face: dict) -> Path:
-    """The cache file of an image's aligned face: keyed by the file's content (so copies and
-    renamed files share it, across datasets and runs) and the face settings with the crop
-    geometry they give."""
+def _aligned_cache_key(path: Path, face: dict) -> str:
+    """The cache key of an image's aligned face: the file's content (so copies and renamed files
+    share it, across datasets and runs) and the face settings with the crop geometry they give."""
     from facegender.core.faces.align import FaceAlignConfig, template_landmarks
 
     template = template_landmarks(FaceAlignConfig.from_dict(face)).round(3).tolist()  # the geometry itself
-    key = hashlib.sha1(json.dumps([face, template], sort_keys=True).encode())
-    key.update(Path(path).read_bytes())
-    return cache_dir / (key.hexdigest() + ".png")
+    return cache_key(sha256_file(path), face, template)
 
 
 def default_cache_dir() -> Path:
-    return cache_dir("aligned")
+    return cache_folder(None, "aligned")
 
 
 class ImageLoader:
     """Path -> prepared uint8 array (3, S, S). With face alignment, aligned crops are cached on disk
-    (keyed by the file's content and the face settings), so an image is detected once, not every run."""
+    (`<key>.png`, or `<key>.noface.png` when no face was found and the image was centred instead;
+    keyed by the file's content and the face settings), so an image is detected once, not every run."""
 
     def __init__(self, preparer: ImagePreparer, cache_dir: Path | None = None):
         self.preparer = preparer
@@ -229,19 +225,19 @@ class ImageLoader:
         if self.face is None:
             return self.preparer.prepare(load_image(path))
         try:
-            cached = _aligned_cache_path(self.cache_dir, path, self.face)
+            key = _aligned_cache_key(path, self.face)
         except OSError:  # unreadable: load_image names the file and the problem
             return self.preparer.prepare(load_image(path))
-        noface = cached.with_suffix(".noface.png")
-        for candidate, found in ((cached, True), (noface, False)):
+        found_path, noface_path = (self.cache_dir / f"{key}{suffix}" for suffix in (".png", ".noface.png"))
+        for candidate, found in ((found_path, True), (noface_path, False)):
             if candidate.is_file():
                 try:
                     return self.preparer.prep.resize(load_image(candidate)), found
                 except ImageError:
                     candidate.unlink(missing_ok=True)  # a damaged cache entry is rebuilt
         array, found = self.preparer.prepare(load_image(path))
-        with atomic_path(cached if found else noface) as tmp:
-            Image.fromarray(array.transpose(1, 2, 0)).save(tmp, format="PNG")
+        store(found_path if found else noface_path,
+              lambda tmp: Image.fromarray(array.transpose(1, 2, 0)).save(tmp, format="PNG"))
         return array, found
 
 

@@ -4,7 +4,7 @@ The network is the `anet_type` of dlib's `examples/dnn_face_recognition_ex.cpp`:
 that maps a 150x150 RGB face chip to a 128-d descriptor (faces of one person lie within about 0.6
 of each other). `DlibResNet` reproduces it layer by layer and `read_dlib_dat` reads the weights
 from dlib's own file without dlib; `converted_weights` caches the converted state dict. The file
-reader, the constants and the same network as an ONNX graph (no PyTorch) are in dlib_weights.py.
+reader, the constants and the same network as an ONNX graph (no PyTorch) are in core/dlib_onnx.py.
 
 What dlib does, checked against its source (dlib/dnn/layers.h, core.h, input.h, cpu_dlib.cpp,
 tensor.h, serialize.h, float_details.h) and against dlib itself (tests/test_dlib_resnet.py):
@@ -41,16 +41,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from facegender.core.dlib_onnx import _LEVELS, CHIP_SIZE, DLIB_MEAN, DLIB_STD, EMBEDDING_DIM, WEIGHTS_SHA256, checked_weights_file, read_dlib_arrays, weights_file
+from facegender.core.cache import cache_folder, cached_file
+from facegender.core.dlib_onnx import (
+    _LEVELS,
+    CHIP_SIZE,
+    DLIB_MEAN,
+    DLIB_STD,
+    EMBEDDING_DIM,
+    WEIGHTS_SHA256,
+    checked_weights_file,
+    read_dlib_arrays,
+    weights_file,
+)
 from facegender.core.faces.align import DLIB_CHIP_FILL, FaceAlignConfig, align_face
-from facegender.core.files import atomic_path
 from facegender.core.preprocessing import Preprocessing, normalize
-from facegender.core.resources import cache_dir
 
 _CACHE_FORMAT = "facegender-dlib-resnet-v1"
 
 #: The chip geometry (DLIB_CHIP_TEMPLATE_150: RetinaFace's landmarks in dlib's 150 px chip) and
-#: its fill (black, as dlib's extract_image_chip) live with the rest of the face stage, in faces.py.
+#: its fill (black, as dlib's extract_image_chip) live with the rest of the face stage, in core/faces/align.py.
 CHIP_FILL = DLIB_CHIP_FILL
 
 
@@ -188,7 +197,7 @@ def to_input(chips: np.ndarray | list) -> torch.Tensor:
 
 def read_dlib_dat(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """DlibResNet's state dict from dlib's serialised face-recognition network: the arrays of
-    `dlib_weights.read_dlib_arrays` as tensors. A file that is not that network raises ValueError
+    `core.dlib_onnx.read_dlib_arrays` as tensors. A file that is not that network raises ValueError
     naming it."""
     arrays = read_dlib_arrays(path)
     state = {k: torch.from_numpy(v) for k, v in arrays.items()}
@@ -204,7 +213,7 @@ def read_dlib_dat(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def default_cache_dir() -> Path:
     """Where the converted weights are cached: `resources.cache_dir()`."""
-    return cache_dir()
+    return cache_folder()
 
 
 def _tensors_sha256(state: dict[str, torch.Tensor]) -> str:
@@ -234,23 +243,25 @@ def _load_cache(path: Path, source_sha256: str) -> dict[str, torch.Tensor] | Non
 
 def converted_weights(cache_dir: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
     """DlibResNet's state dict from dlib's .dat (see `weights_file`), converted on first use and
-    then read from `<cache>/dlib_resnet_v1-<sha256 of the .dat, 16 hex>.pth`.
+    then read from `<cache>/dlib_resnet_v1-<sha256 of the .dat, 16 hex>.pth` (`cache.cached_file`).
 
     The .dat must have WEIGHTS_SHA256. The cache holds the sha256 of the .dat and of its tensors
     and is rebuilt when either does not match (a damaged or edited file is never used). It is
     written atomically (temporary file in the same folder, then rename).
     """
     source = checked_weights_file(weights_file())
-    digest = WEIGHTS_SHA256
-    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    target = folder / f"dlib_resnet_v1-{digest[:16]}.pth"
-    if target.is_file():
-        state = _load_cache(target, digest)
-        if state is not None:
-            return state
-    state = read_dlib_dat(source)
-    payload = {"format": _CACHE_FORMAT, "source_sha256": digest, "tensors_sha256": _tensors_sha256(state),
-               "state_dict": state}
-    with atomic_path(target) as tmp:
-        torch.save(payload, tmp)
+    state: dict[str, torch.Tensor] | None = None
+
+    def valid(path: Path) -> bool:
+        nonlocal state
+        state = _load_cache(path, WEIGHTS_SHA256)
+        return state is not None
+
+    def build(tmp: Path) -> None:
+        nonlocal state
+        state = read_dlib_dat(source)
+        torch.save({"format": _CACHE_FORMAT, "source_sha256": WEIGHTS_SHA256, "tensors_sha256": _tensors_sha256(state),
+                    "state_dict": state}, tmp)
+
+    cached_file(cache_folder(cache_dir), f"dlib_resnet_v1-{WEIGHTS_SHA256[:16]}", ".pth", build, valid=valid)
     return state

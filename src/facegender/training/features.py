@@ -7,7 +7,7 @@ embedded in `views` versions: view 0 as it is, view 1 mirrored, the others light
 and an epoch takes milliseconds instead of minutes.
 
 Embeddings are cached on disk, one small .npy file per image, keyed by the prepared image's bytes,
-the preprocessing, the body's weights and the view recipe: a second run, or the next fold, reads
+the preprocessing, the body's weights and the view recipe (`core.cache`): a second run, or the next fold, reads
 them instead of running the network. View k of an image is the same whatever the number of views,
 so a file with more views also serves a request for fewer.
 """
@@ -19,16 +19,15 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from facegender.core import resources
-from facegender.core.files import atomic_path
+from facegender.core.cache import cache_folder, cache_key, store
 from facegender.core.preprocessing import Preprocessing
 from facegender.training.transforms import EvalPreset, TrainPreset
 
@@ -53,25 +52,33 @@ class FeatureExtractor:
         self.dtype = dtype
         self.eval_tf = EvalPreset(prep)
         self.jitter_tf = TrainPreset(prep, augment)
-        self.cache_dir = cache_dir or resources.cache_dir("features")
+        self.cache_dir = cache_folder(cache_dir, "features")
         salt = [VIEWS_VERSION, prep.to_dict(), body_id]
-        if augment != "light" or dtype is not np.float32:  # (the frozen-feature keys stay as they were)
+        if augment != "light" or dtype is not np.float32:  # (the frozen-feature seeds stay as they were)
             salt += [augment, np.dtype(dtype).name]
-        self._salt = json.dumps(salt, sort_keys=True).encode()
+        self._salt = salt
+        self._seed_salt = json.dumps(salt, sort_keys=True).encode()
 
     def _key(self, image: np.ndarray) -> str:
-        h = hashlib.sha1(self._salt)
-        h.update(np.ascontiguousarray(image).tobytes())
-        return h.hexdigest()
+        """The cache key of a prepared image's outputs (`cache.cache_key` of the salt and the pixels)."""
+        return cache_key(self._salt, np.ascontiguousarray(image).tobytes())
 
-    def view(self, image: np.ndarray, index: int, key: str) -> torch.Tensor:
-        """The normalised float tensor of view `index` of a prepared uint8 image (3, S, S)."""
+    def _seed(self, image: np.ndarray) -> int:
+        """The seed of an image's jittered views: from sha1 of the salt and the pixels, as before the
+        cache keys moved to `cache.cache_key`, so training on the views gives the same numbers."""
+        h = hashlib.sha1(self._seed_salt)
+        h.update(np.ascontiguousarray(image).tobytes())
+        return int(h.hexdigest()[:12], 16)
+
+    def view(self, image: np.ndarray, index: int, seed: int) -> torch.Tensor:
+        """The normalised float tensor of view `index` of a prepared uint8 image (3, S, S); `seed`:
+        the image's `_seed`."""
         if index == 0:
             return self.eval_tf(image)
         if index == 1:
             return self.eval_tf(image[..., ::-1])
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(key[:12], 16) + index)
+            torch.manual_seed(seed + index)
             return self.jitter_tf(image)
 
     @torch.no_grad()
@@ -99,12 +106,13 @@ class FeatureExtractor:
         done = {i: h[:views] for i, h in enumerate(have) if h is not None and h.shape[0] >= views}
         parts = {i: list(h) if h is not None else [] for i, h in enumerate(have) if i not in done}
         items = [(i, v) for i in parts for v in range(len(parts[i]), views)]
+        seeds = {i: self._seed(images[i]) for i in parts}
         if items:
             self.body.eval()
             self.cache_dir.mkdir(parents=True, exist_ok=True)
         for start in range(0, len(items), self.batch_size):
             batch_items = items[start:start + self.batch_size]
-            batch = torch.stack([self.view(images[i], v, keys[i]) for i, v in batch_items]).to(self.device)
+            batch = torch.stack([self.view(images[i], v, seeds[i]) for i, v in batch_items]).to(self.device)
             for (i, _), e in zip(batch_items, self.body(batch).float().cpu().numpy()):
                 parts[i].append(e.astype(self.dtype))
         for i, p in parts.items():
@@ -134,8 +142,11 @@ class FeatureExtractor:
         return arr if arr.ndim >= 2 and arr.dtype == self.dtype else None
 
     def _store(self, key: str, arr: np.ndarray) -> np.ndarray:
-        with atomic_path(self.cache_dir / f"{key}.npy") as tmp, open(tmp, "wb") as f:
-            np.save(f, arr, allow_pickle=False)
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
+                np.save(f, arr, allow_pickle=False)
+
+        store(self.cache_dir / f"{key}.npy", write)
         return arr
 
 
