@@ -253,3 +253,17 @@ def test_aligned_face_cache_is_keyed_by_content(tmp_path):
     Image.open(first).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(first)
     loader(Path(first))
     assert len(calls) == 2
+
+
+def test_face_settings_are_parsed_once_and_checkpoints_keep_the_plain_dict():
+    import dataclasses
+
+    from facegender.core.faces.align import FaceAlignConfig
+
+    prep = Preprocessing(image_size=64, face={"size": 64, "margin": 0.2, "pad_color": [1, 2, 3]})
+    config = prep.face_config
+    assert isinstance(config, FaceAlignConfig) and config.margin == 0.2 and prep.face_config is config
+    assert prep.pad_color == (1, 2, 3)
+    assert prep.to_dict()["face"] == {"size": 64, "margin": 0.2, "pad_color": [1, 2, 3]}  # plain data, as given
+    assert Preprocessing.from_dict(prep.to_dict()).face_config == config
+    assert dataclasses.replace(prep, face=None).face_config is None and Preprocessing().pad_color == (128, 128, 128)

@@ -118,10 +118,9 @@ class Model:
         self.face_config = None
         self.detector = None
         if prep.face is not None:
-            from facegender.core.faces.align import FaceAlignConfig
             from facegender.core.faces.detect import FaceDetector
 
-            self.face_config = FaceAlignConfig.from_dict(prep.face)
+            self.face_config = copy.copy(prep.face_config)  # its own: refine_steps may differ
             if refine_steps is not None:
                 self.face_config.refine_steps = int(refine_steps)
             if detect is not False:

@@ -2,9 +2,9 @@
 
 An image goes through two steps, both in numpy and Pillow (no PyTorch, so an exported model
 predicts without it):
-1. `ImagePreparer(prep)(pil) -> uint8 array (3, S, S)`: the deterministic part (face alignment when the model was trained on aligned faces, then resize to
-   S x S). Training caches its output, so each image is decoded and resized once, not once per
-   epoch.
+1. `ImagePreparer(prep)(pil) -> uint8 array (3, S, S)`: the deterministic part (face alignment
+   when the model was trained on aligned faces, then resize to S x S). Training caches its output,
+   so each image is decoded and resized once, not once per epoch.
 2. `normalize(uint8 images) -> float32`: outside the visible box set to the padding colour, then
    `x / 255`, then the backbone's own mean/std. Training's augmentation (`transforms.TrainPreset`,
    PyTorch) runs on the uint8 image first and ends with this same function.
@@ -12,19 +12,28 @@ predicts without it):
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
+if TYPE_CHECKING:
+    from facegender.core.faces.align import FaceAlignConfig
+
 
 @dataclass
 class Preprocessing:
+    """The recipe. Its fields are plain data (what `to_dict` writes into checkpoints and ONNX
+    metadata); `face_config` is `face` parsed, once. Treat an instance as read-only and make a
+    changed copy with `dataclasses.replace`, which parses anew."""
+
     image_size: int = 224
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    face: dict | None = None  # FaceAlignConfig as a dict: faces are detected and aligned first
+    face: dict | None = None  # FaceAlignConfig as a plain dict: faces are detected and aligned first
     # Aligned faces only: the part of the crop (x0, y0, x1, y1, fractions of its side) that the
     # training images filled; everything outside is set to the padding colour, in training and at
     # prediction alike (see `visible_region`). None: the whole crop.
@@ -37,14 +46,24 @@ class Preprocessing:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Preprocessing":
+    def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
         visible = d.get("visible")
         return cls(image_size=int(d["image_size"]), mean=tuple(d["mean"]), std=tuple(d["std"]),
                    face=d.get("face"), visible=None if visible is None else tuple(float(v) for v in visible))
 
+    @functools.cached_property
+    def face_config(self) -> FaceAlignConfig | None:
+        """`face` as a FaceAlignConfig (parsed on first use, then kept; shared, so not to be changed:
+        copy it first), or None without face alignment."""
+        if self.face is None:
+            return None
+        from facegender.core.faces.align import FaceAlignConfig
+
+        return FaceAlignConfig.from_dict(self.face)
+
     @property
     def pad_color(self) -> tuple[int, int, int]:
-        return tuple((self.face or {}).get("pad_color", (128, 128, 128)))  # type: ignore[return-value]
+        return self.face_config.pad_color if self.face_config is not None else (128, 128, 128)
 
     def resize(self, image: Image.Image) -> np.ndarray:
         """PIL RGB image -> uint8 array (3, S, S): the report's plain resize to S x S (Pillow's
@@ -122,20 +141,18 @@ class ImagePreparer:
     def __init__(self, prep: Preprocessing):
         self.prep = prep
         self._detector = None
-        self._face_config = None
 
     def __call__(self, image: Image.Image) -> np.ndarray:
         return self.prepare(image)[0]
 
     def prepare(self, image: Image.Image) -> tuple[np.ndarray, bool]:
         """uint8 array (3, S, S) and whether a face was found (always True without alignment)."""
-        if self.prep.face is None:
+        config = self.prep.face_config
+        if config is None:
             return self.prep.resize(image), True
-        from facegender.core.faces.align import FaceAlignConfig
         from facegender.core.faces.detect import FaceDetector, align_or_fallback
 
         if self._detector is None:
-            self._face_config = FaceAlignConfig.from_dict(self.prep.face)
-            self._detector = FaceDetector(self._face_config)
-        aligned, face = align_or_fallback(self._detector, image, self._face_config)
+            self._detector = FaceDetector(config)
+        aligned, face = align_or_fallback(self._detector, image, config)
         return self.prep.resize(aligned), face is not None

@@ -20,7 +20,7 @@ from facegender.core.cache import cache_folder, cache_key, store
 from facegender.core.errors import ConfigError, DataError
 from facegender.core.files import sha256_file
 from facegender.core.images import ImageError, is_image_name, load_image
-from facegender.core.preprocessing import ImagePreparer
+from facegender.core.preprocessing import ImagePreparer, Preprocessing
 
 #: Files that operating systems leave in folders; ignored without a word.
 IGNORED_FILES = {".DS_Store", "Thumbs.db", "desktop.ini"}
@@ -198,13 +198,12 @@ def fold_split(train: Split, n_folds: int, fold: int, seed: int) -> tuple[Split,
 
 # ----------------------------------------------------------------------------- decoding and caching
 
-def _aligned_cache_key(path: Path, face: dict) -> str:
-    """The cache key of an image's aligned face: the file's content (so copies and renamed files
-    share it, across datasets and runs) and the face settings with the crop geometry they give."""
-    from facegender.core.faces.align import FaceAlignConfig, template_landmarks
+def _face_settings(prep: Preprocessing) -> list:
+    """What an aligned face depends on besides the image: the face settings and the crop geometry
+    they give (the template itself, so a change of the geometry's code shows in the key)."""
+    from facegender.core.faces.align import template_landmarks
 
-    template = template_landmarks(FaceAlignConfig.from_dict(face)).round(3).tolist()  # the geometry itself
-    return cache_key(sha256_file(path), face, template)
+    return [prep.face, template_landmarks(prep.face_config).round(3).tolist()]
 
 
 def default_cache_dir() -> Path:
@@ -220,12 +219,14 @@ class ImageLoader:
         self.preparer = preparer
         self.face = preparer.prep.face
         self.cache_dir = (cache_dir or default_cache_dir()) if self.face else None
+        self._settings = _face_settings(preparer.prep) if self.face else None
 
     def __call__(self, path: Path) -> tuple[np.ndarray, bool]:
         if self.face is None:
             return self.preparer.prepare(load_image(path))
         try:
-            key = _aligned_cache_key(path, self.face)
+            # The file's content: copies and renamed files share an entry, across datasets and runs.
+            key = cache_key(sha256_file(path), *self._settings)
         except OSError:  # unreadable: load_image names the file and the problem
             return self.preparer.prepare(load_image(path))
         found_path, noface_path = (self.cache_dir / f"{key}{suffix}" for suffix in (".png", ".noface.png"))
