@@ -139,40 +139,53 @@ def split_train_val(train: Split, val_fraction: float, seed: int,
     for source in sorted(set(train.sources or [0])):
         idx = [i for i in range(len(train)) if train.source_of(i) == source]
         person = [groups[i] for i in idx] if groups is not None else None
-        if person is not None and all(p is not None for p in person):
-            val += _grouped_val(idx, [train.labels[i] for i in idx], person, val_fraction, seed)
-        else:
-            val += _stratified_val(idx, [train.labels[i] for i in idx], val_fraction, seed)
+        if person is not None and any(p is None for p in person):
+            person = None  # not every image names its person: split by image
+        val += [idx[j] for j in _validation_part([train.labels[i] for i in idx], person, val_fraction, seed)]
     held = set(val)
     return train.subset([i for i in range(len(train)) if i not in held]), train.subset(sorted(val))
 
 
-def _stratified_val(idx: list[int], labels: list[int], val_fraction: float, seed: int) -> list[int]:
-    from sklearn.model_selection import train_test_split
-
+def _validation_part(labels: list[int], person: list[str] | None, val_fraction: float, seed: int) -> np.ndarray:
+    """One source's validation indices (`stratified_split` with `fraction`), or DatasetError."""
+    if person is not None and len(set(person)) < max(2, round(1 / val_fraction)):
+        raise DatasetError(f"cannot split {len(set(person))} people into a {val_fraction:.0%} validation part by "
+                           "person; lower --val-fraction or drop the source's split_column")
     try:
-        _, va = train_test_split(idx, test_size=val_fraction, random_state=seed, stratify=labels)
+        return stratified_split(labels, seed, fraction=val_fraction, groups=person)[0]
     except ValueError as exc:
         raise DatasetError(f"cannot carve a stratified {val_fraction:.0%} validation split ({exc}); "
                            "add images to the smallest class or lower --val-fraction") from None
-    return list(va)
 
 
-def _grouped_val(idx: list[int], labels: list[int], groups: list[str], val_fraction: float, seed: int) -> list[int]:
-    """One fold of a seeded StratifiedGroupKFold with about `val_fraction` of the images."""
-    from sklearn.model_selection import StratifiedGroupKFold
+def stratified_split(labels: Sequence[int], seed: int, *, n_folds: int | None = None, fraction: float | None = None,
+                     groups: Sequence[str] | None = None) -> list[np.ndarray]:
+    """The one stratified splitter (scikit-learn, shuffled and seeded): the validation indices
+    (sorted) of each part, every part keeping the class proportions of `labels`.
 
-    n_splits = max(2, round(1 / val_fraction))
-    if len(set(groups)) < n_splits:
-        raise DatasetError(f"cannot split {len(set(groups))} people into a {val_fraction:.0%} validation part by "
-                           "person; lower --val-fraction or drop the source's split_column")
-    skf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    _, va = next(skf.split(np.zeros(len(idx)), labels, groups))
-    return [idx[j] for j in va]
+    `n_folds`: all folds of a k-fold split (StratifiedKFold), disjoint and covering every index.
+    `fraction`: one part of about that share (StratifiedShuffleSplit, as `train_test_split(...,
+    stratify=labels)`). With `groups` (a person per index) a group's indices stay together
+    (StratifiedGroupKFold; with `fraction`, the first of round(1 / fraction) folds, at least 2).
+    scikit-learn's ValueError when the classes are too small for the split.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, StratifiedShuffleSplit
+
+    if (n_folds is None) == (fraction is None):
+        raise TypeError("stratified_split: give exactly one of n_folds and fraction")
+    if groups is not None:
+        splitter = StratifiedGroupKFold(n_splits=n_folds or max(2, round(1 / fraction)), shuffle=True,
+                                        random_state=seed)
+    elif n_folds is not None:
+        splitter = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    else:
+        splitter = StratifiedShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
+    parts = [np.sort(val) for _, val in splitter.split(np.zeros(len(labels)), labels, groups)]
+    return parts[:1] if fraction is not None else parts
 
 
 def plan_folds(labels: list[int], n_folds: int, seed: int) -> list[np.ndarray]:
-    """Validation indices of each fold (sorted): a shuffled, seeded StratifiedKFold over `labels`.
+    """Validation indices of each fold (sorted): `stratified_split` into `n_folds` folds.
 
     The folds are disjoint, together cover every index, and each keeps the class proportions
     (every class count within one of its share)."""
@@ -183,10 +196,7 @@ def plan_folds(labels: list[int], n_folds: int, seed: int) -> list[np.ndarray]:
     if smallest < n_folds:
         raise DatasetError(f"cannot make {n_folds} stratified folds: the smallest class has {smallest} training "
                            f"images; add images or lower --folds to {max(2, smallest)} or fewer")
-    from sklearn.model_selection import StratifiedKFold
-
-    skf = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-    return [np.sort(val) for _, val in skf.split(np.zeros(len(labels)), labels)]
+    return stratified_split(labels, seed, n_folds=n_folds)
 
 
 def fold_split(train: Split, n_folds: int, fold: int, seed: int) -> tuple[Split, Split]:
