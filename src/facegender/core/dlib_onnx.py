@@ -185,71 +185,94 @@ def _expected_shapes(chain: list[tuple]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def _expect_window(r: _Reader, where: str, k: int, stride: int) -> None:
+    """A con's or pool's window: k x k, stride, and dlib's default padding (0 unless stride 1)."""
+    pad = 0 if stride != 1 else k // 2
+    for value, name in ((k, "rows"), (k, "columns"), (stride, "stride y"), (stride, "stride x"),
+                        (pad, "padding y"), (pad, "padding x")):
+        r.expect_int(value, f"{where} {name}")
+
+
+def _skip_multipliers(r: _Reader, where: str) -> None:
+    """The training-only learning-rate and weight-decay multipliers of a con or fc."""
+    for name in ("learning rate", "weight decay", "bias learning rate", "bias weight decay"):
+        r.float(f"{where} {name} multiplier")
+
+
+def _read_con(r: _Reader, layer: tuple, where: str, out: dict[str, np.ndarray]) -> None:
+    _, key, n_out, n_in, k, stride = layer
+    version = r.expect_string(("con_4", "con_5"), where)
+    params = r.tensor(f"{where} parameters")
+    r.expect_int(n_out, f"{where} number of filters")
+    _expect_window(r, where, k, stride)
+    filters = r.alias(f"{where} filter shape")
+    biases = r.alias(f"{where} bias shape")
+    _skip_multipliers(r, where)
+    use_bias = r.bool(f"{where} use_bias") if version == "con_5" else True
+    n_w = n_out * n_in * k * k
+    if filters != [n_out, n_in, k, k] or not use_bias or biases != [1, n_out, 1, 1] \
+            or params.size != n_w + n_out:
+        raise r.fail(f"{where}: filters {filters}, biases {biases}, {params.size} parameters; expected "
+                     f"filters {[n_out, n_in, k, k]} with {n_out} biases")
+    flat = params.reshape(-1)
+    out[f"{key}.weight"] = flat[:n_w].reshape(n_out, n_in, k, k)
+    out[f"{key}.bias"] = flat[n_w:]
+
+
+def _read_affine(r: _Reader, layer: tuple, where: str, out: dict[str, np.ndarray]) -> None:
+    _, key, c = layer
+    r.expect_string("affine_", where)
+    params = r.tensor(f"{where} parameters")
+    gamma = r.alias(f"{where} gamma shape")
+    beta = r.alias(f"{where} beta shape")
+    r.expect_int(0, f"{where} mode (CONV_MODE)")
+    if gamma != [1, c, 1, 1] or beta != gamma or params.size != 2 * c:
+        raise r.fail(f"{where}: gamma {gamma}, beta {beta}, {params.size} parameters; expected {c} channels")
+    flat = params.reshape(-1)
+    out[f"{key}.weight"] = flat[:c]
+    out[f"{key}.bias"] = flat[c:]
+
+
+def _read_pool(r: _Reader, layer: tuple, where: str, out: dict[str, np.ndarray]) -> None:
+    kind, k, stride = layer
+    r.expect_string(f"{kind}_2", where)
+    _expect_window(r, where, k, stride)
+
+
+def _read_fc(r: _Reader, layer: tuple, where: str, out: dict[str, np.ndarray]) -> None:
+    _, key, n_in, n_out = layer
+    r.expect_string("fc_2", where)
+    r.expect_int(n_out, f"{where} number of outputs")
+    r.expect_int(n_in, f"{where} number of inputs")
+    params = r.tensor(f"{where} parameters")
+    weights = r.alias(f"{where} weight shape")
+    r.alias(f"{where} bias shape")
+    r.expect_int(1, f"{where} bias mode (FC_NO_BIAS = 1)")
+    _skip_multipliers(r, where)
+    if weights != [n_in, n_out, 1, 1] or params.size != n_in * n_out:
+        raise r.fail(f"{where}: weights {weights}, {params.size} parameters; expected {n_in}x{n_out}, no bias")
+    # dlib computes x @ W with W stored (num_inputs, num_outputs); torch's Linear holds W^T.
+    out[f"{key}.weight"] = np.ascontiguousarray(params.reshape(n_in, n_out).T)
+
+
+def _read_name_only(name: str):
+    """The reader of a layer that stores only its name (relu_, add_prev_)."""
+    def read(r: _Reader, layer: tuple, where: str, out: dict[str, np.ndarray]) -> None:
+        r.expect_string(name, where)
+    return read
+
+
+#: The reader of each layer kind of `_describe_network`: (reader, layer, where, out) -> None,
+#: parameters stored into `out` under the layer's DlibResNet keys.
+_LAYER_READERS = {"con": _read_con, "affine": _read_affine, "relu": _read_name_only("relu_"),
+                  "max_pool": _read_pool, "avg_pool": _read_pool, "add_prev": _read_name_only("add_prev_"),
+                  "fc": _read_fc}
+
+
 def _read_layer(r: _Reader, layer: tuple, out: dict[str, np.ndarray]) -> None:
     kind = layer[0]
     where = f"layer {kind} {layer[1]}" if kind in ("con", "affine", "fc") else f"layer {kind}"
-    if kind == "con":
-        _, key, n_out, n_in, k, stride = layer
-        pad = 0 if stride != 1 else k // 2
-        version = r.expect_string(("con_4", "con_5"), where)
-        params = r.tensor(f"{where} parameters")
-        r.expect_int(n_out, f"{where} number of filters")
-        for value, name in ((k, "rows"), (k, "columns"), (stride, "stride y"), (stride, "stride x"),
-                            (pad, "padding y"), (pad, "padding x")):
-            r.expect_int(value, f"{where} {name}")
-        filters = r.alias(f"{where} filter shape")
-        biases = r.alias(f"{where} bias shape")
-        for name in ("learning rate", "weight decay", "bias learning rate", "bias weight decay"):
-            r.float(f"{where} {name} multiplier")
-        use_bias = r.bool(f"{where} use_bias") if version == "con_5" else True
-        n_w = n_out * n_in * k * k
-        if filters != [n_out, n_in, k, k] or not use_bias or biases != [1, n_out, 1, 1] \
-                or params.size != n_w + n_out:
-            raise r.fail(f"{where}: filters {filters}, biases {biases}, {params.size} parameters; expected "
-                         f"filters {[n_out, n_in, k, k]} with {n_out} biases")
-        flat = params.reshape(-1)
-        out[f"{key}.weight"] = flat[:n_w].reshape(n_out, n_in, k, k)
-        out[f"{key}.bias"] = flat[n_w:]
-    elif kind == "affine":
-        _, key, c = layer
-        r.expect_string("affine_", where)
-        params = r.tensor(f"{where} parameters")
-        gamma = r.alias(f"{where} gamma shape")
-        beta = r.alias(f"{where} beta shape")
-        r.expect_int(0, f"{where} mode (CONV_MODE)")
-        if gamma != [1, c, 1, 1] or beta != gamma or params.size != 2 * c:
-            raise r.fail(f"{where}: gamma {gamma}, beta {beta}, {params.size} parameters; expected {c} channels")
-        flat = params.reshape(-1)
-        out[f"{key}.weight"] = flat[:c]
-        out[f"{key}.bias"] = flat[c:]
-    elif kind == "relu":
-        r.expect_string("relu_", where)
-    elif kind in ("max_pool", "avg_pool"):
-        _, k, stride = layer
-        r.expect_string(f"{kind}_2", where)
-        pad = 0 if stride != 1 else k // 2
-        for value, name in ((k, "rows"), (k, "columns"), (stride, "stride y"), (stride, "stride x"),
-                            (pad, "padding y"), (pad, "padding x")):
-            r.expect_int(value, f"{where} {name}")
-    elif kind == "add_prev":
-        r.expect_string("add_prev_", where)
-    elif kind == "fc":
-        _, key, n_in, n_out = layer
-        r.expect_string("fc_2", where)
-        r.expect_int(n_out, f"{where} number of outputs")
-        r.expect_int(n_in, f"{where} number of inputs")
-        params = r.tensor(f"{where} parameters")
-        weights = r.alias(f"{where} weight shape")
-        r.alias(f"{where} bias shape")
-        r.expect_int(1, f"{where} bias mode (FC_NO_BIAS = 1)")
-        for name in ("learning rate", "weight decay", "bias learning rate", "bias weight decay"):
-            r.float(f"{where} {name} multiplier")
-        if weights != [n_in, n_out, 1, 1] or params.size != n_in * n_out:
-            raise r.fail(f"{where}: weights {weights}, {params.size} parameters; expected {n_in}x{n_out}, no bias")
-        # dlib computes x @ W with W stored (num_inputs, num_outputs); torch's Linear holds W^T.
-        out[f"{key}.weight"] = np.ascontiguousarray(params.reshape(n_in, n_out).T)
-    else:  # pragma: no cover - _describe_network only makes the kinds above
-        raise AssertionError(kind)
+    _LAYER_READERS[kind](r, layer, where, out)
 
 
 def read_dlib_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -352,105 +375,146 @@ def build_body_onnx(arrays: dict[str, np.ndarray], image_size: int = CHIP_SIZE, 
     onnx's strict shape inference checks the shapes computed here.
     """
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
 
     chain = _describe_network()
-    nodes: list = []
-    initializers: list = []
-    value_info: list = []
-    counter = itertools.count()
+    graph = _OnnxGraph(arrays, image_size)
+    for i, layer in enumerate(chain):
+        graph.add(layer, chain[i + 1] if i + 1 < len(chain) else None)
+    model = graph.model(opset)
+    onnx.checker.check_model(model, full_check=True)
+    return model
 
-    def constant(name: str, value: np.ndarray) -> str:
-        initializers.append(numpy_helper.from_array(value, name))
+
+class _OnnxGraph:
+    """The ONNX graph of dlib's network as it is built, one layer of `_describe_network` at a time:
+    nodes, weights (initializers) and every tensor's declared shape. `current` is the last layer's
+    output: (tensor name, shape without the batch)."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], image_size: int):
+        self.arrays = arrays
+        self.image_size = image_size
+        self.nodes: list = []
+        self.initializers: list = []
+        self.value_info: list = []
+        self.counter = itertools.count()
+        self.current: tuple[str, tuple[int, ...]] = ("input", (3, image_size, image_size))
+        self.tags: dict[int, tuple[str, tuple[int, ...]]] = {}
+        self.folded: set[str] = set()  # the affines folded into the conv before them
+
+    # -- building blocks
+
+    def constant(self, name: str, value: np.ndarray) -> str:
+        from onnx import numpy_helper
+
+        self.initializers.append(numpy_helper.from_array(value, name))
         return name
 
-    def emit(op: str, inputs: list[str], shape: tuple[int, ...], **attrs) -> tuple[str, tuple[int, ...]]:
+    def emit(self, op: str, inputs: list[str], shape: tuple[int, ...], **attrs) -> tuple[str, tuple[int, ...]]:
+        """Add an `op` node on `inputs`, its output declared as (batch, *shape); that output."""
+        from onnx import TensorProto, helper
+
         if min(shape) < 1:
-            raise ValueError(f"image_size {image_size} is too small for dlib's network ({op} gives {shape})")
-        name = f"{op.lower()}_{next(counter)}"
-        nodes.append(helper.make_node(op, inputs, [name], name=name, **attrs))
-        value_info.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", *shape]))
+            raise ValueError(f"image_size {self.image_size} is too small for dlib's network ({op} gives {shape})")
+        name = f"{op.lower()}_{next(self.counter)}"
+        self.nodes.append(helper.make_node(op, inputs, [name], name=name, **attrs))
+        self.value_info.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", *shape]))
         return name, shape
 
-    def pad_to(tensor: tuple[str, tuple[int, ...]], shape: tuple[int, ...]) -> str:
+    def pad_to(self, tensor: tuple[str, tuple[int, ...]], shape: tuple[int, ...]) -> str:
         """`tensor` with zeros appended at the end of each dimension up to `shape`."""
         name, have = tensor
         if have == shape:
             return name
         ends = [want - got for want, got in zip(shape, have)]
-        pads = constant(f"pads_{next(counter)}", np.array([0, 0, 0, 0, 0, *ends], dtype=np.int64))
-        return emit("Pad", [name, pads], shape)[0]
+        pads = self.constant(f"pads_{next(self.counter)}", np.array([0, 0, 0, 0, 0, *ends], dtype=np.int64))
+        return self.emit("Pad", [name, pads], shape)[0]
 
-    current = ("input", (3, image_size, image_size))  # (tensor name, shape without the batch)
-    tags: dict[int, tuple[str, tuple[int, ...]]] = {}
-    i = 0
-    while i < len(chain):
-        layer = chain[i]
-        kind = layer[0]
-        name, shape = current
-        if kind == "con":
-            _, key, n_out, _, k, stride = layer
-            pad = 0 if stride != 1 else k // 2
-            weight = arrays[f"{key}.weight"].astype(np.float64)
-            bias = arrays[f"{key}.bias"].astype(np.float64)
-            if i + 1 < len(chain) and chain[i + 1][0] == "affine":  # fold: (conv + b) * gamma + beta
-                affine = chain[i + 1][1]
-                gamma = arrays[f"{affine}.weight"].astype(np.float64)
-                beta = arrays[f"{affine}.bias"].astype(np.float64)
-                weight = weight * gamma[:, None, None, None]
-                bias = bias * gamma + beta
-                i += 1
-            w_name = constant(f"{key}.weight", weight.astype(np.float32))
-            b_name = constant(f"{key}.bias", bias.astype(np.float32))
-            out_shape = (n_out, _out_size(shape[1], k, stride, pad), _out_size(shape[2], k, stride, pad))
-            current = emit("Conv", [name, w_name, b_name], out_shape, kernel_shape=[k, k],
-                           strides=[stride, stride], pads=[pad] * 4)
-        elif kind == "affine":  # pragma: no cover - every affine of this network follows a conv
+    # -- one method per layer kind
+
+    def add(self, layer: tuple, following: tuple | None) -> None:
+        """Add `layer` (`following`: the next layer of the chain, or None)."""
+        handlers = {"con": self.conv, "affine": self.affine, "relu": self.relu, "max_pool": self.pool,
+                    "avg_pool": self.pool, "tag": self.tag, "skip": self.skip, "add_prev": self.add_prev,
+                    "fc": self.fc}
+        handlers[layer[0]](layer, following)
+
+    def conv(self, layer: tuple, following: tuple | None) -> None:
+        """A con layer, with the affine that follows it folded in: (conv + b) * gamma + beta."""
+        _, key, n_out, _, k, stride = layer
+        pad = 0 if stride != 1 else k // 2
+        weight = self.arrays[f"{key}.weight"].astype(np.float64)
+        bias = self.arrays[f"{key}.bias"].astype(np.float64)
+        if following is not None and following[0] == "affine":
+            gamma = self.arrays[f"{following[1]}.weight"].astype(np.float64)
+            beta = self.arrays[f"{following[1]}.bias"].astype(np.float64)
+            weight = weight * gamma[:, None, None, None]
+            bias = bias * gamma + beta
+            self.folded.add(following[1])
+        w_name = self.constant(f"{key}.weight", weight.astype(np.float32))
+        b_name = self.constant(f"{key}.bias", bias.astype(np.float32))
+        name, shape = self.current
+        out_shape = (n_out, _out_size(shape[1], k, stride, pad), _out_size(shape[2], k, stride, pad))
+        self.current = self.emit("Conv", [name, w_name, b_name], out_shape, kernel_shape=[k, k],
+                                 strides=[stride, stride], pads=[pad] * 4)
+
+    def affine(self, layer: tuple, following: tuple | None) -> None:
+        if layer[1] not in self.folded:  # pragma: no cover - every affine of this network follows a conv
             raise ValueError(f"affine {layer[1]} does not follow a conv")
-        elif kind == "relu":
-            current = emit("Relu", [name], shape)
-        elif kind == "avg_pool" and layer[1] == 0:  # avg_pool_everything: (C, H, W) -> (C,)
-            pooled, _ = emit("GlobalAveragePool", [name], (shape[0], 1, 1))
-            current = emit("Flatten", [pooled], (shape[0],), axis=1)
-        elif kind in ("max_pool", "avg_pool"):
-            _, k, stride = layer
-            if stride == 1:  # pragma: no cover - dlib pads these (k // 2); this network has none
-                raise ValueError(f"{kind} with stride 1 is not supported")
-            op = "MaxPool" if kind == "max_pool" else "AveragePool"
-            out_shape = (shape[0], _out_size(shape[1], k, stride, 0), _out_size(shape[2], k, stride, 0))
-            current = emit(op, [name], out_shape, kernel_shape=[k, k], strides=[stride, stride])
-        elif kind == "tag":
-            tags[layer[1]] = current
-        elif kind == "skip":
-            current = tags[layer[1]]
-        elif kind == "add_prev":
-            other = tags[layer[1]]
-            out_shape = tuple(max(a, b) for a, b in zip(shape, other[1]))
-            current = emit("Add", [pad_to(current, out_shape), pad_to(other, out_shape)], out_shape)
-        elif kind == "fc":
-            _, key, _, n_out = layer
-            matrix = constant(f"{key}.weight", np.ascontiguousarray(arrays[f"{key}.weight"].T))  # (in, out)
-            current = emit("MatMul", [name, matrix], (n_out,))
-        else:  # pragma: no cover
-            raise AssertionError(kind)
-        i += 1
 
-    # The last node writes the graph output.
-    nodes[-1].output[0] = "embedding"
-    value_info = [v for v in value_info if v.name != current[0]]
-    graph = helper.make_graph(
-        nodes, "dlib_face_recognition_resnet_model_v1",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, image_size, image_size])],
-        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", EMBEDDING_DIM])],
-        initializer=initializers, value_info=value_info)
-    opsets = [helper.make_opsetid("", opset)]
-    model = helper.make_model(graph, opset_imports=opsets, producer_name="facegender",
-                              ir_version=helper.find_min_ir_version_for(opsets))
-    model.doc_string = ("dlib's face-recognition ResNet (dlib_face_recognition_resnet_model_v1): input RGB "
-                        "(x / 255 - mean) / std with mean (122.782, 117.001, 104.298) / 255 and std 256 / 255; "
-                        "output the 128-d descriptor")
-    onnx.checker.check_model(model, full_check=True)
-    return model
+    def relu(self, layer: tuple, following: tuple | None) -> None:
+        self.current = self.emit("Relu", [self.current[0]], self.current[1])
+
+    def pool(self, layer: tuple, following: tuple | None) -> None:
+        kind, k, stride = layer
+        name, shape = self.current
+        if kind == "avg_pool" and k == 0:  # avg_pool_everything: (C, H, W) -> (C,)
+            pooled, _ = self.emit("GlobalAveragePool", [name], (shape[0], 1, 1))
+            self.current = self.emit("Flatten", [pooled], (shape[0],), axis=1)
+            return
+        if stride == 1:  # pragma: no cover - dlib pads these (k // 2); this network has none
+            raise ValueError(f"{kind} with stride 1 is not supported")
+        op = "MaxPool" if kind == "max_pool" else "AveragePool"
+        out_shape = (shape[0], _out_size(shape[1], k, stride, 0), _out_size(shape[2], k, stride, 0))
+        self.current = self.emit(op, [name], out_shape, kernel_shape=[k, k], strides=[stride, stride])
+
+    def tag(self, layer: tuple, following: tuple | None) -> None:
+        self.tags[layer[1]] = self.current
+
+    def skip(self, layer: tuple, following: tuple | None) -> None:
+        self.current = self.tags[layer[1]]
+
+    def add_prev(self, layer: tuple, following: tuple | None) -> None:
+        other = self.tags[layer[1]]
+        out_shape = tuple(max(a, b) for a, b in zip(self.current[1], other[1]))
+        self.current = self.emit("Add", [self.pad_to(self.current, out_shape), self.pad_to(other, out_shape)],
+                                 out_shape)
+
+    def fc(self, layer: tuple, following: tuple | None) -> None:
+        _, key, _, n_out = layer
+        matrix = self.constant(f"{key}.weight", np.ascontiguousarray(self.arrays[f"{key}.weight"].T))  # (in, out)
+        self.current = self.emit("MatMul", [self.current[0], matrix], (n_out,))
+
+    # -- the model
+
+    def model(self, opset: int) -> onnx.ModelProto:
+        """The finished model: the last node writes the graph output "embedding"."""
+        from onnx import TensorProto, helper
+
+        self.nodes[-1].output[0] = "embedding"
+        value_info = [v for v in self.value_info if v.name != self.current[0]]
+        size = self.image_size
+        graph = helper.make_graph(
+            self.nodes, "dlib_face_recognition_resnet_model_v1",
+            [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, size, size])],
+            [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", EMBEDDING_DIM])],
+            initializer=self.initializers, value_info=value_info)
+        opsets = [helper.make_opsetid("", opset)]
+        model = helper.make_model(graph, opset_imports=opsets, producer_name="facegender",
+                                  ir_version=helper.find_min_ir_version_for(opsets))
+        model.doc_string = ("dlib's face-recognition ResNet (dlib_face_recognition_resnet_model_v1): input RGB "
+                            "(x / 255 - mean) / std with mean (122.782, 117.001, 104.298) / 255 and std 256 / 255; "
+                            "output the 128-d descriptor")
+        return model
 
 
 def body_onnx_path(image_size: int = CHIP_SIZE, cache_dir: str | os.PathLike | None = None) -> Path:
