@@ -561,7 +561,7 @@ def _add_report(sub) -> None:
                        description="Evaluate a model on labelled images and write one HTML file (figures and "
                                    "thumbnails embedded): run config, training curves, confusion matrix, per-class "
                                    "metrics, calibration, per-group accuracy, coverage curve, most confident mistakes.")
-    p.add_argument("--model", required=True, help="best_model.pth from train")
+    _add_model_option(p, "best_model.pth or an exported .onnx (default: the bundled model, see `facegender models`)")
     p.add_argument("--data", required=True, help="folder with one subfolder per class, e.g. DATASET/test "
                                                  "(DATASET/groups.csv is used when --groups is not given)")
     p.add_argument("--out", default="report.html", help="the HTML file to write")
@@ -573,7 +573,7 @@ def _add_report(sub) -> None:
 def _run_report(args) -> int:
     from facegender.evaluation.report import build_report
 
-    build_report(args.model, args.data, args.out, args.groups, args.min_confidence, args.min_group_size,
+    build_report(_model_path(args, quiet=args.quiet), args.data, args.out, args.groups, args.min_confidence, args.min_group_size,
                  _tta(args), args.batch_size, args.device, args.skip_bad, args.mistakes, progress=not args.quiet,
                  precision=args.precision, threshold=args.threshold)
     return 0
