@@ -24,3 +24,26 @@ def test_sessions_keep_the_memory_arena_unless_told_otherwise():
     options = onnx_model.onnx_session(retinaface_weights()).get_session_options()
     assert options.enable_cpu_mem_arena and options.inter_op_num_threads == 1
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
+def test_the_server_loads_its_model_without_memory_arenas():
+    """serve's model: classifier and face detector sessions without onnxruntime's CPU arena (which
+    keeps the largest request's buffers for good); a plain load keeps them."""
+    from facegender.app.serve import create_app
+    from facegender.core.resources import default_model_path
+
+    served = create_app(default_model_path()).state.predictor
+    plain = __import__("facegender").load()
+    for model, arena in ((served, False), (plain, True)):
+        assert model.backend.session.get_session_options().enable_cpu_mem_arena is arena
+        assert model.detector._get_session().get_session_options().enable_cpu_mem_arena is arena
+
+
+
+def test_the_server_caps_malloc_arenas_on_glibc():
+    """mallopt(M_ARENA_MAX) is accepted where the C library is glibc, and is a no-op elsewhere."""
+    import platform
+
+    from facegender.app.serve import limit_heap_arenas
+
+    assert limit_heap_arenas() is (platform.libc_ver()[0] == "glibc")

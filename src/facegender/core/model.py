@@ -92,7 +92,7 @@ class Model:
                  tta: bool = False, detect: bool | None = None, min_confidence: float | None = None,
                  batch_size: int = 32, info: dict | None = None, threads: int | None = None,
                  refine_steps: int | None = None, workers: int | None = None, threshold: float | None = None,
-                 uncertain_band: float = DEFAULT_UNCERTAIN_BAND):
+                 uncertain_band: float = DEFAULT_UNCERTAIN_BAND, arena: bool = True):
         """`backend`: `TorchBackend`, `onnx_model.OnnxBackend` or a `batch -> logits` callable.
         `detect=False`: every image is one already-cropped face. `threads`: ONNX Runtime threads of
         the face detector (None: the runtime's default). `refine_steps`: landmark refinement rounds,
@@ -101,7 +101,8 @@ class Model:
         count, at most 4); the faces of all images of a batch then go through the classifier
         together. `threshold`: the decision threshold on the probability of classes[1] (two classes
         only; None: the arg-max); `uncertain_band`: faces whose probability is closer than this to
-        the threshold (0.5 without one) are flagged `uncertain` (see `decide`)."""
+        the threshold (0.5 without one) are flagged `uncertain` (see `decide`). `arena`: the face
+        detector's onnxruntime memory arena (`onnx_model.onnx_session`)."""
         self.classes = list(classes)
         self.threshold = threshold
         if not float(uncertain_band) >= 0:
@@ -124,7 +125,7 @@ class Model:
             if refine_steps is not None:
                 self.face_config.refine_steps = int(refine_steps)
             if detect is not False:
-                self.detector = FaceDetector(self.face_config, threads=threads)
+                self.detector = FaceDetector(self.face_config, threads=threads, arena=arena)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike | None = None, **kwargs: Any) -> "Model":
@@ -339,15 +340,16 @@ def _sources(items: Iterable[Any]) -> Iterator[tuple[str, Any]]:
 # ----------------------------------------------------------------------------- loading
 
 def load(path: str | os.PathLike | None = None, device: str = "auto", precision: str = DEFAULT_PRECISION,
-         threads: int | None = None, **kwargs: Any) -> Model:
+         threads: int | None = None, arena: bool = True, **kwargs: Any) -> Model:
     """The model at `path`: best_model.pth (PyTorch, on `device` at `precision`) or an exported .onnx
     (onnxruntime, `threads` threads); None: the bundled default model (`default_model_path`).
+    `arena=False`: no onnxruntime CPU memory arena in its sessions (bounded memory for a server).
     Keyword arguments of `Model` (tta, detect, min_confidence, batch_size, refine_steps, threshold,
     uncertain_band) override the recorded ones (the record's `threshold`, when it has one, and its
     `uncertain_band`, default `decision.DEFAULT_UNCERTAIN_BAND`)."""
     path = Path(default_model_path() if path is None else path)
     if path.suffix.lower() == ".onnx":
-        backend, meta = load_onnx_classifier(path, threads=threads)
+        backend, meta = load_onnx_classifier(path, threads=threads, arena=arena)
     else:  # a PyTorch checkpoint: the one door from here into the training package (pyproject.toml)
         from facegender.training.torch_backend import load_checkpoint_backend
 
@@ -358,4 +360,4 @@ def load(path: str | os.PathLike | None = None, device: str = "auto", precision:
     kwargs.setdefault("threshold", meta.get("threshold"))
     kwargs.setdefault("uncertain_band", meta.get("uncertain_band", DEFAULT_UNCERTAIN_BAND))
     return Model(meta["classes"], Preprocessing.from_dict(meta["preprocessing"]), backend, info=meta,
-                 threads=threads, **kwargs)
+                 threads=threads, arena=arena, **kwargs)

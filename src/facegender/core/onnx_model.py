@@ -164,22 +164,24 @@ def body_model_path(body: dict[str, Any], image_size: int, path: str | os.PathLi
                               f"loaded: {exc}") from None
 
 
-def load_onnx_classifier(path: str | os.PathLike, threads: int | None = None) -> tuple[OnnxBackend, dict[str, Any]]:
+def load_onnx_classifier(path: str | os.PathLike, threads: int | None = None,
+                         arena: bool = True) -> tuple[OnnxBackend, dict[str, Any]]:
     """(backend, meta) for an exported model. The backend is also callable as a logits function;
     meta has the checkpoint record's keys that `core.model.Model` needs (classes, preprocessing,
-    temperature, tta) and backbone, metrics."""
+    temperature, tta) and backbone, metrics. `arena`: onnxruntime's CPU memory arena (`onnx_session`)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: ONNX model file not found; make one with `facegender export`")
     try:
-        session = onnx_session(path, threads)
+        session = onnx_session(path, threads, arena=arena)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises several types for damaged files
         raise CheckpointError(f"{path}: cannot be read as an ONNX model ({exc.__class__.__name__}: "
                               f"{str(exc).strip()[:300]})") from None
     meta = read_metadata(dict(session.get_modelmeta().custom_metadata_map), path)
     body = None
     if meta.get("body"):
-        body = onnx_session(body_model_path(meta["body"], int(meta["preprocessing"]["image_size"]), path), threads)
+        body = onnx_session(body_model_path(meta["body"], int(meta["preprocessing"]["image_size"]), path), threads,
+                            arena=arena)
     stored = meta.get("quantization") or "fp32"
     return OnnxBackend(session, body, "int8" if stored == "int8" else "fp32", stored), meta
 
