@@ -6,7 +6,7 @@ For each model (`tools.build_default_model.measure`): accuracy on faces-gdf/test
 faces-ood (FairFace, never trained on) accuracy, female and male recall, and the worst age group and
 race (groups of at least 10 faces, from manifest.csv); and how many of the 7 faces of the sample
 photos are labelled right (group_6_faces.jpg: F, F, M, M, M, F from left to right;
-astronaut_female.png: F). The README's recipe table and the model card come from these numbers.
+astronaut_female.png: F). docs/recipes.md's comparison and the model card come from these numbers.
 """
 
 from __future__ import annotations

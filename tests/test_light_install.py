@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -30,9 +31,13 @@ def folder_bytes(folder: Path) -> int:
 def light_venv(tmp_path_factory) -> Path:
     venv = tmp_path_factory.mktemp("light") / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    build = tmp_path_factory.mktemp("build")
-    result = subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", "--no-cache-dir", str(REPO)],
-                            capture_output=True, text=True, timeout=900, cwd=build)
+    # From a copy of the sources: setuptools' build/ folder would otherwise be left in the checkout,
+    # and modules it kept from an older tree would go into the next install.
+    source = tmp_path_factory.mktemp("source") / "facegender"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "dist", "runs", "output",
+                                                                "__pycache__", "*.egg-info", ".pytest_cache"))
+    result = subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", "--no-cache-dir", str(source)],
+                            capture_output=True, text=True, timeout=900, cwd=source)
     if result.returncode != 0:
         pytest.fail(f"pip install facegender failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return venv

@@ -16,7 +16,7 @@ the measured accuracy that docs/model-card.md reports). `facegender predict`, `s
 
 `make default-model` rebuilds both files from ../shared: it trains, then `build_default_model`
 exports the run's best_model.pth (checked against PyTorch), measures each exported file (`measure`:
-the numbers of the README's recipe table and of the model card) and writes the two files.
+the numbers of docs/recipes.md's comparison and of the model card) and writes the two files.
 """
 
 from __future__ import annotations

@@ -234,7 +234,7 @@ def _add_threshold(p) -> None:
 def _add_fast(p) -> None:
     p.add_argument("--fast", action="store_true",
                    help="no landmark refinement and no flip TTA: about 2x the photos per second for about 2 points "
-                        "less on photos from other sources (README, 'Prediction without PyTorch')")
+                        "less on photos from other sources (docs/benchmarks.md)")
 
 
 def _add_precision(p) -> None:
@@ -597,7 +597,7 @@ def _add_export(sub) -> None:
                    help="write only the head (a few KB) of a model whose body stayed at dlib's pretrained "
                         "weights (--preset frozen); loading rebuilds the body from face_recognition_models")
     p.add_argument("--quantize", choices=["fp16", "int8"], default=None,
-                   help="static int8 quantization (smaller; see README for its speed and accuracy)")
+                   help="static int8 quantization (smaller; docs/benchmarks.md gives its speed and accuracy)")
     p.add_argument("--calibration", metavar="DATASET",
                    help="with --quantize: training images to calibrate on (DATASET, its train/ is used, or any "
                         "image folder)")

@@ -53,7 +53,7 @@ from facegender.core.results import NO_FACE, UNCERTAIN, Face, PhotoResult
 DEFAULT_PRECISION = "fp32"
 #: `--fast` (predict, serve): no landmark refinement, no flip TTA. About 2x the photos per second of
 #: the trained settings for the bundled model, for 2 points less on faces-ood (not significant on
-#: its 350 photos) and 0.5 more on faces-gdf/test (benchmarks/predict_tradeoffs.py, README).
+#: its 350 photos) and 0.5 more on faces-gdf/test (benchmarks/predict_tradeoffs.py, docs/benchmarks.md).
 FAST = {"refine_steps": 0, "tta": False}
 
 __all__ = ["Model", "load", "default_model_path", "UNCERTAIN", "NO_FACE", "FAST", "expand_paths", "Face",

@@ -93,7 +93,7 @@ class TrainConfig:
     channels_last: bool = option(True, "channels-last memory format")
     workers: int = option(0, "DataLoader worker processes")
     sync_bn: bool = option(False, "with torchrun on CUDA: batch-norm statistics over all processes "
-                           "(docs/scaling.md)")
+                           "(docs/distributed-training.md)")
     compile: bool = option(False, "torch.compile the model for training (compiles first; model files stay plain)")
     preset: str | None = option(None, "named recipe; explicit options override it", "data", cli=False)
 
@@ -136,7 +136,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "label_smoothing": 0.0,
         "scheduler": "none",
     },
-    # The earlier best recipe on ImageNet weights (README, "Recipes compared"): EfficientNet-Lite0
+    # The earlier best recipe on ImageNet weights (docs/recipes.md, "The comparison"): EfficientNet-Lite0
     # on aligned faces with the visible region, strong augmentation, cosine schedule.
     "imagenet": {
         "backbone": "efficientnet_lite0",

@@ -6,7 +6,7 @@ sets them; `env://` initialisation), joins the process group (NCCL on CUDA, Gloo
 trains on its share of the training images. Without WORLD_SIZE, or with WORLD_SIZE=1, every
 function here does nothing and training is the single-process run.
 
-What a distributed run means (docs/scaling.md says it for users):
+What a distributed run means (docs/distributed-training.md says it for users):
 
 - `--batch-size` is per process, as usual under torchrun: the global batch is N x batch size and
   `--lr` is used as given (scale it yourself if you want the linear-scaling rule).

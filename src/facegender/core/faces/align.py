@@ -72,7 +72,7 @@ class FaceAlignConfig:
         cue only where the training images show it: the faces-gdf crops are so tight that at
         margin 0.3, 69% of an aligned training crop is padding (27% at margin 0). Trained on them
         (best preset, 160 px, with the visible region of `preprocessing.visible_region`), margin 0
-        beat 0.3 on validation and on the sample photos (README, "Faces in ordinary photos").
+        beat 0.3 on validation and on the sample photos (docs/faces.md, "Margin and the visible region").
         Use a larger margin (`prepare --margin`) for training photos that do show the hair.
     det_threshold: minimum RetinaFace score of a kept face.
     min_face: faces whose box (clipped to the image) has a shorter side below this many pixels are
