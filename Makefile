@@ -53,8 +53,10 @@ train: venv
 	$(BIN)/facegender evaluate --model $(OUT)/best_model.pth --data $(DATA)/test --quiet
 endif
 
-# The layer contracts (pyproject.toml [tool.importlinter]) first, then the suite.
+# Lint, format and the layer contracts (pyproject.toml [tool.ruff], [tool.importlinter]) first, then the suite.
 test: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 

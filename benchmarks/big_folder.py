@@ -56,8 +56,11 @@ def first_result(out: Path, mode: str, start: float, stop: threading.Event) -> l
     def poll() -> None:
         while not stop.is_set():
             data = out.read_bytes() if out.exists() else b""
-            if (mode == "jsonl" and b"\n" in data) or (mode == "csv" and data.count(b"\n") >= 2) or \
-                    (mode == "json" and b"\n  }" in data):
+            if (
+                (mode == "jsonl" and b"\n" in data)
+                or (mode == "csv" and data.count(b"\n") >= 2)
+                or (mode == "json" and b"\n  }" in data)
+            ):
                 seen.append(time.perf_counter() - start)
                 return
             time.sleep(0.02)
@@ -69,8 +72,19 @@ def first_result(out: Path, mode: str, start: float, stop: threading.Event) -> l
 def run_child(folder: Path, mode: str, out: Path, model: str | None) -> dict:
     """One `facegender predict` child: wall seconds, seconds to the first result, peak RSS (MB), exit code."""
     out.unlink(missing_ok=True)
-    command = [sys.executable, "-m", "facegender", "predict", "--fast", "--quiet", f"--{mode}", "--out", str(out),
-               *(["--model", model] if model else []), str(folder)]
+    command = [
+        sys.executable,
+        "-m",
+        "facegender",
+        "predict",
+        "--fast",
+        "--quiet",
+        f"--{mode}",
+        "--out",
+        str(out),
+        *(["--model", model] if model else []),
+        str(folder),
+    ]
     stop = threading.Event()
     start = time.perf_counter()
     seen = first_result(out, mode, start, stop)
@@ -82,8 +96,12 @@ def run_child(folder: Path, mode: str, out: Path, model: str | None) -> dict:
     stop.set()
     if proc.returncode not in (0, 1):  # 1: some photo could not be read (reported in the output)
         raise SystemExit(f"{' '.join(command)} failed ({proc.returncode}):\n{stderr.decode()[-2000:]}")
-    return {"wall": wall, "first": seen[0] if seen else float("nan"), "rss_mb": usage.ru_maxrss / 1024,
-            "code": proc.returncode}
+    return {
+        "wall": wall,
+        "first": seen[0] if seen else float("nan"),
+        "rss_mb": usage.ru_maxrss / 1024,
+        "code": proc.returncode,
+    }
 
 
 def count_photos(out: Path, mode: str) -> int:
@@ -114,8 +132,10 @@ def main() -> None:
         print(f"{args.source} not found: nothing to build the folders from (pass --source FOLDER); skipped")
         return
     photos = expand_paths([args.source])
-    print(f"{len(photos)} distinct photos from {args.source}; load average {os.getloadavg()[0]:.1f}; "
-          f"{os.cpu_count()} CPUs")
+    print(
+        f"{len(photos)} distinct photos from {args.source}; load average {os.getloadavg()[0]:.1f}; "
+        f"{os.cpu_count()} CPUs"
+    )
     print(f"{'photos':>8} {'mode':>5} {'wall s':>8} {'photos/s':>9} {'first s':>8} {'peak RSS MB':>12}")
     work = Path(tempfile.mkdtemp(prefix="big-folder-", dir=args.work))
     try:
@@ -127,8 +147,11 @@ def main() -> None:
                 n = count_photos(out, mode)
                 if n != size:
                     raise SystemExit(f"{out}: {n} photos, not {size}")
-                print(f"{size:>8} {mode:>5} {r['wall']:>8.1f} {size / r['wall']:>9.1f} {r['first']:>8.2f} "
-                      f"{r['rss_mb']:>12.0f}", flush=True)
+                print(
+                    f"{size:>8} {mode:>5} {r['wall']:>8.1f} {size / r['wall']:>9.1f} {r['first']:>8.2f} "
+                    f"{r['rss_mb']:>12.0f}",
+                    flush=True,
+                )
             shutil.rmtree(folder)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -50,14 +50,41 @@ def free_port() -> int:
 
 
 def run(name: str, processes: int, threads: int, batch: int, data: Path, out: Path, args) -> dict:
-    common = ["train", "--data", str(data), "--out", str(out), "--backbone", args.backbone, "--no-pretrained",
-              "--image-size", str(args.image_size), "--epochs", str(args.epochs), "--batch-size", str(batch),
-              "--precision", "fp32", "--quiet"]
+    common = [
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--backbone",
+        args.backbone,
+        "--no-pretrained",
+        "--image-size",
+        str(args.image_size),
+        "--epochs",
+        str(args.epochs),
+        "--batch-size",
+        str(batch),
+        "--precision",
+        "fp32",
+        "--quiet",
+    ]
     if processes == 1:
         cmd = [sys.executable, "-m", "facegender", *common]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
-               "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "facegender", *common]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={processes}",
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(free_port()),
+            "-m",
+            "facegender",
+            *common,
+        ]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     if Path("/sys/class/net/lo").exists():
         env["GLOO_SOCKET_IFNAME"] = "lo"
@@ -70,8 +97,13 @@ def run(name: str, processes: int, threads: int, batch: int, data: Path, out: Pa
     with open(out / "summary.csv", newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     last = rows[-1]
-    return {"name": name, "img_s": float(last["images_per_sec"]), "epoch_s": float(last["seconds"]), "wall_s": wall,
-            "cmd": " ".join(["OMP_NUM_THREADS=" + str(threads), *[Path(cmd[0]).name, *cmd[1:]]])}
+    return {
+        "name": name,
+        "img_s": float(last["images_per_sec"]),
+        "epoch_s": float(last["seconds"]),
+        "wall_s": wall,
+        "cmd": " ".join(["OMP_NUM_THREADS=" + str(threads), *[Path(cmd[0]).name, *cmd[1:]]]),
+    }
 
 
 def main() -> None:
@@ -88,23 +120,29 @@ def main() -> None:
     if not (src / "train").is_dir():
         raise SystemExit(f"{src}/train not found; pass --data DATASET (e.g. ../shared/datasets/faces-dev)")
 
-    print(f"load average before: {os.getloadavg()[0]:.2f} (1 min), {os.cpu_count()} CPUs; torch threads "
-          f"follow OMP_NUM_THREADS")
+    print(
+        f"load average before: {os.getloadavg()[0]:.2f} (1 min), {os.cpu_count()} CPUs; torch threads "
+        f"follow OMP_NUM_THREADS"
+    )
     with tempfile.TemporaryDirectory(prefix="ddp_cpu_") as tmp:
         tmp = Path(tmp)
         data = subset(src, tmp / "data", args.train_per_class, args.test_per_class)
-        plans = [("1 process x 2 threads", 1, 2, args.batch_size),
-                 ("1 process x 1 thread", 1, 1, args.batch_size),
-                 ("2 processes x 1 thread", 2, 1, args.batch_size // 2)]
+        plans = [
+            ("1 process x 2 threads", 1, 2, args.batch_size),
+            ("1 process x 1 thread", 1, 1, args.batch_size),
+            ("2 processes x 1 thread", 2, 1, args.batch_size // 2),
+        ]
         results = []
         for name, procs, threads, batch in plans:
             results.append(run(name, procs, threads, batch, data, tmp / f"out{len(results)}", args))
             r = results[-1]
             print(f"  done: {name}: {r['img_s']:.1f} img/s", flush=True)
     print(f"load average after: {os.getloadavg()[0]:.2f}")
-    print(f"\n{args.backbone} {args.image_size}px, fp32, global batch {args.batch_size}, "
-          f"{2 * args.train_per_class} train images (85% trained, 15% validation), epoch {args.epochs} of "
-          f"{args.epochs} reported")
+    print(
+        f"\n{args.backbone} {args.image_size}px, fp32, global batch {args.batch_size}, "
+        f"{2 * args.train_per_class} train images (85% trained, 15% validation), epoch {args.epochs} of "
+        f"{args.epochs} reported"
+    )
     print(f"{'run':<24} {'train img/s':>11} {'epoch s':>8} {'wall s':>7}")
     for r in results:
         print(f"{r['name']:<24} {r['img_s']:>11.1f} {r['epoch_s']:>8.1f} {r['wall_s']:>7.1f}")

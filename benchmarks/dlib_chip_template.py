@@ -31,10 +31,10 @@ import torch
 from PIL import Image
 
 from facegender.core import dlib_onnx
-from facegender.training import dlib_resnet as D
 from facegender.core.faces.align import FaceAlignConfig, similarity_transform, warp_affine
 from facegender.core.faces.detect import FaceDetector
 from facegender.core.images import load_image
+from facegender.training import dlib_resnet as D
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -70,7 +70,7 @@ def describe(net, chips: list[np.ndarray]) -> np.ndarray:
     out = []
     with torch.no_grad():
         for i in range(0, len(chips), 32):
-            out.append(net(D.to_input(np.stack(chips[i:i + 32]))).double().numpy())
+            out.append(net(D.to_input(np.stack(chips[i : i + 32]))).double().numpy())
     return np.concatenate(out)
 
 
@@ -100,8 +100,11 @@ def main() -> None:
         rgb = np.asarray(image)
         chip, m = dlib_chip(dlib, predictor, rgb)
         # check the mapping: warping with it reproduces dlib's chip (up to interpolation)
-        pixel_diff.append(np.abs(np.asarray(warp_affine(image, m, dlib_onnx.CHIP_SIZE, black), np.float64)
-                                 - chip.astype(np.float64))[8:-8, 8:-8].mean())
+        pixel_diff.append(
+            np.abs(np.asarray(warp_affine(image, m, dlib_onnx.CHIP_SIZE, black), np.float64) - chip.astype(np.float64))[
+                8:-8, 8:-8
+            ].mean()
+        )
         faces = detector.detect(image)
         if not faces:
             missed += 1
@@ -112,17 +115,24 @@ def main() -> None:
         if found:
             on_chips.append(found[0].landmarks.astype(np.float64))
     mapped, on_chips = np.array(mapped), np.array(on_chips)
-    print(f"train: {len(mapped)} faces ({missed} without a RetinaFace face); warp with dlib's mapping vs "
-          f"dlib's chip: mean abs pixel difference {np.mean(pixel_diff):.2f} (median {np.median(pixel_diff):.2f})")
-    templates = {"mapped": mapped.mean(axis=0), "on chips": on_chips.mean(axis=0),
-                 "mapped, median": np.median(mapped, axis=0)}
+    print(
+        f"train: {len(mapped)} faces ({missed} without a RetinaFace face); warp with dlib's mapping vs "
+        f"dlib's chip: mean abs pixel difference {np.mean(pixel_diff):.2f} (median {np.median(pixel_diff):.2f})"
+    )
+    templates = {
+        "mapped": mapped.mean(axis=0),
+        "on chips": on_chips.mean(axis=0),
+        "mapped, median": np.median(mapped, axis=0),
+    }
     names = ["left eye", "right eye", "nose tip", "left mouth", "right mouth"]
     for label, t in templates.items():
         print(f"\ntemplate {label} (150 px chip):")
         print("np.array([" + ", ".join(f"[{x:.2f}, {y:.2f}]" for x, y in t) + "])")
     spread = mapped.std(axis=0)
-    print("\nspread of the mapped landmarks (std, px): "
-          + ", ".join(f"{n} ({sx:.1f}, {sy:.1f})" for n, (sx, sy) in zip(names, spread)))
+    print(
+        "\nspread of the mapped landmarks (std, px): "
+        + ", ".join(f"{n} ({sx:.1f}, {sy:.1f})" for n, (sx, sy) in zip(names, spread))
+    )
 
     # ---- descriptors on faces-dev/test
     ref_chips, ours = [], {k: [] for k in templates}
@@ -139,8 +149,10 @@ def main() -> None:
             matrix = similarity_transform(faces[0].landmarks, t)
             ours[label].append(np.asarray(warp_affine(image, matrix, dlib_onnx.CHIP_SIZE, black)))
     ref = describe(net, ref_chips)
-    print(f"\ntest: {len(ref_chips)} faces ({skipped} without a RetinaFace face); cosine similarity of "
-          "descriptors, dlib's chip vs RetinaFace chip:")
+    print(
+        f"\ntest: {len(ref_chips)} faces ({skipped} without a RetinaFace face); cosine similarity of "
+        "descriptors, dlib's chip vs RetinaFace chip:"
+    )
     print(f"{'template':<16} {'mean':>7} {'p5':>7} {'min':>7} {'euclid mean':>12}")
     for label in templates:
         got = describe(net, ours[label])
@@ -151,8 +163,10 @@ def main() -> None:
     rng = np.random.default_rng(0)
     i, j = rng.integers(0, len(ref), 500), rng.integers(0, len(ref), 500)
     keep = i != j
-    print(f"(different test faces, dlib chips: cosine mean {cosine(ref[i[keep]], ref[j[keep]]).mean():.4f}, "
-          f"euclidean mean {np.linalg.norm(ref[i[keep]] - ref[j[keep]], axis=1).mean():.3f})")
+    print(
+        f"(different test faces, dlib chips: cosine mean {cosine(ref[i[keep]], ref[j[keep]]).mean():.4f}, "
+        f"euclidean mean {np.linalg.norm(ref[i[keep]] - ref[j[keep]], axis=1).mean():.3f})"
+    )
     print(f"\n{time.time() - t0:.0f} s")
 
 

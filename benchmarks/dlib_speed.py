@@ -51,9 +51,16 @@ def main() -> None:
         path = Path(tmp) / "dlib_resnet.onnx"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(net, (x[:1],), str(path), dynamo=False, opset_version=17, input_names=["input"],
-                              output_names=["descriptor"],
-                              dynamic_axes={"input": {0: "batch"}, "descriptor": {0: "batch"}})
+            torch.onnx.export(
+                net,
+                (x[:1],),
+                str(path),
+                dynamo=False,
+                opset_version=17,
+                input_names=["input"],
+                output_names=["descriptor"],
+                dynamic_axes={"input": {0: "batch"}, "descriptor": {0: "batch"}},
+            )
         options = ort.SessionOptions()
         options.intra_op_num_threads = args.threads
         options.inter_op_num_threads = 1
@@ -80,11 +87,13 @@ def main() -> None:
         row = [name]
         for n in (1, 32):
             repeats = args.repeats if n == 1 else max(2, args.repeats // 4)
-            row.append(1000 * timed(lambda: fn(n), repeats) / n)
+            row.append(1000 * timed(lambda fn=fn, n=n: fn(n), repeats) / n)
         rows.append(row)
-    print(f"DlibResNet, 150x150 chips, {args.threads} thread(s), torch {torch.__version__}, "
-          f"onnxruntime {ort.__version__}, dlib {dlib.__version__}, {os.cpu_count()} CPUs visible, "
-          f"load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"DlibResNet, 150x150 chips, {args.threads} thread(s), torch {torch.__version__}, "
+        f"onnxruntime {ort.__version__}, dlib {dlib.__version__}, {os.cpu_count()} CPUs visible, "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
     print(f"{'runtime':<20} {'batch 1 ms/face':>16} {'batch 32 ms/face':>17}")
     for name, b1, b32 in rows:
         print(f"{name:<20} {b1:16.1f} {b32:17.1f}")

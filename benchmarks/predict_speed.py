@@ -48,23 +48,28 @@ def main() -> None:
         base = facegender.load(path, device="cpu", threads=2)
         if base.face_config is None:
             raise SystemExit(f"{path}: not trained on aligned faces; nothing to detect")
-        print(f"\nmodel {path or 'bundled'} ({base.info.get('backbone')}, {base.runtime} {base.precision}, input "
-              f"{base.prep.image_size}, trained with refine_steps={base.face_config.refine_steps}, TTA {base.tta})")
+        print(
+            f"\nmodel {path or 'bundled'} ({base.info.get('backbone')}, {base.runtime} {base.precision}, input "
+            f"{base.prep.image_size}, trained with refine_steps={base.face_config.refine_steps}, TTA {base.tta})"
+        )
         crop = base._crops(image)[0].pixels
         print("stages alone (median ms):")
         for tta in (False, True):
             model = base.replace(tta=tta)
-            print(f"  classify 1 crop, TTA {tta}: {timed(lambda: model.classify([crop]), args.repeat):.1f}")
+            ms = timed(lambda model=model, crop=crop: model.classify([crop]), args.repeat)
+            print(f"  classify 1 crop, TTA {tta}: {ms:.1f}")
         for steps in (0, 1, 2):
             model = facegender.load(path, device="cpu", threads=2, refine_steps=steps)
-            print(f"  detect + refine {steps} + align: {timed(lambda: model._crops(image), args.repeat):.1f}")
+            print(
+                f"  detect + refine {steps} + align: {timed(lambda model=model: model._crops(image), args.repeat):.1f}"
+            )
         print("end to end, file -> labelled faces (median ms per image):")
         print(f"  {'TTA':<6}" + "".join(f"{f'refine {s}':>10}" for s in (0, 1, 2)))
         for tta in (False, True):
             row = []
             for steps in (0, 1, 2):
                 model = facegender.load(path, device="cpu", threads=2, refine_steps=steps, tta=tta)
-                row.append(timed(lambda: model.predict(args.image), args.repeat))
+                row.append(timed(lambda model=model: model.predict(args.image), args.repeat))
             print(f"  {str(tta):<6}" + "".join(f"{ms:>10.1f}" for ms in row))
 
 

@@ -57,8 +57,11 @@ def main() -> None:
 
     import facegender
 
-    sets = {d.parent.name + "/" + d.name if d.name == "test" else d.name: labelled_photos(d)
-            for d in args.data if d.is_dir()}
+    sets = {
+        d.parent.name + "/" + d.name if d.name == "test" else d.name: labelled_photos(d)
+        for d in args.data
+        if d.is_dir()
+    }
     if not sets:
         raise SystemExit(f"none of {', '.join(map(str, args.data))} exists")
     every = [p for photos in sets.values() for p, _ in photos]
@@ -72,25 +75,40 @@ def main() -> None:
                 model.predict(every[:4])  # warm up
                 right = {s: correct(model, photos) for s, photos in sets.items()}
                 acc = {s: (sum(r) / len(r), n) for s, (r, n) in right.items()}
-                rows.append({"model": name, "refine": refine, "tta": tta, "acc": acc, "right": right, "model_obj": model,
-                             "trained": refine == base.face_config.refine_steps and tta == base.tta})
+                rows.append(
+                    {
+                        "model": name,
+                        "refine": refine,
+                        "tta": tta,
+                        "acc": acc,
+                        "right": right,
+                        "model_obj": model,
+                        "trained": refine == base.face_config.refine_steps and tta == base.tta,
+                    }
+                )
     times: dict[int, list[float]] = {i: [] for i in range(len(rows))}
     for _ in range(args.repeat):
         for i, row in enumerate(rows):
             start = time.perf_counter()
             row["model_obj"].predict(every)
             times[i].append((time.perf_counter() - start) * 1000 / len(every))
-    print(f"{len(every)} photos ({', '.join(f'{s} {len(p)}' for s, p in sets.items())}); "
-          f"median of {args.repeat} timing round(s)")
-    header = f"{'model':<14} {'refine':>6} {'tta':>4} " + " ".join(f"{s + ' (no face)':>24}" for s in sets) \
+    print(
+        f"{len(every)} photos ({', '.join(f'{s} {len(p)}' for s, p in sets.items())}); "
+        f"median of {args.repeat} timing round(s)"
+    )
+    header = (
+        f"{'model':<14} {'refine':>6} {'tta':>4} "
+        + " ".join(f"{s + ' (no face)':>24}" for s in sets)
         + f" {'ms/photo':>9}"
+    )
     print(header)
     for i, row in enumerate(rows):
         row["ms"] = statistics.median(times[i])
         cells = " ".join(f"{a:>15.3f} ({n:>3})     " for a, n in row["acc"].values())
         mark = "  <- as trained" if row["trained"] else ""
-        print(f"{row['model']:<14} {row['refine']:>6} {'yes' if row['tta'] else 'no':>4} {cells} "
-              f"{row['ms']:>9.1f}{mark}")
+        print(
+            f"{row['model']:<14} {row['refine']:>6} {'yes' if row['tta'] else 'no':>4} {cells} {row['ms']:>9.1f}{mark}"
+        )
     print("\nmean accuracy over the folders, and per ms against the slowest setting of the same model:")
     for model_name in dict.fromkeys(r["model"] for r in rows):
         own = [r for r in rows if r["model"] == model_name]
@@ -100,10 +118,14 @@ def main() -> None:
             slow_mean = statistics.mean(a for a, _ in slow["acc"].values())
             saved = slow["ms"] - r["ms"]
             per_ms = f"{(slow_mean - mean) * 100 / saved:+.3f} points lost per ms saved" if saved > 0.5 else ""
-            print(f"  {model_name} refine {r['refine']} tta {'yes' if r['tta'] else 'no '}: "
-                  f"{mean:.4f}, {r['ms']:.1f} ms/photo  {per_ms}")
-    print("\npaired against the trained setting of the same model (photos right only with it / only with the "
-          "other setting, exact McNemar p):")
+            print(
+                f"  {model_name} refine {r['refine']} tta {'yes' if r['tta'] else 'no '}: "
+                f"{mean:.4f}, {r['ms']:.1f} ms/photo  {per_ms}"
+            )
+    print(
+        "\npaired against the trained setting of the same model (photos right only with it / only with the "
+        "other setting, exact McNemar p):"
+    )
     for model_name in dict.fromkeys(r["model"] for r in rows):
         own = [r for r in rows if r["model"] == model_name]
         trained = next((r for r in own if r["trained"]), None)

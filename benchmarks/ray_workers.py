@@ -68,8 +68,10 @@ def main() -> int:
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
     try:
         rate, expected = local_rate(paths, args.model, fast)
-        print(f"{len(paths)} photos ({args.folder}, x{args.repeat}), {'fast' if fast else 'trained'} settings, "
-              f"{os.cpu_count()} CPUs")
+        print(
+            f"{len(paths)} photos ({args.folder}, x{args.repeat}), {'fast' if fast else 'trained'} settings, "
+            f"{os.cpu_count()} CPUs"
+        )
         print(f"  local predict (one process):    {rate:6.1f} photos/s")
         for workers in args.workers:
             rate = ray_rate(paths, args.model, fast, workers, expected)

@@ -22,26 +22,73 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 #: Fine-tuning dlib's last stages on the cached output of its frozen first ones (--cached-prefix).
-_FT = {"backbone": "dlib_resnet", "image_size": 150, "align": True, "visible_region": False,
-       "frozen_features": False, "cached_prefix": True, "optimizer": "adamw", "weight_decay": 1e-4,
-       "monitor": "val_loss", "tta": True, "batch_size": 64, "patience": 3, "augment": "strong"}
+_FT = {
+    "backbone": "dlib_resnet",
+    "image_size": 150,
+    "align": True,
+    "visible_region": False,
+    "frozen_features": False,
+    "cached_prefix": True,
+    "optimizer": "adamw",
+    "weight_decay": 1e-4,
+    "monitor": "val_loss",
+    "tta": True,
+    "batch_size": 64,
+    "patience": 3,
+    "augment": "strong",
+}
 
 CANDIDATES: dict[str, dict] = {
     # the bundled recipe until now: a linear head on the frozen descriptor
     "frozen": {"preset": "frozen"},
     "ft1": {**_FT, "trainable_stages": 1, "lr": 1e-3, "epochs": 10, "feature_views": 4},
     "ft2": {**_FT, "trainable_stages": 2, "lr": 1e-3, "body_lr_scale": 0.3, "epochs": 8, "feature_views": 4},
-    "ft2-ls": {**_FT, "trainable_stages": 2, "lr": 1e-3, "body_lr_scale": 0.3, "epochs": 8, "feature_views": 4,
-               "label_smoothing": 0.1},
-    "ft2-bal": {**_FT, "trainable_stages": 2, "lr": 1e-3, "body_lr_scale": 0.3, "epochs": 8, "feature_views": 4,
-                "balance": "source"},
+    "ft2-ls": {
+        **_FT,
+        "trainable_stages": 2,
+        "lr": 1e-3,
+        "body_lr_scale": 0.3,
+        "epochs": 8,
+        "feature_views": 4,
+        "label_smoothing": 0.1,
+    },
+    "ft2-bal": {
+        **_FT,
+        "trainable_stages": 2,
+        "lr": 1e-3,
+        "body_lr_scale": 0.3,
+        "epochs": 8,
+        "feature_views": 4,
+        "balance": "source",
+    },
     "ft2-lr3": {**_FT, "trainable_stages": 2, "lr": 3e-4, "body_lr_scale": 1.0, "epochs": 8, "feature_views": 4},
-    "ft2-imfdb": {**_FT, "trainable_stages": 2, "lr": 1e-3, "body_lr_scale": 0.3, "epochs": 8, "feature_views": 4,
-                  "data": "diverse-imfdb.yaml"},
-    "ft2-ema": {**_FT, "trainable_stages": 2, "lr": 1e-3, "body_lr_scale": 0.3, "epochs": 8, "feature_views": 4,
-                "ema": 0.998},
-    "ft3-ema": {**_FT, "trainable_stages": 3, "lr": 1e-3, "body_lr_scale": 0.3, "epochs": 8, "feature_views": 4,
-                "ema": 0.998},
+    "ft2-imfdb": {
+        **_FT,
+        "trainable_stages": 2,
+        "lr": 1e-3,
+        "body_lr_scale": 0.3,
+        "epochs": 8,
+        "feature_views": 4,
+        "data": "diverse-imfdb.yaml",
+    },
+    "ft2-ema": {
+        **_FT,
+        "trainable_stages": 2,
+        "lr": 1e-3,
+        "body_lr_scale": 0.3,
+        "epochs": 8,
+        "feature_views": 4,
+        "ema": 0.998,
+    },
+    "ft3-ema": {
+        **_FT,
+        "trainable_stages": 3,
+        "lr": 1e-3,
+        "body_lr_scale": 0.3,
+        "epochs": 8,
+        "feature_views": 4,
+        "ema": 0.998,
+    },
     "ft3": {**_FT, "trainable_stages": 3, "lr": 1e-3, "body_lr_scale": 0.3, "epochs": 8, "feature_views": 4},
     "ft3-lr3": {**_FT, "trainable_stages": 3, "lr": 3e-4, "body_lr_scale": 1.0, "epochs": 8, "feature_views": 4},
 }
@@ -56,16 +103,26 @@ def run_one(name: str, seed: int, data: list[str], out: Path, shared: Path) -> d
     if "data" in options:  # a candidate with its own sources (benchmarks/sources/)
         data = [str(HERE / "sources" / options.pop("data"))]
     started = time.perf_counter()
-    run = facegender.train(data, preset=preset, out=out / f"{name}-s{seed}", seed=seed, progress=False,
-                           log=lambda s: None, **options)
+    run = facegender.train(
+        data, preset=preset, out=out / f"{name}-s{seed}", seed=seed, progress=False, log=lambda s: None, **options
+    )
     seconds = time.perf_counter() - started
     val = run.summary["validation"]
     m = measure(run.model_path, shared)
-    return {"candidate": name, "seed": seed, "options": CANDIDATES[name], "train_seconds": round(seconds, 1),
-            "best_epoch": run.summary["best_epoch"], "epochs_run": run.summary["epochs_run"],
-            "val_accuracy": val["accuracy"], "val_balanced_accuracy": val["balanced_accuracy"],
-            "val_by_source": run.summary.get("by_source", {}).get("validation"),
-            "gdf_test": m["gdf_test"]["accuracy"], "ood": m["ood"], "threshold": m.get("threshold")}
+    return {
+        "candidate": name,
+        "seed": seed,
+        "options": CANDIDATES[name],
+        "train_seconds": round(seconds, 1),
+        "best_epoch": run.summary["best_epoch"],
+        "epochs_run": run.summary["epochs_run"],
+        "val_accuracy": val["accuracy"],
+        "val_balanced_accuracy": val["balanced_accuracy"],
+        "val_by_source": run.summary.get("by_source", {}).get("validation"),
+        "gdf_test": m["gdf_test"]["accuracy"],
+        "ood": m["ood"],
+        "threshold": m.get("threshold"),
+    }
 
 
 def remeasure(rows: list[dict], out: Path, shared: Path) -> list[dict]:
@@ -97,17 +154,31 @@ def _mean_sd(values: list[float]) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| candidate | seeds | validation (gdf+aaf+congress) | faces-gdf/test | faces-ood | female recall | male recall | "
-             "worst age | worst race | train s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| candidate | seeds | validation (gdf+aaf+congress) | faces-gdf/test | faces-ood | female recall "
+        "| male recall | "
+        "worst age | worst race | train s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name in dict.fromkeys(r["candidate"] for r in rows):
         rs = [r for r in rows if r["candidate"] == name]
         worst = {col: min(r["ood"]["worst"][col]["accuracy"] for r in rs) for col in ("age_group", "race")}
-        lines.append(" | ".join([
-            f"| {name}", str(len(rs)), _mean_sd([common_val(r) for r in rs]),
-            _mean_sd([r["gdf_test"] for r in rs]), _mean_sd([r["ood"]["accuracy"] for r in rs]),
-            _mean_sd([r["ood"]["recall"]["female"] for r in rs]), _mean_sd([r["ood"]["recall"]["male"] for r in rs]),
-            f"{worst['age_group']:.3f}", f"{worst['race']:.3f}",
-            f"{statistics.mean(r['train_seconds'] for r in rs):.0f} |"]))
+        lines.append(
+            " | ".join(
+                [
+                    f"| {name}",
+                    str(len(rs)),
+                    _mean_sd([common_val(r) for r in rs]),
+                    _mean_sd([r["gdf_test"] for r in rs]),
+                    _mean_sd([r["ood"]["accuracy"] for r in rs]),
+                    _mean_sd([r["ood"]["recall"]["female"] for r in rs]),
+                    _mean_sd([r["ood"]["recall"]["male"] for r in rs]),
+                    f"{worst['age_group']:.3f}",
+                    f"{worst['race']:.3f}",
+                    f"{statistics.mean(r['train_seconds'] for r in rs):.0f} |",
+                ]
+            )
+        )
     return "\n".join(lines)
 
 
@@ -118,8 +189,11 @@ def main() -> None:
     parser.add_argument("--data", nargs="+", default=[str(HERE / "sources" / "diverse.yaml")])
     parser.add_argument("--shared", default=str(HERE.parent.parent / "shared"))
     parser.add_argument("--out", default="runs/recipes")
-    parser.add_argument("--remeasure", action="store_true",
-                        help="measure the finished runs' models again (after a change to how models decide)")
+    parser.add_argument(
+        "--remeasure",
+        action="store_true",
+        help="measure the finished runs' models again (after a change to how models decide)",
+    )
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -137,9 +211,12 @@ def main() -> None:
             rows.append(row)
             with open(results, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
-            print(f"{name} seed {seed}: val {row['val_accuracy']:.3f} gdf {row['gdf_test']:.3f} "
-                  f"ood {row['ood']['accuracy']:.3f} (F {row['ood']['recall']['female']:.3f} "
-                  f"M {row['ood']['recall']['male']:.3f}) {row['train_seconds']:.0f} s", flush=True)
+            print(
+                f"{name} seed {seed}: val {row['val_accuracy']:.3f} gdf {row['gdf_test']:.3f} "
+                f"ood {row['ood']['accuracy']:.3f} (F {row['ood']['recall']['female']:.3f} "
+                f"M {row['ood']['recall']['male']:.3f}) {row['train_seconds']:.0f} s",
+                flush=True,
+            )
     print(table([r for r in rows if r["candidate"] in args.candidates and r["seed"] in args.seeds]))
 
 

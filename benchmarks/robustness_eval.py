@@ -47,8 +47,13 @@ def jpeg20(im: Image.Image) -> Image.Image:
     return Image.open(buf).convert("RGB")
 
 
-DEGRADATIONS = {"none": lambda im: im, "blur": blur, "downscale_32px": downscale32, "grayscale": grayscale,
-                "jpeg_q20": jpeg20}
+DEGRADATIONS = {
+    "none": lambda im: im,
+    "blur": blur,
+    "downscale_32px": downscale32,
+    "grayscale": grayscale,
+    "jpeg_q20": jpeg20,
+}
 
 
 def labelled_images(folder: Path, classes: list[str], limit: int | None = None) -> list[tuple[Path, int]]:
@@ -64,16 +69,22 @@ def labelled_images(folder: Path, classes: list[str], limit: int | None = None) 
     return items
 
 
-def evaluate_degradations(model_path: str, data: str, names: list[str], batch_size: int = 64,
-                          limit: int | None = None, refine_steps: int | None = None) -> dict:
+def evaluate_degradations(
+    model_path: str,
+    data: str,
+    names: list[str],
+    batch_size: int = 64,
+    limit: int | None = None,
+    refine_steps: int | None = None,
+) -> dict:
     """Accuracy per degradation. `refine_steps` replaces the model's recorded landmark refinement
     (an experiment: what a predict-time change would cost; the recorded value is what predict uses)."""
     import dataclasses
 
     import facegender
     from facegender.core.images import load_image
-    from facegender.evaluation.metrics import wilson_interval
     from facegender.core.preprocessing import ImagePreparer
+    from facegender.evaluation.metrics import wilson_interval
 
     model = facegender.load(model_path, device="cpu")  # best_model.pth or an exported .onnx
     classes, prep = model.classes, model.prep
@@ -90,11 +101,21 @@ def evaluate_degradations(model_path: str, data: str, names: list[str], batch_si
         preds = model.classify([crop for crop, _ in prepared], batch_size).argmax(1)  # recorded TTA, temperature
         correct = int((preds == labels).sum())
         lo, hi = wilson_interval(correct, len(labels))
-        rows[name] = {"accuracy": correct / len(labels), "ci": [lo, hi], "n": len(labels),
-                      "no_face": sum(not found for _, found in prepared) / len(labels) if prep.face else None,
-                      "seconds": round(time.perf_counter() - started, 1)}
-    return {"model": str(model_path), "data": str(data), "tta": tta, "aligned": prep.face is not None,
-            "refine_steps": prep.face.get("refine_steps") if prep.face else None, "results": rows}
+        rows[name] = {
+            "accuracy": correct / len(labels),
+            "ci": [lo, hi],
+            "n": len(labels),
+            "no_face": sum(not found for _, found in prepared) / len(labels) if prep.face else None,
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+    return {
+        "model": str(model_path),
+        "data": str(data),
+        "tta": tta,
+        "aligned": prep.face is not None,
+        "refine_steps": prep.face.get("refine_steps") if prep.face else None,
+        "results": rows,
+    }
 
 
 def named_labels(folders: list[str], model_path: str) -> list[dict]:
@@ -106,28 +127,43 @@ def named_labels(folders: list[str], model_path: str) -> list[dict]:
     files = [p for p in expand_paths(folders) if "__" in p.name and p.name.split("__")[0] in predictor.classes]
     rows = []
     for result, path in zip(predictor.predict_paths(files), files):
-        rows.append({"file": str(path), "true": path.name.split("__")[0], "status": result.status,
-                     "labels": [f"{f.label} {f.probability:.3f}" for f in result.faces]})
+        rows.append(
+            {
+                "file": str(path),
+                "true": path.name.split("__")[0],
+                "status": result.status,
+                "labels": [f"{f.label} {f.probability:.3f}" for f in result.faces],
+            }
+        )
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True)
-    parser.add_argument("--data", default="../shared/datasets/faces-gdf/test",
-                        help="folder with one subfolder per class")
+    parser.add_argument(
+        "--data", default="../shared/datasets/faces-gdf/test", help="folder with one subfolder per class"
+    )
     parser.add_argument("--degradations", nargs="+", default=list(DEGRADATIONS), choices=list(DEGRADATIONS))
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--limit", type=int, help="at most this many images per class (quick check)")
-    parser.add_argument("--refine-steps", type=int,
-                        help="override the model's landmark refinement rounds (experiment only)")
-    parser.add_argument("--extra", nargs="*", default=["../shared/datasets/robustness/known_label_faces"],
-                        help="folders of files named <class>__*.ext to predict one by one")
+    parser.add_argument(
+        "--refine-steps", type=int, help="override the model's landmark refinement rounds (experiment only)"
+    )
+    parser.add_argument(
+        "--extra",
+        nargs="*",
+        default=["../shared/datasets/robustness/known_label_faces"],
+        help="folders of files named <class>__*.ext to predict one by one",
+    )
     args = parser.parse_args()
-    report = evaluate_degradations(args.model, args.data, args.degradations, limit=args.limit,
-                                   refine_steps=args.refine_steps)
-    print(f"{report['model']} on {report['data']} (aligned: {report['aligned']}, TTA: {report['tta']}, "
-          f"refine_steps: {report['refine_steps']})")
+    report = evaluate_degradations(
+        args.model, args.data, args.degradations, limit=args.limit, refine_steps=args.refine_steps
+    )
+    print(
+        f"{report['model']} on {report['data']} (aligned: {report['aligned']}, TTA: {report['tta']}, "
+        f"refine_steps: {report['refine_steps']})"
+    )
     print(f"{'degradation':<16}{'accuracy':>9}  {'95% CI':<13}{'no face':>8}")
     for name, r in report["results"].items():
         no_face = "-" if r["no_face"] is None else f"{r['no_face']:.1%}"

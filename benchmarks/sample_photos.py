@@ -40,8 +40,10 @@ def main() -> None:
             expected = names[truth[i]] if i < len(truth) else "?"
             ok = face.label == expected
             right += ok
-            print(f"  box x {face.box[0]:7.1f}  {face.label:<10} p={face.probability:.3f}  "
-                  f"expected {expected:<8} {'ok' if ok else 'WRONG'}")
+            print(
+                f"  box x {face.box[0]:7.1f}  {face.label:<10} p={face.probability:.3f}  "
+                f"expected {expected:<8} {'ok' if ok else 'WRONG'}"
+            )
         total += len(truth)
     print(f"labelled right: {right}/{total}")
 

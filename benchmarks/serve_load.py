@@ -37,10 +37,23 @@ def free_port() -> int:
 
 
 def start_server(model: Path, port: int, max_concurrent: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "facegender", "serve", "--model", str(model), "--port", str(port),
-           "--log-level", "warning", "--max-concurrent", str(max_concurrent)]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "facegender",
+        "serve",
+        "--model",
+        str(model),
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        "--max-concurrent",
+        str(max_concurrent),
+    ]
+    return subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
@@ -61,6 +74,7 @@ def run_load(url: str, image: Path, requests: int, concurrency: int) -> dict:
     data = image.read_bytes()
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     with httpx.Client(timeout=600, limits=limits) as client:
+
         def one(_: int) -> tuple[float, int, float, int]:
             start = time.perf_counter()
             r = client.post(f"{url}/predict", files={"files": (image.name, data, "application/octet-stream")})
@@ -79,9 +93,14 @@ def run_load(url: str, image: Path, requests: int, concurrency: int) -> dict:
     latencies = np.array([r[0] for r in rows]) * 1000
     ok = [r for r in rows if r[1] == 200]
     return {
-        "requests": requests, "ok": len(ok), "errors": requests - len(ok), "wall_s": wall,
-        "throughput": requests / wall, "faces_per_request": ok[0][3] if ok else 0,
-        "p50": float(np.percentile(latencies, 50)), "p90": float(np.percentile(latencies, 90)),
+        "requests": requests,
+        "ok": len(ok),
+        "errors": requests - len(ok),
+        "wall_s": wall,
+        "throughput": requests / wall,
+        "faces_per_request": ok[0][3] if ok else 0,
+        "p50": float(np.percentile(latencies, 50)),
+        "p90": float(np.percentile(latencies, 90)),
         "p99": float(np.percentile(latencies, 99)),
         "server_ms": float(np.median([r[2] for r in ok]) * 1000) if ok else float("nan"),
     }
@@ -122,13 +141,19 @@ def main() -> None:
             proc.terminate()
             proc.wait(30)
 
-    print(f"\nmodel {info['file']} ({info['runtime']}, {info['backbone']}, faces {info['detects_faces']}), "
-          f"image {image.name} ({res['faces_per_request']} face(s)), server --max-concurrent {args.max_concurrent}, "
-          f"{os.cpu_count()} CPU(s)")
-    print(f"{res['requests']} requests, {args.concurrency} concurrent clients: {res['ok']} ok, {res['errors']} errors, "
-          f"{res['wall_s']:.1f} s")
-    print(f"throughput {res['throughput']:.2f} req/s; latency p50 {res['p50']:.0f} ms, p90 {res['p90']:.0f} ms, "
-          f"p99 {res['p99']:.0f} ms; server-side inference median {res['server_ms']:.0f} ms")
+    print(
+        f"\nmodel {info['file']} ({info['runtime']}, {info['backbone']}, faces {info['detects_faces']}), "
+        f"image {image.name} ({res['faces_per_request']} face(s)), server --max-concurrent {args.max_concurrent}, "
+        f"{os.cpu_count()} CPU(s)"
+    )
+    print(
+        f"{res['requests']} requests, {args.concurrency} concurrent clients: {res['ok']} ok, {res['errors']} errors, "
+        f"{res['wall_s']:.1f} s"
+    )
+    print(
+        f"throughput {res['throughput']:.2f} req/s; latency p50 {res['p50']:.0f} ms, p90 {res['p90']:.0f} ms, "
+        f"p99 {res['p99']:.0f} ms; server-side inference median {res['server_ms']:.0f} ms"
+    )
     if res["errors"]:
         raise SystemExit(1)
 

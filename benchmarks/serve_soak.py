@@ -42,8 +42,10 @@ def free_port() -> int:
 def payloads(shared: Path) -> list[tuple[str, bytes]]:
     """(name, bytes) of every request body kind."""
     group = shared / "images" / "group_6_faces.jpg"
-    files = [(group.name, group.read_bytes()),
-             ("astronaut_female.png", (shared / "images" / "astronaut_female.png").read_bytes())]
+    files = [
+        (group.name, group.read_bytes()),
+        ("astronaut_female.png", (shared / "images" / "astronaut_female.png").read_bytes()),
+    ]
     with Image.open(group) as im:
         big = im.convert("RGB").resize((4000, round(4000 * im.height / im.width)))
     buf = io.BytesIO()
@@ -99,12 +101,16 @@ def report(samples: list[tuple[float, float]], out: dict, seconds: float) -> Non
         windows[int(t // 30)] = max(windows.get(int(t // 30), 0.0), rss)
     print("RSS per 30 s window (max MiB):", " ".join(f"{v:.0f}" for _, v in sorted(windows.items())))
     last_half = [rss for t, rss in samples if t >= seconds / 2]
-    print(f"start {samples[0][1]:.0f} MiB, peak {max(r for _, r in samples):.0f} MiB, "
-          f"plateau (max over the last half) {max(last_half):.0f} MiB")
+    print(
+        f"start {samples[0][1]:.0f} MiB, peak {max(r for _, r in samples):.0f} MiB, "
+        f"plateau (max over the last half) {max(last_half):.0f} MiB"
+    )
     lat = np.array(out["latency"])
     errors = sum(n for s, n in out["status"].items() if s is None or s >= 500)
-    print(f"requests {len(lat)} ({len(lat) / seconds:.1f}/s), statuses {dict(sorted(out['status'].items(), key=str))}, "
-          f"errors {errors}")
+    print(
+        f"requests {len(lat)} ({len(lat) / seconds:.1f}/s), statuses {dict(sorted(out['status'].items(), key=str))}, "
+        f"errors {errors}"
+    )
     print(f"latency p50 {np.percentile(lat, 50):.2f} s, p95 {np.percentile(lat, 95):.2f} s")
 
 
@@ -117,15 +123,25 @@ def main() -> None:
     args, serve_args = parser.parse_known_args()
     bodies = itertools.cycle(payloads(Path(args.shared)))
     port = free_port()
-    cmd = [sys.executable, "-m", "facegender", "serve", "--port", str(port), *(["--model", args.model] if args.model
-                                                                                else []), *serve_args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "facegender",
+        "serve",
+        "--port",
+        str(port),
+        *(["--model", args.model] if args.model else []),
+        *serve_args,
+    ]
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, server)
         stop, lock, out = threading.Event(), threading.Lock(), {"latency": [], "status": {}}
-        threads = [threading.Thread(target=client, args=(url, bodies, stop, out, lock), daemon=True)
-                   for _ in range(args.clients)]
+        threads = [
+            threading.Thread(target=client, args=(url, bodies, stop, out, lock), daemon=True)
+            for _ in range(args.clients)
+        ]
         start, samples = time.monotonic(), []
         for t in threads:
             t.start()

@@ -43,13 +43,13 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from facegender.training.config import build_config
+    from facegender.core.preprocessing import ImagePreparer
     from facegender.data.dataset import ImageLoader, load_split
+    from facegender.data.sources import read_sources, scan_sources
+    from facegender.training.backbones import build_model, freeze_body, split_body
+    from facegender.training.config import build_config
     from facegender.training.engine import make_loader, select_device, train_one_epoch
     from facegender.training.features import FeatureExtractor, feature_dataset
-    from facegender.training.backbones import build_model, freeze_body, split_body
-    from facegender.core.preprocessing import ImagePreparer
-    from facegender.data.sources import read_sources, scan_sources
     from facegender.training.train import make_optimizer, preprocessing_for
 
     device = select_device(args.device)
@@ -68,8 +68,9 @@ def main() -> None:
     freeze_body(model, cfg.trainable_stages, cfg.backbone)
     model.to(device)
     prefix, rest = split_body(model, cfg.trainable_stages, cfg.backbone)
-    extractor = FeatureExtractor(prefix, prep, f"{source}; scale benchmark", device, augment=cfg.augment,
-                                 dtype=np.float16)
+    extractor = FeatureExtractor(
+        prefix, prep, f"{source}; scale benchmark", device, augment=cfg.augment, dtype=np.float16
+    )
     t = time.perf_counter()
     outputs = extractor.embed(loaded.images, args.views, progress=False)
     prefix_s = time.perf_counter() - t
@@ -88,8 +89,9 @@ def main() -> None:
 
     full = FaceDataset(loaded, TrainPreset(prep, cfg.augment))
     t = time.perf_counter()
-    train_one_epoch(model, make_loader(full, cfg.batch_size, shuffle=True), criterion, optimizer, device, "fp32",
-                    progress=False)
+    train_one_epoch(
+        model, make_loader(full, cfg.batch_size, shuffle=True), criterion, optimizer, device, "fp32", progress=False
+    )
     full_s = time.perf_counter() - t
     print(f"full    {_rate(n, full_s)}  images, whole network (no cached prefix)")
 
@@ -98,10 +100,12 @@ def main() -> None:
     scale = args.project / n
     projected = scale * (align_s + prefix_s + args.epochs * epoch_s)
     without = scale * (align_s + args.epochs * args.views * full_s)
-    print(f"projected for {args.project:,} images on {device}: {projected / 3600:.2f} h with the cached prefix "
-          f"(align {scale * align_s / 60:.0f} min, prefix {scale * prefix_s / 60:.0f} min, {args.epochs} epochs "
-          f"{args.epochs * scale * epoch_s / 60:.0f} min); {without / 3600:.2f} h training the whole network on "
-          f"the same {args.views} views an image")
+    print(
+        f"projected for {args.project:,} images on {device}: {projected / 3600:.2f} h with the cached prefix "
+        f"(align {scale * align_s / 60:.0f} min, prefix {scale * prefix_s / 60:.0f} min, {args.epochs} epochs "
+        f"{args.epochs * scale * epoch_s / 60:.0f} min); {without / 3600:.2f} h training the whole network on "
+        f"the same {args.views} views an image"
+    )
     shutil.rmtree(scratch, ignore_errors=True)
 
 

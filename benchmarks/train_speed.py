@@ -22,12 +22,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
-from facegender.data.dataset import ImageLoader, Split, load_split, scan_dataset
-from facegender.training.engine import FaceDataset, make_loader
-from facegender.training.engine import select_precision, train_one_epoch
 from facegender.core.images import load_image
-from facegender.training.backbones import build_model, freeze_stem, get_spec
 from facegender.core.preprocessing import ImagePreparer, Preprocessing
+from facegender.data.dataset import ImageLoader, Split, load_split, scan_dataset
+from facegender.training.backbones import build_model, freeze_stem, get_spec
+from facegender.training.engine import FaceDataset, make_loader, select_precision, train_one_epoch
 from facegender.training.transforms import TrainPreset
 
 
@@ -36,8 +35,16 @@ class PlainFolder(Dataset):
 
     def __init__(self, split: Split, mean, std):
         self.split = split
-        self.tf = T.Compose([T.Resize((224, 224)), T.RandomHorizontalFlip(), T.RandomRotation(10),
-                             T.ColorJitter(brightness=0.2, contrast=0.2), T.ToTensor(), T.Normalize(mean, std)])
+        self.tf = T.Compose(
+            [
+                T.Resize((224, 224)),
+                T.RandomHorizontalFlip(),
+                T.RandomRotation(10),
+                T.ColorJitter(brightness=0.2, contrast=0.2),
+                T.ToTensor(),
+                T.Normalize(mean, std),
+            ]
+        )
 
     def __len__(self):
         return len(self.split)
@@ -79,10 +86,26 @@ def facegender_loop(backbone: str, loaded, precision: str, freeze: bool, channel
     precision = select_precision(precision, torch.device("cpu"))
     # warm-up on one batch, then one timed epoch
     warm = next(iter(loader))
-    train_one_epoch(model, [warm], nn.CrossEntropyLoss(), opt, torch.device("cpu"), precision,
-                    channels_last=channels_last, progress=False)
-    stats = train_one_epoch(model, loader, nn.CrossEntropyLoss(), opt, torch.device("cpu"), precision,
-                            channels_last=channels_last, progress=False)
+    train_one_epoch(
+        model,
+        [warm],
+        nn.CrossEntropyLoss(),
+        opt,
+        torch.device("cpu"),
+        precision,
+        channels_last=channels_last,
+        progress=False,
+    )
+    stats = train_one_epoch(
+        model,
+        loader,
+        nn.CrossEntropyLoss(),
+        opt,
+        torch.device("cpu"),
+        precision,
+        channels_last=channels_last,
+        progress=False,
+    )
     return stats["images_per_sec"]
 
 
@@ -102,19 +125,21 @@ def main() -> None:
     for backbone in args.backbones.split(","):
         spec = get_spec(backbone)
         start = time.perf_counter()
-        loaded = load_split(split, ImageLoader(ImagePreparer(Preprocessing(224, spec.mean, spec.std))),
-                            progress=False)
+        loaded = load_split(split, ImageLoader(ImagePreparer(Preprocessing(224, spec.mean, spec.std))), progress=False)
         read_s = time.perf_counter() - start
         base = plain_loop(backbone, split)
         rows.append((backbone, "plain loop (report script), fp32", base, 1.0))
         print(f"{backbone}: one-time read of {len(split)} images into the cache: {read_s:.1f} s", flush=True)
-        for precision, (freeze, cl) in itertools.product(args.precisions.split(","), [(True, True), (False, True),
-                                                                                      (False, False)]):
+        for precision, (freeze, cl) in itertools.product(
+            args.precisions.split(","), [(True, True), (False, True), (False, False)]
+        ):
             if precision != "fp32" and not (freeze and cl):
                 continue
             ips = facegender_loop(backbone, loaded, precision, freeze, cl)
-            label = (f"facegender, {precision}{'=' + select_precision(precision, torch.device('cpu')) if precision == 'auto' else ''}"
-                     f"{', channels_last' if cl else ''}{', stem fixed' if freeze else ''}")
+            chosen = "=" + select_precision(precision, torch.device("cpu")) if precision == "auto" else ""
+            label = (
+                f"facegender, {precision}{chosen}{', channels_last' if cl else ''}{', stem fixed' if freeze else ''}"
+            )
             rows.append((backbone, label, ips, ips / base))
             print(f"  {label}: {ips:.1f} img/s ({ips / base:.1f}x)", flush=True)
     print("\n| backbone | training loop | img/s | vs plain |\n|---|---|---|---|")

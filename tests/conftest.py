@@ -63,8 +63,18 @@ def trained_run(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("run")
     data = make_dataset(root / "data", n_train=16, n_test=8)
-    cfg = build_config(None, data=str(data), out=str(root / "out"), backbone="resnet18", pretrained=False,
-                       image_size=64, epochs=2, batch_size=8, lr=1e-3, freeze_stem=False)
+    cfg = build_config(
+        None,
+        data=str(data),
+        out=str(root / "out"),
+        backbone="resnet18",
+        pretrained=False,
+        image_size=64,
+        epochs=2,
+        batch_size=8,
+        lr=1e-3,
+        freeze_stem=False,
+    )
     train(cfg, log=lambda s: None, progress=False)
     return root
 

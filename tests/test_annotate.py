@@ -8,9 +8,8 @@ import subprocess
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import REPO
+from PIL import Image
 from test_serve import CLASSES, save_random_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -20,11 +19,24 @@ def face(box, label="wanita", probability=0.91, landmarks=True):
     from facegender.core.results import Face
 
     x1, y1, x2, y2 = box
-    marks = tuple((x1 + (x2 - x1) * a, y1 + (y2 - y1) * b) for a, b in
-                  ((0.3, 0.4), (0.7, 0.4), (0.5, 0.6), (0.35, 0.8), (0.65, 0.8))) if landmarks else None
+    marks = (
+        tuple(
+            (x1 + (x2 - x1) * a, y1 + (y2 - y1) * b)
+            for a, b in ((0.3, 0.4), (0.7, 0.4), (0.5, 0.6), (0.35, 0.8), (0.65, 0.8))
+        )
+        if landmarks
+        else None
+    )
     other = 1 - probability
-    return Face(box=tuple(box), landmarks=marks, detection_score=0.99 if landmarks else None, label=label,
-                predicted_class=label, probability=probability, probabilities={label: probability, "x": other})
+    return Face(
+        box=tuple(box),
+        landmarks=marks,
+        detection_score=0.99 if landmarks else None,
+        label=label,
+        predicted_class=label,
+        probability=probability,
+        probabilities={label: probability, "x": other},
+    )
 
 
 def inside(rect, size):
@@ -34,13 +46,17 @@ def inside(rect, size):
 
 # ----------------------------------------------------------------------------- label placement
 
-@pytest.mark.parametrize("box", [
-    (150, 0, 200, 60),     # top and right edges
-    (0, 0, 40, 40),        # top-left corner
-    (170, 150, 200, 200),  # bottom-right corner
-    (0, 0, 200, 200),      # the whole image
-    (190, 10, 260, 90),    # partly outside the image
-])
+
+@pytest.mark.parametrize(
+    "box",
+    [
+        (150, 0, 200, 60),  # top and right edges
+        (0, 0, 40, 40),  # top-left corner
+        (170, 150, 200, 200),  # bottom-right corner
+        (0, 0, 200, 200),  # the whole image
+        (190, 10, 260, 90),  # partly outside the image
+    ],
+)
 def test_place_label_keeps_the_label_inside(box):
     from facegender.app.annotate import place_label
 
@@ -52,9 +68,9 @@ def test_place_label_keeps_the_label_inside(box):
 def test_place_label_above_else_below_else_inside():
     from facegender.app.annotate import place_label
 
-    assert place_label((50, 14), (20, 60, 80, 120), (200, 200)) == (20, 46, 70, 60)   # above
-    assert place_label((50, 14), (20, 0, 80, 60), (200, 200)) == (20, 60, 70, 74)    # below
-    assert place_label((50, 14), (0, 0, 200, 200), (200, 200)) == (0, 0, 50, 14)    # inside, at the top
+    assert place_label((50, 14), (20, 60, 80, 120), (200, 200)) == (20, 46, 70, 60)  # above
+    assert place_label((50, 14), (20, 0, 80, 60), (200, 200)) == (20, 60, 70, 74)  # below
+    assert place_label((50, 14), (0, 0, 200, 200), (200, 200)) == (0, 0, 50, 14)  # inside, at the top
     assert place_label((50, 14), (170, 0, 200, 60), (200, 200)) == (150, 60, 200, 74)  # shifted left
 
 
@@ -69,7 +85,7 @@ def test_annotated_label_at_top_right_edges_is_drawn_inside_the_image():
     assert inside(spot["rect"], image.size)
     left, top, right, bottom = spot["rect"]
     assert right == 240 or right - left == 240  # pushed against the right edge
-    assert top >= 70                           # below the box: no room above it
+    assert top >= 70  # below the box: no room above it
 
     drawn = np.asarray(draw_faces(image, faces, CLASSES))
     patch = drawn[top:bottom, left:right].reshape(-1, 3).astype(int)
@@ -102,6 +118,7 @@ def test_long_label_on_a_small_image_shrinks_to_fit():
 
 # ----------------------------------------------------------------------------- numbering
 
+
 def test_faces_are_numbered_left_to_right():
     from facegender.app.annotate import face_numbers, label_layout
 
@@ -120,13 +137,22 @@ def test_predict_text_numbers_faces_left_to_right():
     from facegender.app.predict import format_result
     from facegender.core.results import PhotoResult
 
-    result = PhotoResult("group.jpg", width=400, height=300,
-                         faces=[face((300, 50, 380, 130), "pria", 0.8), face((20, 80, 90, 150), "wanita", 0.7),
-                                face((150, 10, 220, 90), "pria", 0.95)])
+    result = PhotoResult(
+        "group.jpg",
+        width=400,
+        height=300,
+        faces=[
+            face((300, 50, 380, 130), "pria", 0.8),
+            face((20, 80, 90, 150), "wanita", 0.7),
+            face((150, 10, 220, 90), "pria", 0.95),
+        ],
+    )
     lines = format_result(result).splitlines()
-    assert lines == ["group.jpg: face 1 at (20, 80, 90, 150) wanita 0.700",
-                     "group.jpg: face 2 at (150, 10, 220, 90) pria 0.950",
-                     "group.jpg: face 3 at (300, 50, 380, 130) pria 0.800"]
+    assert lines == [
+        "group.jpg: face 1 at (20, 80, 90, 150) wanita 0.700",
+        "group.jpg: face 2 at (150, 10, 220, 90) pria 0.950",
+        "group.jpg: face 3 at (300, 50, 380, 130) pria 0.800",
+    ]
 
 
 def test_annotate_results_writes_numbered_labels_inside(tmp_path):
@@ -135,9 +161,12 @@ def test_annotate_results_writes_numbered_labels_inside(tmp_path):
 
     photo = tmp_path / "photo.png"
     Image.new("RGB", (200, 120), (90, 90, 90)).save(photo)
-    results = [PhotoResult(str(photo), width=200, height=120,
-                           faces=[face((140, 0, 200, 60), "pria"), face((0, 0, 60, 60), "wanita")]),
-               PhotoResult(str(tmp_path / "gone.png"), error="gone.png: file not found")]
+    results = [
+        PhotoResult(
+            str(photo), width=200, height=120, faces=[face((140, 0, 200, 60), "pria"), face((0, 0, 60, 60), "wanita")]
+        ),
+        PhotoResult(str(tmp_path / "gone.png"), error="gone.png: file not found"),
+    ]
     [written] = annotate_results(results, tmp_path / "out", CLASSES)
     assert results[0].annotated == str(written) and results[1].annotated is None
     assert results[0].to_dict()["annotated"] == str(written) and "annotated" not in results[1].to_dict()
@@ -146,6 +175,7 @@ def test_annotate_results_writes_numbered_labels_inside(tmp_path):
 
 
 # ----------------------------------------------------------------------------- models without a face stage
+
 
 def test_predict_says_whole_image_for_a_model_without_a_face_stage(tmp_path):
     from facegender.app.predict import WHOLE_IMAGE, Predictor, format_result
@@ -193,6 +223,7 @@ def test_model_summary_flags_a_face_detecting_model():
 
 # ----------------------------------------------------------------------------- the sample photo
 
+
 def test_sample_photo_ships_with_the_package():
     from facegender.core.resources import sample_photo_path
 
@@ -207,8 +238,9 @@ def test_sample_photo_ships_with_the_package():
 
 def test_sample_photo_is_tracked_by_git():
     try:
-        tracked = subprocess.run(["git", "ls-files", "src/facegender/core/samples"], cwd=REPO, capture_output=True,
-                                 text=True, check=True).stdout.split()
+        tracked = subprocess.run(
+            ["git", "ls-files", "src/facegender/core/samples"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.split()
     except (OSError, subprocess.CalledProcessError):
         pytest.skip("not a git checkout")
     assert {"src/facegender/core/samples/astronaut.jpg", "src/facegender/core/samples/README.md"} <= set(tracked)

@@ -14,7 +14,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import shared_path
 from test_serve import CLASSES, running, save_random_model
 
@@ -34,9 +33,17 @@ def browser(tmp_path_factory):
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--disable-background-networking", "--disable-component-update", "--no-first-run",
-                "--window-size=1400,1500", f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--no-first-run",
+        "--window-size=1400,1500",
+        f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}",
+    ):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     driver.set_page_load_timeout(60)
@@ -73,8 +80,9 @@ def _wait_done(browser, timeout=120):
 
 def _labels_inside_canvas(browser):
     """Each label rectangle the page drew ([left, top, width, height]), checked against its canvas."""
-    canvas = browser.execute_script("const c = document.querySelector('#results canvas'); "
-                                    "return [c.width, c.height, c.dataset.labels];")
+    canvas = browser.execute_script(
+        "const c = document.querySelector('#results canvas'); return [c.width, c.height, c.dataset.labels];"
+    )
     width, height, labels = canvas[0], canvas[1], json.loads(canvas[2])
     for label in labels:
         left, top, w, h = label["rect"]
@@ -84,7 +92,7 @@ def _labels_inside_canvas(browser):
 
 def _hex_to_rgb(colour: str) -> tuple[int, int, int]:
     colour = colour.lstrip("#")
-    return tuple(int(colour[i:i + 2], 16) for i in (0, 2, 4))
+    return tuple(int(colour[i : i + 2], 16) for i in (0, 2, 4))
 
 
 def test_upload_group_photo_shows_six_labelled_boxes(browser, page_url, tmp_path):
@@ -140,16 +148,16 @@ def test_upload_group_photo_shows_six_labelled_boxes(browser, page_url, tmp_path
         });
     """)
     swatches = browser.execute_script(
-        "return Array.from(document.querySelectorAll('#faces .swatch')).map(s => getComputedStyle(s).backgroundColor)")
+        "return Array.from(document.querySelectorAll('#faces .swatch')).map(s => getComputedStyle(s).backgroundColor)"
+    )
     swatches = [swatches[index.index(k)] for k in range(len(swatches))]  # list order -> faces order
     assert len(found) == len(swatches) == 6
     for pixel, swatch in zip(found, swatches):
-        expected = [int(v) for v in swatch[swatch.index("(") + 1:swatch.index(")")].split(",")[:3]]
+        expected = [int(v) for v in swatch[swatch.index("(") + 1 : swatch.index(")")].split(",")[:3]]
         assert max(abs(a - b) for a, b in zip(pixel, expected)) <= 3, (pixel, expected)
 
     # Nothing but this server was contacted (the page's CSP would block it anyway).
-    origins = browser.execute_script(
-        "return performance.getEntriesByType('resource').map(e => new URL(e.name).origin)")
+    origins = browser.execute_script("return performance.getEntriesByType('resource').map(e => new URL(e.name).origin)")
     assert set(origins) <= {page_url}
 
     shot = tmp_path / "page.png"

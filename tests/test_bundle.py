@@ -9,11 +9,12 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, shared_path
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("face_recognition_models") is None,
-                                reason="face_recognition_models (the bundled model's face backbone) is not installed")
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("face_recognition_models") is None,
+    reason="face_recognition_models (the bundled model's face backbone) is not installed",
+)
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +33,10 @@ def model():
 
 def test_shipped_file_matches_its_record(record):
     from facegender.core.files import sha256_file
-    from facegender.core.resources import default_model_path
-    from facegender.core.onnx_model import load_onnx_classifier
-
-    from tools.build_default_model import MAX_BYTES
     from facegender.core.model_card import is_head_only
+    from facegender.core.onnx_model import load_onnx_classifier
+    from facegender.core.resources import default_model_path
+    from tools.build_default_model import MAX_BYTES
 
     path = default_model_path()
     assert path.suffix == ".onnx"  # runs on onnxruntime, without PyTorch
@@ -54,9 +54,13 @@ def test_shipped_file_matches_its_record(record):
         assert (stored.get("quantization") or "fp32") == record["quantization"]
     assert stored["temperature"] == pytest.approx(record["temperature"])
     assert stored["tta"] is record["tta"]
-    files = subprocess.run(["git", "ls-files", "src/facegender/core/default_model"], cwd=REPO, capture_output=True,
-                           text=True).stdout.split()
-    assert sorted(files) == ["src/facegender/core/default_model/gender.json", "src/facegender/core/default_model/gender.onnx"]
+    files = subprocess.run(
+        ["git", "ls-files", "src/facegender/core/default_model"], cwd=REPO, capture_output=True, text=True
+    ).stdout.split()
+    assert sorted(files) == [
+        "src/facegender/core/default_model/gender.json",
+        "src/facegender/core/default_model/gender.onnx",
+    ]
 
 
 def test_model_card_gives_the_recorded_numbers(record):

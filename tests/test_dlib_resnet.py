@@ -11,11 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import shared_path
+
 from facegender.core import dlib_onnx
 from facegender.core.faces.align import DLIB_CHIP_TEMPLATE_150
 from facegender.training import dlib_resnet as D
+
 
 @pytest.fixture(scope="module")
 def dat() -> Path:
@@ -124,7 +125,7 @@ def test_reader_rejects_truncated_damaged_and_foreign_files(dat, tmp_path):
 
     renamed = tmp_path / "renamed.dat"
     i = data.index(b"relu_")
-    renamed.write_bytes(data[:i] + b"tanh_" + data[i + 5:])
+    renamed.write_bytes(data[:i] + b"tanh_" + data[i + 5 :])
     _expect_rejected(renamed, "'tanh_'", "'relu_'")
 
     foreign = tmp_path / "other.dat"
@@ -209,7 +210,9 @@ def test_descriptors_match_dlib(net, dat, dlib_chips):
     # The same through torchvision's pipeline (ToTensor + Normalize), as facegender feeds models.
     from torchvision import transforms
 
-    pipeline = transforms.Compose([transforms.ToTensor(), transforms.Normalize(dlib_onnx.DLIB_MEAN, dlib_onnx.DLIB_STD)])
+    pipeline = transforms.Compose(
+        [transforms.ToTensor(), transforms.Normalize(dlib_onnx.DLIB_MEAN, dlib_onnx.DLIB_STD)]
+    )
     with torch.no_grad():
         via_tv = net(torch.stack([pipeline(c) for c in dlib_chips[:4]])).double().numpy()
     assert np.abs(via_tv - expected[:4]).max() < 1e-4
@@ -221,8 +224,16 @@ def test_onnx_export_matches_pytorch(net, dlib_chips, tmp_path):
     x = D.to_input(dlib_chips[:3])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the legacy exporter's deprecation notices
-        torch.onnx.export(net, (x[:1],), str(path), dynamo=False, opset_version=17, input_names=["input"],
-                          output_names=["descriptor"], dynamic_axes={"input": {0: "batch"}, "descriptor": {0: "batch"}})
+        torch.onnx.export(
+            net,
+            (x[:1],),
+            str(path),
+            dynamo=False,
+            opset_version=17,
+            input_names=["input"],
+            output_names=["descriptor"],
+            dynamic_axes={"input": {0: "batch"}, "descriptor": {0: "batch"}},
+        )
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run(None, {"input": x.numpy()})[0]
     with torch.no_grad():

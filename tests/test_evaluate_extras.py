@@ -35,8 +35,12 @@ def evaluated(trained_run, tmp_path_factory):
             w.writerow([rel.as_posix(), p.parent.name, bands[p.name]])
     bands[files[-1].name] = "unknown"
     out = tmp / "out"
-    metrics = evaluate_model(str(trained_run / "out" / "best_model.pth"), str(test_dir), str(out),
-                             **_quiet(groups=str(groups), min_confidence=0.9, min_group_size=5))
+    metrics = evaluate_model(
+        str(trained_run / "out" / "best_model.pth"),
+        str(test_dir),
+        str(out),
+        **_quiet(groups=str(groups), min_confidence=0.9, min_group_size=5),
+    )
     with open(out / "predictions.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     return metrics, rows, bands, out
@@ -118,8 +122,10 @@ def test_groups_file_errors_name_the_file_and_the_fix(tmp_path):
     assert read_groups(ok, paths, tmp_path / "test") == ({"band": ["x"]}, 1)
 
 
-@pytest.mark.parametrize("argv, expected", [([], None), (["--tta"], True), (["--tta", "flip"], True),
-                                            (["--tta", "none"], False), (["--no-tta"], False)])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [([], None), (["--tta"], True), (["--tta", "flip"], True), (["--tta", "none"], False), (["--no-tta"], False)],
+)
 def test_cli_tta_forms(argv, expected):
     from facegender.app.cli import _tta, build_parser
 

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from facegender.training.export import export_model
 import json
 
 import numpy as np
 import pytest
 import torch
 
-pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
-              pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")]
+from facegender.training.export import export_model
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -73,15 +76,26 @@ def test_load_onnx_classifier_runs_any_batch_size(exported):
     five = logits_fn(batch)
     assert five.shape == (5, 2) and five.dtype == np.float32
     np.testing.assert_allclose(logits_fn(batch[2:3]), five[2:3], atol=1e-4)  # batch 1 == row of batch 5
-    np.testing.assert_allclose(logits_fn(batch.numpy()), five, atol=1e-6)    # numpy input too
+    np.testing.assert_allclose(logits_fn(batch.numpy()), five, atol=1e-6)  # numpy input too
 
 
 def test_failed_parity_leaves_no_file(trained_run, tmp_path, capsys):
     from facegender.app.cli import main
 
     out = tmp_path / "model.onnx"
-    code = main(["export", "--model", str(trained_run / "out" / "best_model.pth"), "--out", str(out),
-                 "--tolerance", "-1", "--parity-images", "4"])
+    code = main(
+        [
+            "export",
+            "--model",
+            str(trained_run / "out" / "best_model.pth"),
+            "--out",
+            str(out),
+            "--tolerance",
+            "-1",
+            "--parity-images",
+            "4",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1 and "parity check failed" in err and "was not written" in err
     assert not out.exists() and not list(tmp_path.iterdir())
@@ -99,9 +113,12 @@ def _plain_onnx(path, props: dict[str, str] | None = None):
     import onnx
     from onnx import TensorProto, helper
 
-    graph = helper.make_graph([helper.make_node("Identity", ["input"], ["logits"])], "g",
-                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 2])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, 2])])
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["input"], ["logits"])],
+        "g",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 2])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, 2])],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     for key, value in (props or {}).items():
         entry = model.metadata_props.add()
@@ -111,8 +128,8 @@ def _plain_onnx(path, props: dict[str, str] | None = None):
 
 
 def test_foreign_or_damaged_onnx_files_are_refused(tmp_path):
-    from facegender.training.checkpoint import CheckpointError
     from facegender.core.onnx_model import load_onnx_classifier
+    from facegender.training.checkpoint import CheckpointError
 
     with pytest.raises(CheckpointError, match="not found"):
         load_onnx_classifier(tmp_path / "missing.onnx")
@@ -120,8 +137,12 @@ def test_foreign_or_damaged_onnx_files_are_refused(tmp_path):
         load_onnx_classifier(_plain_onnx(tmp_path / "plain.onnx"))
     code = "__import__('os').system('echo hacked')"  # metadata is JSON, never evaluated
     with pytest.raises(CheckpointError, match="not valid JSON"):
-        load_onnx_classifier(_plain_onnx(tmp_path / "evil.onnx", {"facegender_format": "facegender-onnx/1",
-                                                                  "classes": code, "preprocessing": "{}"}))
+        load_onnx_classifier(
+            _plain_onnx(
+                tmp_path / "evil.onnx",
+                {"facegender_format": "facegender-onnx/1", "classes": code, "preprocessing": "{}"},
+            )
+        )
     (tmp_path / "junk.onnx").write_bytes(b"\x00not a protobuf at all" * 10)
     with pytest.raises(CheckpointError, match="junk.onnx"):
         load_onnx_classifier(tmp_path / "junk.onnx")

@@ -4,16 +4,16 @@ without PyTorch."""
 
 from __future__ import annotations
 
-from facegender.training.export import export_model
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import run_without_torch
 from PIL import Image
 
-from conftest import run_without_torch
+from facegender.training.export import export_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -26,8 +26,11 @@ def _picture(rng: np.random.Generator, i: int) -> np.ndarray:
     y, x = np.mgrid[0:SIZE, 0:SIZE] / SIZE
     along = x if i % 2 else y
     across = y if i % 3 else x
-    picture = (rng.uniform(0, 1, (1, 1, 3)) + 0.5 * rng.uniform(-1, 1, (1, 1, 3)) * along[..., None]
-               + 0.3 * np.sin(2 * np.pi * across * SIZE / rng.integers(4, 30))[..., None])
+    picture = (
+        rng.uniform(0, 1, (1, 1, 3))
+        + 0.5 * rng.uniform(-1, 1, (1, 1, 3)) * along[..., None]
+        + 0.3 * np.sin(2 * np.pi * across * SIZE / rng.integers(4, 30))[..., None]
+    )
     return np.clip(picture * 255, 0, 255).astype(np.uint8)
 
 
@@ -47,20 +50,26 @@ def dlib_model(pictures):
     needed) on plain crops, its head scaled so that the pictures' logits are of order 1 (their
     probabilities spread out instead of all being about 0.5)."""
     from facegender.core.model import Model
-    from facegender.training.torch_backend import TorchBackend
-    from facegender.training.backbones import build_model
     from facegender.core.preprocessing import Preprocessing
+    from facegender.training.backbones import build_model
+    from facegender.training.torch_backend import TorchBackend
 
     torch.manual_seed(0)
     network, _ = build_model("dlib_resnet", 2, 0.2, pretrained=False)
     prep = Preprocessing(image_size=SIZE, mean=(0.48, 0.46, 0.41), std=(1.0, 1.0, 1.0))
-    info = {"backbone": "dlib_resnet", "classes": ["female", "male"], "preprocessing": prep.to_dict(),
-            "body_weights": "stored", "pretrained": False}
+    info = {
+        "backbone": "dlib_resnet",
+        "classes": ["female", "male"],
+        "preprocessing": prep.to_dict(),
+        "body_weights": "stored",
+        "pretrained": False,
+    }
     model = Model(info["classes"], prep, TorchBackend(network, "cpu", "fp32"), tta=True, detect=False, info=info)
     network.eval()
     with torch.no_grad():
-        features = network.body(torch.from_numpy(model.normalize(
-            [np.asarray(Image.open(p)).transpose(2, 0, 1) for p in pictures])))
+        features = network.body(
+            torch.from_numpy(model.normalize([np.asarray(Image.open(p)).transpose(2, 0, 1) for p in pictures]))
+        )
         linear = network.head[1]
         linear.weight.mul_(2 / features.std(0).mean())
         linear.bias.sub_(linear.weight @ features.mean(0))
@@ -71,8 +80,12 @@ def dlib_model(pictures):
 def exports(dlib_model, pictures, tmp_path_factory):
     root = tmp_path_factory.mktemp("fp16")
     data = str(Path(pictures[0]).parent)
-    reports = {q: export_model(dlib_model, root / f"{q}.onnx", data=data, quantize=None if q == "fp32" else q,
-                                    log=lambda s: None) for q in ("fp32", "fp16")}
+    reports = {
+        q: export_model(
+            dlib_model, root / f"{q}.onnx", data=data, quantize=None if q == "fp32" else q, log=lambda s: None
+        )
+        for q in ("fp32", "fp16")
+    }
     return root, reports
 
 
@@ -101,8 +114,8 @@ def test_fp16_file_is_half_the_size_and_says_so(exports):
 def test_fp16_probabilities_match_pytorch(dlib_model, exports, pictures):
     from scipy.special import softmax
 
-    from facegender.training.export import FP16_TOLERANCE
     from facegender.core.onnx_model import load_onnx_classifier
+    from facegender.training.export import FP16_TOLERANCE
 
     root, reports = exports
     assert reports["fp16"]["parity_max_abs_diff"] <= FP16_TOLERANCE
@@ -126,7 +139,8 @@ def test_fp16_file_predicts_without_torch_or_dlib_weights_package(dlib_model, ex
     root, _ = exports
     photos = pictures[:4]
     expected = [r.faces[0].probabilities for r in dlib_model.predict(photos)]
-    out = run_without_torch(f"""
+    out = run_without_torch(
+        f"""
         import json
         class _NoDlibWeights:  # a whole network needs no package for its body either
             def find_spec(self, name, path=None, target=None):
@@ -137,7 +151,9 @@ def test_fp16_file_predicts_without_torch_or_dlib_weights_package(dlib_model, ex
         model = facegender.load({str(root / "fp16.onnx")!r})
         results = model.predict({photos!r})
         print("RESULT", model.precision, json.dumps([r.faces[0].probabilities for r in results]))
-    """, tmp_path)
+    """,
+        tmp_path,
+    )
     (line,) = [line for line in out.splitlines() if line.startswith("RESULT ")]
     _, precision, probs = line.split(" ", 2)
     assert precision == "fp32"
@@ -155,13 +171,18 @@ def test_store_weights_fp16_keeps_small_out_of_range_and_input_tensors(tmp_path)
     rng = np.random.default_rng(0)
     w = rng.standard_normal((8, 8)).astype(np.float32)
     huge = np.full((8, 4), 1e6, np.float32)  # beyond float16's range: stays float32
-    bias = np.ones(8, np.float32)            # 8 elements: not worth converting
+    bias = np.ones(8, np.float32)  # 8 elements: not worth converting
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["a"]), helper.make_node("Add", ["a", "b"], ["c"]),
-         helper.make_node("MatMul", ["c", "huge"], ["y"])],
-        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
+        [
+            helper.make_node("MatMul", ["x", "w"], ["a"]),
+            helper.make_node("Add", ["a", "b"], ["c"]),
+            helper.make_node("MatMul", ["c", "huge"], ["y"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, None])],
-        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(bias, "b"), numpy_helper.from_array(huge, "huge")])
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(bias, "b"), numpy_helper.from_array(huge, "huge")],
+    )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     assert store_weights_fp16(proto) == 1
     types = {i.name: i.data_type for i in proto.graph.initializer}
@@ -173,17 +194,30 @@ def test_store_weights_fp16_keeps_small_out_of_range_and_input_tensors(tmp_path)
 
 
 def test_cli_exports_fp16(dlib_model, pictures, tmp_path, capsys):
-    from facegender.training import checkpoint as ckpt
     from facegender.app.cli import main
+    from facegender.training import checkpoint as ckpt
 
-    config = {"backbone": "dlib_resnet", "dropout": 0.2, "pretrained": False, "frozen_features": False,
-              "weights": None}
-    record = ckpt.model_record(dlib_model.backend.module, config, dlib_model.classes, dlib_model.prep, "random",
-                               temperature=1.0, tta=True)
+    config = {"backbone": "dlib_resnet", "dropout": 0.2, "pretrained": False, "frozen_features": False, "weights": None}
+    record = ckpt.model_record(
+        dlib_model.backend.module, config, dlib_model.classes, dlib_model.prep, "random", temperature=1.0, tta=True
+    )
     assert record["body_weights"] == "stored"
     ckpt.save_atomic(record, tmp_path / "best_model.pth")
-    code = main(["export", "--model", str(tmp_path / "best_model.pth"), "--out", str(tmp_path / "m.onnx"),
-                 "--quantize", "fp16", "--data", str(Path(pictures[0]).parent), "--parity-images", "8"])
+    code = main(
+        [
+            "export",
+            "--model",
+            str(tmp_path / "best_model.pth"),
+            "--out",
+            str(tmp_path / "m.onnx"),
+            "--quantize",
+            "fp16",
+            "--data",
+            str(Path(pictures[0]).parent),
+            "--parity-images",
+            "8",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0 and "float16" in out and "fp16" in out
     assert 10e6 < (tmp_path / "m.onnx").stat().st_size < 12e6  # dlib's network: 22.5 MB in fp32

@@ -3,24 +3,36 @@ preprocessing, model files without the package-provided body, ONNX export."""
 
 from __future__ import annotations
 
-from facegender.core import dlib_onnx
-from facegender.training.export import export_model
 import importlib.util
 
 import pytest
 import torch
-
 from conftest import make_dataset
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("face_recognition_models") is None,
-                                reason="face_recognition_models (dlib's face ResNet weights) is not installed")
+from facegender.core import dlib_onnx
+from facegender.training.export import export_model
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("face_recognition_models") is None,
+    reason="face_recognition_models (dlib's face ResNet weights) is not installed",
+)
 
 
 def _config(data, out, **overrides):
     from facegender.training.config import build_config
 
-    values = dict(data=str(data), out=str(out), backbone="dlib_resnet", align=False, frozen_features=True,
-                  feature_views=2, epochs=12, batch_size=8, lr=0.05, patience=12)
+    values = dict(
+        data=str(data),
+        out=str(out),
+        backbone="dlib_resnet",
+        align=False,
+        frozen_features=True,
+        feature_views=2,
+        epochs=12,
+        batch_size=8,
+        lr=0.05,
+        patience=12,
+    )
     values.update(overrides)
     return build_config(None, **values)
 
@@ -121,7 +133,12 @@ def test_frozen_model_exports_to_onnx_with_parity(frozen_run, tmp_path):
     import facegender
 
     root, _ = frozen_run
-    report = export_model(facegender.load(root / "out" / "best_model.pth", device="cpu"), tmp_path / "model.onnx", data=root / "data", log=lambda s: None)
+    report = export_model(
+        facegender.load(root / "out" / "best_model.pth", device="cpu"),
+        tmp_path / "model.onnx",
+        data=root / "data",
+        log=lambda s: None,
+    )
     assert report["parity_max_abs_diff"] <= 1e-3
     assert (tmp_path / "model.onnx").stat().st_size > 5_000_000  # the body is inside the ONNX file
 
@@ -131,27 +148,32 @@ def test_exported_face_backbone_models_predict_without_torch(frozen_run, tmp_pat
     without PyTorch, with the PyTorch model's probabilities (int8: within its parity tolerance)."""
     import json
 
-    import facegender
     from conftest import run_without_torch
+
+    import facegender
     from facegender.training.export import INT8_TOLERANCE
 
     root, _ = frozen_run
     model = facegender.load(root / "out" / "best_model.pth", device="cpu")
-    exports = {"whole": {}, "head": {"head_only": True},
-               "int8": {"quantize": "int8", "calibration": root / "data"}}
-    sizes = {name: export_model(model, tmp_path / f"{name}.onnx", data=root / "data", log=lambda s: None, **kw)["bytes"]
-             for name, kw in exports.items()}
+    exports = {"whole": {}, "head": {"head_only": True}, "int8": {"quantize": "int8", "calibration": root / "data"}}
+    sizes = {
+        name: export_model(model, tmp_path / f"{name}.onnx", data=root / "data", log=lambda s: None, **kw)["bytes"]
+        for name, kw in exports.items()
+    }
     assert sizes["head"] < 10_000 and sizes["int8"] < sizes["whole"] / 3
     photos = sorted(str(p) for p in (root / "data" / "test").rglob("*.jpg"))
     expected = [r.faces[0].probabilities for r in model.predict(photos)]
-    out = run_without_torch(f"""
+    out = run_without_torch(
+        f"""
         import json, os
         os.environ["FACEGENDER_CACHE"] = {str(tmp_path / "cache")!r}
         import facegender
         for name in ("whole", "head", "int8"):
             results = facegender.load({str(tmp_path)!r} + f"/{{name}}.onnx").predict({photos!r})
             print("RESULT", name, json.dumps([r.faces[0].probabilities for r in results]))
-    """, tmp_path)
+    """,
+        tmp_path,
+    )
     results = dict(line.split(" ", 2)[1:] for line in out.splitlines() if line.startswith("RESULT "))
     assert sorted(results) == ["head", "int8", "whole"]
     for name, probs in results.items():
@@ -173,14 +195,37 @@ def test_frozen_features_train_with_torchrun(tmp_path):
     from facegender.training import checkpoint as ckpt
 
     data = make_dataset(tmp_path / "data", n_train=16, n_test=4)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
-                                                              "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    }
     env.update(OMP_NUM_THREADS="1", XDG_CACHE_HOME=str(tmp_path / "cache"))
     if os.path.exists("/sys/class/net/lo"):
         env["GLOO_SOCKET_IFNAME"] = "lo"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master-addr", "127.0.0.1",
-           "--master-port", str(_free_port()), "-m", "facegender", "train", "--data", str(data), "--out",
-           str(tmp_path / "out"), "--preset", "frozen", "--no-align", "--epochs", "2", "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(_free_port()),
+        "-m",
+        "facegender",
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "out"),
+        "--preset",
+        "frozen",
+        "--no-align",
+        "--epochs",
+        "2",
+        "--quiet",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("Best epoch") == 1  # rank 0 alone reports
@@ -192,9 +237,9 @@ def test_frozen_features_train_with_torchrun(tmp_path):
 def test_prepared_folder_must_have_the_backbones_chip(tmp_path):
     """`prepare --template dlib` makes a folder the face backbone trains on; an ArcFace-aligned folder
     is refused with the fix instead of feeding the network crops of another geometry."""
+    from facegender.data.prepare import prepare_dataset
     from facegender.training import checkpoint as ckpt
     from facegender.training.config import build_config
-    from facegender.data.prepare import prepare_dataset
     from facegender.training.train import train
 
     data = make_dataset(tmp_path / "data", n_train=8, n_test=3)
@@ -202,8 +247,7 @@ def test_prepared_folder_must_have_the_backbones_chip(tmp_path):
     cfg = build_config("best", data=str(tmp_path / "arcface"), out=str(tmp_path / "o1"), epochs=1)
     with pytest.raises(ValueError, match="--template dlib"):
         train(cfg, log=lambda s: None, progress=False)
-    prepare_dataset(data, tmp_path / "dlib", {"size": 150, "template": "dlib", "pad_color": (0, 0, 0)},
-                    progress=False)
+    prepare_dataset(data, tmp_path / "dlib", {"size": 150, "template": "dlib", "pad_color": (0, 0, 0)}, progress=False)
     cfg = build_config("best", data=str(tmp_path / "dlib"), out=str(tmp_path / "o2"), epochs=1)
     train(cfg, log=lambda s: None, progress=False)
     face = ckpt.load_file(tmp_path / "o2" / "best_model.pth")["preprocessing"]["face"]

@@ -12,7 +12,15 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from facegender.core.faces.align import ARCFACE_TEMPLATE_112, FaceAlignConfig, align_face, alignment_matrix, fallback_crop, similarity_transform, template_landmarks
+from facegender.core.faces.align import (
+    ARCFACE_TEMPLATE_112,
+    FaceAlignConfig,
+    align_face,
+    alignment_matrix,
+    fallback_crop,
+    similarity_transform,
+    template_landmarks,
+)
 from facegender.core.faces.detect import DetectedFace, FaceDetector, align_or_fallback, detect_and_align, select_faces
 from facegender.core.images import load_image
 
@@ -248,6 +256,7 @@ def test_detection_frames_the_image_only_when_a_face_may_be_cut_off(monkeypatch)
             shapes.append(rgb.shape[:2])
             lm = np.array([[[box[0] + 5.0, box[1] + 5.0]] * 5])
             return np.array([box]), np.array([0.9]), lm
+
         return fake_network
 
     photo = Image.new("RGB", (200, 100))
@@ -259,14 +268,19 @@ def test_detection_frames_the_image_only_when_a_face_may_be_cut_off(monkeypatch)
     det.detect(photo)
     assert shapes == [(100, 200), (200, 300)]
     shapes.clear()
-    monkeypatch.setattr(det, "run_network", lambda rgb: shapes.append(rgb.shape[:2]) or
-                        (np.zeros((0, 4)), np.zeros(0), np.zeros((0, 5, 2))))
+    monkeypatch.setattr(
+        det,
+        "run_network",
+        lambda rgb: shapes.append(rgb.shape[:2]) or (np.zeros((0, 4)), np.zeros(0), np.zeros((0, 5, 2))),
+    )
     assert det.detect(photo) == []
     assert shapes == [(100, 200), (200, 300)]
 
 
 def test_importing_faces_loads_no_model():
-    code = "import sys, facegender.core.faces; assert 'onnxruntime' not in sys.modules and 'retinaface' not in sys.modules"
+    code = (
+        "import sys, facegender.core.faces; assert 'onnxruntime' not in sys.modules and 'retinaface' not in sys.modules"
+    )
     env_path = str(Path(__file__).resolve().parents[1] / "src")
     result = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {env_path!r}); {code}"])
     assert result.returncode == 0
@@ -350,7 +364,7 @@ def test_tight_crop_aligns_like_the_same_face_in_a_larger_photo(detector):
         a, b = np.asarray(a, float), np.asarray(b, float)
         same.append(np.abs(a - b).mean())
         tight_crops.append(a)
-    different = [np.abs(x - y).mean() for i, x in enumerate(tight_crops) for y in tight_crops[i + 1:]]
+    different = [np.abs(x - y).mean() for i, x in enumerate(tight_crops) for y in tight_crops[i + 1 :]]
     assert max(same) < 0.5 * min(different), (same, min(different))
     assert np.median(same) < 0.15 * np.median(different), (same, np.median(different))
 

@@ -6,11 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import shared_path
-from facegender.training.config import build_config
-from facegender.evaluation.evaluate import evaluate_model
+
 from facegender.app.predict import Predictor
+from facegender.evaluation.evaluate import evaluate_model
+from facegender.training.config import build_config
 from facegender.training.train import train
 
 

@@ -41,17 +41,30 @@ def _utk(tmp_path: Path, n_male: int = 10, n_female: int = 5) -> Path:
 
 def test_parse_utkface_name():
     assert parse_utkface_name("25_1_2_20170116174525125.jpg.chip.jpg") == {
-        "age": 25, "gender": 1, "label": "female", "race": "Asian"}
+        "age": 25,
+        "gender": 1,
+        "label": "female",
+        "race": "Asian",
+    }
     assert parse_utkface_name("61_0_4_20170109150557335.jpg")["race"] == "Others"
-    for bad in ("39_1_20170116174525125.jpg.chip.jpg", "x_0_0_1.jpg", "30_2_0_1.jpg",
-                "30_0_7_1.jpg", "notes.jpg"):
+    for bad in ("39_1_20170116174525125.jpg.chip.jpg", "x_0_0_1.jpg", "30_2_0_1.jpg", "30_0_7_1.jpg", "notes.jpg"):
         with pytest.raises(ValueError):
             parse_utkface_name(bad)
 
 
 def test_age_band():
     assert [age_band(a) for a in (0, 17, 18, 29, 30, 44, 45, 59, 60, 99)] == [
-        "0-17", "0-17", "18-29", "18-29", "30-44", "30-44", "45-59", "45-59", "60+", "60+"]
+        "0-17",
+        "0-17",
+        "18-29",
+        "18-29",
+        "30-44",
+        "30-44",
+        "45-59",
+        "45-59",
+        "60+",
+        "60+",
+    ]
 
 
 def test_import_utkface_layout_stratification_groups(tmp_path):
@@ -70,8 +83,7 @@ def test_import_utkface_layout_stratification_groups(tmp_path):
     assert all(s["counts"][split][c] >= 1 for split in ("train", "test") for c in s["classes"])
     assert s["n_images"] == 15 and s["n_train"] + s["n_test"] == 15
     assert s["n_skipped"] == 2
-    assert {Path(x["path"]).name for x in s["skipped"]} == {
-        "39_1_20170116174525125.jpg.chip.jpg", "hello.jpg"}
+    assert {Path(x["path"]).name for x in s["skipped"]} == {"39_1_20170116174525125.jpg.chip.jpg", "hello.jpg"}
     assert all(x["reason"] for x in s["skipped"])
     assert s["ignored_non_images"] == 1
 

@@ -23,16 +23,25 @@ pytestmark = pytest.mark.skipif(not LINT_IMPORTS.exists(), reason="import-linter
 
 def lint_imports(root: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(root / "src")}
-    return subprocess.run([str(LINT_IMPORTS), "--config", str(root / "pyproject.toml"), "--no-cache"], cwd=root,
-                          env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [str(LINT_IMPORTS), "--config", str(root / "pyproject.toml"), "--no-cache"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def copy_with(tmp_path: Path, module: str, line: str) -> Path:
     """A copy of the package (and pyproject.toml) where `module` (a path under src/facegender) also
     has `line` at its end."""
     root = tmp_path / "repo"
-    shutil.copytree(REPO / "src" / "facegender", root / "src" / "facegender",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.onnx", "*.jpg"))
+    shutil.copytree(
+        REPO / "src" / "facegender",
+        root / "src" / "facegender",
+        ignore=shutil.ignore_patterns("__pycache__", "*.onnx", "*.jpg"),
+    )
     shutil.copy(REPO / "pyproject.toml", root / "pyproject.toml")
     target = root / "src" / "facegender" / module
     target.write_text(target.read_text() + f"\n\ndef _broken():\n    {line}\n")
@@ -45,14 +54,21 @@ def test_the_tree_keeps_every_contract():
     assert "0 broken" in result.stdout
 
 
-@pytest.mark.parametrize(("module", "line", "contract"), [
-    ("core/images.py", "import torch", "import neither torch nor the training package"),
-    ("evaluation/metrics.py", "from facegender.training import engine", "import neither torch nor the training package"),
-    ("app/serve.py", "import torchvision", "import neither torch nor the training package"),
-    ("core/preprocessing.py", "from facegender.data import dataset", "Layers go one way"),
-    ("data/sources.py", "from facegender.evaluation import metrics", "Layers go one way"),
-    ("evaluation/plots.py", "from facegender.app import output", "Layers go one way"),
-])
+@pytest.mark.parametrize(
+    ("module", "line", "contract"),
+    [
+        ("core/images.py", "import torch", "import neither torch nor the training package"),
+        (
+            "evaluation/metrics.py",
+            "from facegender.training import engine",
+            "import neither torch nor the training package",
+        ),
+        ("app/serve.py", "import torchvision", "import neither torch nor the training package"),
+        ("core/preprocessing.py", "from facegender.data import dataset", "Layers go one way"),
+        ("data/sources.py", "from facegender.evaluation import metrics", "Layers go one way"),
+        ("evaluation/plots.py", "from facegender.app import output", "Layers go one way"),
+    ],
+)
 def test_breaking_a_contract_fails(tmp_path, module, line, contract):
     """An import inside a function counts too: that is where optional imports hide."""
     result = lint_imports(copy_with(tmp_path, module, line))

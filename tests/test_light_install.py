@@ -34,10 +34,20 @@ def light_venv(tmp_path_factory) -> Path:
     # From a copy of the sources: setuptools' build/ folder would otherwise be left in the checkout,
     # and modules it kept from an older tree would go into the next install.
     source = tmp_path_factory.mktemp("source") / "facegender"
-    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "dist", "runs", "output",
-                                                                "__pycache__", "*.egg-info", ".pytest_cache"))
-    result = subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", "--no-cache-dir", str(source)],
-                            capture_output=True, text=True, timeout=900, cwd=source)
+    shutil.copytree(
+        REPO,
+        source,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", "build", "dist", "runs", "output", "__pycache__", "*.egg-info", ".pytest_cache"
+        ),
+    )
+    result = subprocess.run(
+        [str(venv / "bin" / "pip"), "install", "--quiet", "--no-cache-dir", str(source)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=source,
+    )
     if result.returncode != 0:
         pytest.fail(f"pip install facegender failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return venv
@@ -45,16 +55,22 @@ def light_venv(tmp_path_factory) -> Path:
 
 def run(venv: Path, *args: str, **kwargs) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    return subprocess.run([str(venv / "bin" / args[0]), *args[1:]], capture_output=True, text=True, timeout=300,
-                          env=env, **kwargs)
+    return subprocess.run(
+        [str(venv / "bin" / args[0]), *args[1:]], capture_output=True, text=True, timeout=300, env=env, **kwargs
+    )
 
 
 def test_light_install_is_small_and_has_no_torch_or_opencv(light_venv):
     size = folder_bytes(light_venv)
     assert size < MAX_VENV_BYTES, f"the light venv takes {size / 2**20:.0f} MiB"
-    missing = run(light_venv, "python", "-c", "import importlib.util as u; print([m for m in ('torch', "
-                  "'torchvision', 'cv2', 'sklearn', 'scipy', 'matplotlib', 'face_recognition_models', 'onnx') "
-                  "if u.find_spec(m)])")
+    missing = run(
+        light_venv,
+        "python",
+        "-c",
+        "import importlib.util as u; print([m for m in ('torch', "
+        "'torchvision', 'cv2', 'sklearn', 'scipy', 'matplotlib', 'face_recognition_models', 'onnx') "
+        "if u.find_spec(m)])",
+    )
     assert missing.stdout.strip() == "[]", missing.stdout + missing.stderr
 
 
@@ -73,9 +89,11 @@ def test_light_install_says_which_extra_evaluate_and_train_need(light_venv, tmp_
     for name in ("female", "male"):
         (tmp_path / "test" / name).mkdir(parents=True)
         Image.new("RGB", (64, 64), (120, 90, 60)).save(tmp_path / "test" / name / "a.png")
-    for command, extra in ((["evaluate", "--data", str(tmp_path / "test")], "eval"),
-                           (["report", "--data", str(tmp_path / "test")], "eval"),
-                           (["train", "--data", str(tmp_path)], "train")):
+    for command, extra in (
+        (["evaluate", "--data", str(tmp_path / "test")], "eval"),
+        (["report", "--data", str(tmp_path / "test")], "eval"),
+        (["train", "--data", str(tmp_path)], "train"),
+    ):
         result = run(light_venv, "facegender", *command)
         assert result.returncode == 5, (command, result.stderr)
         last = result.stderr.strip().splitlines()[-1]
@@ -90,8 +108,12 @@ def free_port() -> int:
 
 def test_light_install_serves(light_venv):
     port = free_port()
-    server = subprocess.Popen([str(light_venv / "bin" / "facegender"), "serve", "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        [str(light_venv / "bin" / "facegender"), "serve", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -105,10 +127,20 @@ def test_light_install_serves(light_venv):
         assert health["status"] == "ok"
         photo = (REPO / "src" / "facegender" / "core" / "samples" / "astronaut.jpg").read_bytes()
         boundary = "facegenderboundary"
-        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"a.jpg\"\r\n"
-                f"Content-Type: image/jpeg\r\n\r\n").encode() + photo + f"\r\n--{boundary}--\r\n".encode()
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/predict", data=body, method="POST",
-                                         headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        body = (
+            (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="a.jpg"\r\n'
+                f"Content-Type: image/jpeg\r\n\r\n"
+            ).encode()
+            + photo
+            + f"\r\n--{boundary}--\r\n".encode()
+        )
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/predict",
+            data=body,
+            method="POST",
+            headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+        )
         with urllib.request.urlopen(request, timeout=60) as r:
             answer = json.loads(r.read())
         assert answer["results"][0]["faces"][0]["label"] == "female"

@@ -6,7 +6,6 @@ import shutil
 import subprocess
 
 import pytest
-
 from conftest import REPO
 
 pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="make not installed")
@@ -52,3 +51,8 @@ def test_predict_and_serve_targets():
     assert "python -m tools.build_default_model runs/default-model/best_model.pth --shared ../shared" in run.stdout
     run = make("-n", "test")
     assert run.returncode == 0 and ".venv/bin/python -m pytest -q" in run.stdout
+    steps = run.stdout.splitlines()
+    lint = [
+        i for i, line in enumerate(steps) if line.endswith(("ruff check .", "ruff format --check .", "lint-imports"))
+    ]
+    assert len(lint) == 3 and max(lint) < steps.index(".venv/bin/python -m pytest -q")  # lint fails before the suite

@@ -164,8 +164,7 @@ C_LABELS = np.array([0, 1, 1, 0])
 def test_selective_metrics_at_threshold():
     # Threshold .7 keeps .90 and .80 (both correct): coverage 2/4 = .5, accuracy 2/2 = 1.
     s = M.selective_metrics(C_PROBS, C_LABELS, 0.7)
-    assert s == {"coverage": 0.5, "accuracy_on_covered": 1.0, "n_covered": 2,
-                 "n_uncertain": 2, "n": 4}
+    assert s == {"coverage": 0.5, "accuracy_on_covered": 1.0, "n_covered": 2, "n_uncertain": 2, "n": 4}
     # Threshold .95 keeps nothing: accuracy is None, not NaN.
     s = M.selective_metrics(C_PROBS, C_LABELS, 0.95)
     assert s["coverage"] == 0.0 and s["accuracy_on_covered"] is None and s["n_uncertain"] == 4
@@ -210,8 +209,9 @@ def test_temperature_scaling_fixes_planted_overconfidence():
     before = M.nll(apply_temperature(model_logits, 1.0), labels)
     after = M.nll(apply_temperature(model_logits, t), labels)
     assert after < before
-    assert M.expected_calibration_error(apply_temperature(model_logits, t), labels) < \
-        M.expected_calibration_error(apply_temperature(model_logits, 1.0), labels)
+    assert M.expected_calibration_error(apply_temperature(model_logits, t), labels) < M.expected_calibration_error(
+        apply_temperature(model_logits, 1.0), labels
+    )
 
 
 def test_fit_temperature_edge_cases():
@@ -225,8 +225,7 @@ def test_fit_temperature_edge_cases():
 
 def test_nll_matches_hand_value():
     # -(ln .9 + ln .15 + ln .7 + ln .65 + ln .45) / 5
-    expected = -(math.log(0.9) + math.log(0.15) + math.log(0.7) + math.log(0.65)
-                 + math.log(0.45)) / 5
+    expected = -(math.log(0.9) + math.log(0.15) + math.log(0.7) + math.log(0.65) + math.log(0.45)) / 5
     assert M.nll(PROBS, LABELS) == pytest.approx(expected)
     # A class absent from labels is still fine because labels=range(C) is passed.
     assert M.nll(np.array([[0.2, 0.8]]), [1]) == pytest.approx(-math.log(0.8))

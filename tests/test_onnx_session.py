@@ -9,8 +9,10 @@ from facegender.core.faces import FaceDetector
 def test_the_face_detector_gets_its_session_from_the_one_factory(monkeypatch):
     calls = []
     real = onnx_model.onnx_session
-    monkeypatch.setattr("facegender.core.faces.detect.onnx_session",
-                        lambda source, threads=None, **kw: calls.append((threads, kw)) or real(source, threads, **kw))
+    monkeypatch.setattr(
+        "facegender.core.faces.detect.onnx_session",
+        lambda source, threads=None, **kw: calls.append((threads, kw)) or real(source, threads, **kw),
+    )
     detector = FaceDetector(threads=1, arena=False)
     session = detector._get_session()
     assert detector._get_session() is session and calls == [(1, {"arena": False})]
@@ -37,7 +39,6 @@ def test_the_server_loads_its_model_without_memory_arenas():
     for model, arena in ((served, False), (plain, True)):
         assert model.backend.session.get_session_options().enable_cpu_mem_arena is arena
         assert model.detector._get_session().get_session_options().enable_cpu_mem_arena is arena
-
 
 
 def test_the_server_caps_malloc_arenas_on_glibc():

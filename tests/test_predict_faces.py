@@ -10,9 +10,8 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import make_dataset, make_image, shared_path
+from PIL import Image
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +23,18 @@ def aligned_model(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("aligned")
     data = make_dataset(root / "data", n_train=6, n_test=2)
-    cfg = build_config(None, data=str(data), out=str(root / "out"), backbone="resnet18", pretrained=False,
-                       image_size=64, epochs=1, batch_size=8, align=True, freeze_stem=False)
+    cfg = build_config(
+        None,
+        data=str(data),
+        out=str(root / "out"),
+        backbone="resnet18",
+        pretrained=False,
+        image_size=64,
+        epochs=1,
+        batch_size=8,
+        align=True,
+        freeze_stem=False,
+    )
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("XDG_CACHE_HOME", str(root / "cache"))
         train(cfg, log=lambda s: None, progress=False)
@@ -51,8 +60,8 @@ def test_align_training_records_face_stage_and_predictor_detects(aligned_model, 
 
 
 def test_refine_steps_can_be_lowered_at_prediction_for_speed(aligned_model, predictor, monkeypatch):
-    from facegender.core.faces.detect import FaceDetector
     from facegender.app.predict import Predictor
+    from facegender.core.faces.detect import FaceDetector
 
     fast = Predictor.from_file(aligned_model, device="cpu", refine_steps=0)
     assert fast.face_config.refine_steps == 0 and fast.detector.config.refine_steps == 0
@@ -138,8 +147,12 @@ def test_cli_annotate_json_and_csv(aligned_model, tmp_path, capsys):
     photo = shared_path("images", "group_6_faces.jpg")
     blank = make_image(tmp_path / "in" / "blank.jpg", 1, np.random.default_rng(2), size=80)
     out = tmp_path / "annotated"
-    assert main(["predict", "--model", str(aligned_model), str(photo), str(blank.parent),
-                 "--annotate", str(out), "--json"]) == 0
+    assert (
+        main(
+            ["predict", "--model", str(aligned_model), str(photo), str(blank.parent), "--annotate", str(out), "--json"]
+        )
+        == 0
+    )
     results = json.loads(capsys.readouterr().out)
     assert [r["status"] for r in results] == ["ok", "no face found"]
     for face in results[0]["faces"]:

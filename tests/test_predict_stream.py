@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import make_image
 
 pytest.importorskip("onnx")
@@ -73,13 +72,16 @@ def test_json_is_the_old_all_at_end_array(photos, capsys, tmp_path):
 
     model, folder, paths = photos
     code, out, err = predict(["--model", str(model), "--json", str(folder)], capsys)
-    old = json.dumps([r.to_dict() for r in facegender.load(model).predict([folder])], indent=2,
-                     ensure_ascii=False) + "\n"
+    old = (
+        json.dumps([r.to_dict() for r in facegender.load(model).predict([folder])], indent=2, ensure_ascii=False) + "\n"
+    )
     assert out == old  # the same bytes as the array printed at the end
     assert [r["file"] for r in json.loads(out)] == paths
     assert "predict:" in err  # the progress bar, on stderr
-    assert predict(["--model", str(model), "--json", "--quiet", "--out", str(tmp_path / "r.json"), str(folder)],
-                   capsys)[2] == "1 of 151 file(s) could not be read\n"
+    assert (
+        predict(["--model", str(model), "--json", "--quiet", "--out", str(tmp_path / "r.json"), str(folder)], capsys)[2]
+        == "1 of 151 file(s) could not be read\n"
+    )
     assert (tmp_path / "r.json").read_text() == old
 
 
@@ -95,8 +97,9 @@ def test_csv_has_the_old_columns(photos, capsys):
 
 def test_annotate_writes_each_copy(photos, capsys, tmp_path):
     model, folder, paths = photos
-    code, _, err = predict(["--model", str(model), "--jsonl", "--quiet", "--annotate", str(tmp_path / "a"),
-                            str(folder / "part0")], capsys)
+    code, _, err = predict(
+        ["--model", str(model), "--jsonl", "--quiet", "--annotate", str(tmp_path / "a"), str(folder / "part0")], capsys
+    )
     assert code == 0 and "annotated 50 image(s)" in err
     assert len(list((tmp_path / "a").iterdir())) == 50
 
@@ -121,12 +124,14 @@ def test_a_folder_without_images_is_an_error(photos, capsys, tmp_path):
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     code, _, err = predict(["--model", str(model), "--jsonl", str(tmp_path / "empty")], capsys)
     assert code == 3 and "no images found in" in err
-    code, out, err = predict(["--model", str(model), "--jsonl", "--quiet", str(tmp_path / "empty"),
-                              str(folder / "part1")], capsys)
+    code, out, err = predict(
+        ["--model", str(model), "--jsonl", "--quiet", str(tmp_path / "empty"), str(folder / "part1")], capsys
+    )
     assert code == 0 and "note: no images found in" in err and len(out.splitlines()) == 50
 
 
 # ----------------------------------------------------------------------------- lazy walk
+
 
 def test_folders_are_walked_lazily_in_the_old_order(tmp_path, monkeypatch):
     from facegender.core import images
@@ -171,16 +176,29 @@ def test_predict_iter_takes_a_one_shot_iterator(photos):
 
 # ----------------------------------------------------------------------------- resume, every cut point
 
+
 def _results() -> list[dict]:
     """Fake results: photos with 0, 1 and 3 faces, an error, non-ASCII and comma-and-quote names."""
-    face = lambda x: {"box": [x, 1.0, x + 5, 9.5], "landmarks": None, "detection_score": None, "label": "wanita",  # noqa: E731
-                      "predicted_class": "wanita", "probability": 0.75, "probabilities": {"pria": 0.25, "wanita": 0.75},
-                      "uncertain": False}
-    return [{"file": "a/ü ñ.jpg", "width": 9, "height": 9, "faces": [face(1.0)], "status": "ok"},
-            {"file": 'b/"x, y".png', "width": 9, "height": 9, "faces": [face(1.0), face(2.0), face(3.0)], "status": "ok"},
-            {"file": "c.jpg", "error": "c.jpg: not a readable image", "status": "error", "faces": []},
-            {"file": "d.jpg", "width": 9, "height": 9, "faces": [], "status": "no face found"},
-            {"file": "e.jpg", "width": 9, "height": 9, "faces": [face(4.0), face(5.0)], "status": "ok"}]
+
+    def face(x: float) -> dict:
+        return {
+            "box": [x, 1.0, x + 5, 9.5],
+            "landmarks": None,
+            "detection_score": None,
+            "label": "wanita",
+            "predicted_class": "wanita",
+            "probability": 0.75,
+            "probabilities": {"pria": 0.25, "wanita": 0.75},
+            "uncertain": False,
+        }
+
+    return [
+        {"file": "a/ü ñ.jpg", "width": 9, "height": 9, "faces": [face(1.0)], "status": "ok"},
+        {"file": 'b/"x, y".png', "width": 9, "height": 9, "faces": [face(1.0), face(2.0), face(3.0)], "status": "ok"},
+        {"file": "c.jpg", "error": "c.jpg: not a readable image", "status": "error", "faces": []},
+        {"file": "d.jpg", "width": 9, "height": 9, "faces": [], "status": "no face found"},
+        {"file": "e.jpg", "width": 9, "height": 9, "faces": [face(4.0), face(5.0)], "status": "ok"},
+    ]
 
 
 def _written(fmt: str, results: list[dict], stream=None, items: int = 0, header: bool = True) -> str:
@@ -219,7 +237,7 @@ def test_resume_from_every_cut_point_gives_the_uninterrupted_file(fmt, tmp_path)
     path.write_bytes(full)
     writer, kept = open_results(path, fmt, resume=True)
     writer.stream.close()
-    assert kept.done == {r["file"] for r in results[:-1 if fmt == "csv" else None]}
+    assert kept.done == {r["file"] for r in results[: -1 if fmt == "csv" else None]}
 
 
 def test_csv_resume_drops_the_last_photo_cut_between_its_rows(tmp_path):
@@ -267,8 +285,7 @@ SLOW_CHILD = textwrap.dedent("""
 def _run(args: list[str], cwd: Path, slow: bool = False):
     command = [sys.executable, "-c", SLOW_CHILD] if slow else [sys.executable, "-m", "facegender", "predict"]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    return subprocess.Popen(command + args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    return subprocess.Popen(command + args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _kill_when_written(proc, out: Path, records: int) -> None:

@@ -8,9 +8,8 @@ import shutil
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import make_dataset, make_image, shared_path
+from PIL import Image
 
 
 def _prepare(raw, out, **kwargs):
@@ -93,26 +92,35 @@ def test_trained_on_prepared_folder_records_face_and_does_not_align_again(tmp_pa
     """The prepared folder trains as is; the model records the face stage (predict then detects),
     and neither training nor evaluating on the prepared test/ runs the detector again."""
     from facegender.app.cli import main
-    from facegender.training.config import build_config
-    from facegender.evaluation.evaluate import evaluate_model
-    from facegender.core.faces.detect import FaceDetector
     from facegender.app.predict import Predictor
+    from facegender.core.faces.detect import FaceDetector
+    from facegender.evaluation.evaluate import evaluate_model
+    from facegender.training.config import build_config
     from facegender.training.train import train
 
     raw = make_dataset(tmp_path / "raw", n_train=5, n_test=2)
-    assert main(["prepare", "--data", str(raw), "--out", str(tmp_path / "aligned"), "--size", "64",
-                 "--quiet"]) == 0
+    assert main(["prepare", "--data", str(raw), "--out", str(tmp_path / "aligned"), "--size", "64", "--quiet"]) == 0
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
     def no_detection(self, image):
         raise AssertionError("an already aligned image was aligned again")
 
     monkeypatch.setattr(FaceDetector, "detect", no_detection)
-    cfg = build_config(None, data=str(tmp_path / "aligned"), out=str(tmp_path / "run"), backbone="resnet18",
-                       pretrained=False, image_size=48, epochs=1, batch_size=8, freeze_stem=False)
+    cfg = build_config(
+        None,
+        data=str(tmp_path / "aligned"),
+        out=str(tmp_path / "run"),
+        backbone="resnet18",
+        pretrained=False,
+        image_size=48,
+        epochs=1,
+        batch_size=8,
+        freeze_stem=False,
+    )
     train(cfg, log=lambda s: None, progress=False)
-    metrics = evaluate_model(str(tmp_path / "run" / "best_model.pth"), str(tmp_path / "aligned" / "test"),
-                             log=lambda s: None, progress=False)
+    metrics = evaluate_model(
+        str(tmp_path / "run" / "best_model.pth"), str(tmp_path / "aligned" / "test"), log=lambda s: None, progress=False
+    )
     assert metrics["n"] == 4
     predictor = Predictor.from_file(tmp_path / "run" / "best_model.pth", device="cpu")
     assert predictor.detector is not None
@@ -120,12 +128,13 @@ def test_trained_on_prepared_folder_records_face_and_does_not_align_again(tmp_pa
     assert predictor.face_config.size == 64 and predictor.prep.image_size == 48
     assert predictor.face_config.margin == pytest.approx(0.0)
     # the part of the crop the training faces filled is recorded and applied at prediction
-    from facegender.data.dataset import scan_dataset, split_train_val
     from facegender.core.preprocessing import visible_region
+    from facegender.data.dataset import scan_dataset, split_train_val
 
     train_paths = split_train_val(scan_dataset(tmp_path / "aligned")[1], cfg.val_fraction, cfg.seed)[0].paths
-    expected = visible_region([predictor.prep.resize(Image.open(p).convert("RGB")) for p in train_paths],
-                              predictor.prep.pad_color)
+    expected = visible_region(
+        [predictor.prep.resize(Image.open(p).convert("RGB")) for p in train_paths], predictor.prep.pad_color
+    )
     assert predictor.prep.visible == expected
 
 
@@ -150,8 +159,7 @@ def test_cli_import_csv_and_utkface(tmp_path, capsys):
     rows.append("imgs/missing.jpg,perempuan,r0")
     (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
     out = tmp_path / "dataset"
-    assert main(["import", "csv", str(tmp_path / "labels.csv"), str(out), "--test-fraction", "0.5",
-                 "--seed", "1"]) == 0
+    assert main(["import", "csv", str(tmp_path / "labels.csv"), str(out), "--test-fraction", "0.5", "--seed", "1"]) == 0
     printed = capsys.readouterr().out
     assert "imported 12 images" in printed and "missing.jpg" in printed
     for split in ("train", "test"):
@@ -162,7 +170,20 @@ def test_cli_import_csv_and_utkface(tmp_path, capsys):
 
     for i, (age, gender) in enumerate([(25, 0), (31, 0), (40, 1), (52, 1)]):
         make_image(tmp_path / "utk" / f"{age}_{gender}_{i % 5}_2017010{i}.jpg.chip.jpg", gender, rng)
-    assert main(["import", "utkface", str(tmp_path / "utk"), str(tmp_path / "utkdata"), "--test-fraction",
-                 "0.5", "--link", "hardlink"]) == 0
+    assert (
+        main(
+            [
+                "import",
+                "utkface",
+                str(tmp_path / "utk"),
+                str(tmp_path / "utkdata"),
+                "--test-fraction",
+                "0.5",
+                "--link",
+                "hardlink",
+            ]
+        )
+        == 0
+    )
     assert sorted(p.name for p in (tmp_path / "utkdata" / "train").iterdir()) == ["female", "male"]
     assert (tmp_path / "utkdata" / "groups.csv").is_file()

@@ -67,8 +67,20 @@ def test_cli_predict_ray_writes_the_same_rows(ray_local, local_rows, tmp_path):
     from facegender.app.cli import main
 
     out = tmp_path / "cli.jsonl"
-    rc = main(["predict", "--ray", "--jsonl", "--fast", "--quiet", "--ray-workers", "2", "--out", str(out),
-               str(shared_path(*FOLDER))])
+    rc = main(
+        [
+            "predict",
+            "--ray",
+            "--jsonl",
+            "--fast",
+            "--quiet",
+            "--ray-workers",
+            "2",
+            "--out",
+            str(out),
+            str(shared_path(*FOLDER)),
+        ]
+    )
     assert rc == 0
     _assert_same(_jsonl(out), local_rows)
     local = tmp_path / "local.jsonl"
@@ -85,8 +97,22 @@ def test_parquet_columns_and_a_missing_file(ray_local, local_rows, tmp_path):
     missing = str(tmp_path / "gone.jpg")
     (tmp_path / "empty.jpg").write_bytes(b"")
     out = tmp_path / "r.parquet"
-    rc = main(["predict", "--ray", "--parquet", "--fast", "--quiet", "--ray-workers", "1", "--out", str(out),
-               *photos, missing, str(tmp_path / "empty.jpg")])
+    rc = main(
+        [
+            "predict",
+            "--ray",
+            "--parquet",
+            "--fast",
+            "--quiet",
+            "--ray-workers",
+            "1",
+            "--out",
+            str(out),
+            *photos,
+            missing,
+            str(tmp_path / "empty.jpg"),
+        ]
+    )
     assert rc == 1  # two files could not be read, as the local command says
     table = pq.read_table(out)
     assert tuple(table.column_names) == PARQUET_COLUMNS
@@ -94,8 +120,12 @@ def test_parquet_columns_and_a_missing_file(ray_local, local_rows, tmp_path):
     assert len(rows) == 7
     for want in local_rows[:5]:
         got = rows[want["file"]]
-        assert (got["status"], got["width"], got["height"], got["error"]) == (want["status"], want["width"],
-                                                                              want["height"], None)
+        assert (got["status"], got["width"], got["height"], got["error"]) == (
+            want["status"],
+            want["width"],
+            want["height"],
+            None,
+        )
         assert json.loads(got["faces"]) == want["faces"]
     import facegender
     from facegender.core.model import FAST
@@ -138,17 +168,21 @@ sys.meta_path.insert(0, _NoRay())
 
 
 def _run(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_without_ray_the_command_names_the_extra(tmp_path):
     (tmp_path / "a.jpg").write_bytes(b"x")
     out = tmp_path / "x.jsonl"
-    proc = _run(BLOCK_RAY + f"""
+    proc = _run(
+        BLOCK_RAY
+        + f"""
 from facegender.app.cli import main
-sys.exit(main(["predict", "--ray", "--jsonl", "--out", {str(out)!r}, {str(tmp_path / 'a.jpg')!r}]))
-""")
+sys.exit(main(["predict", "--ray", "--jsonl", "--out", {str(out)!r}, {str(tmp_path / "a.jpg")!r}]))
+"""
+    )
     assert not out.exists()
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 5, proc.stderr

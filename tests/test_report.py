@@ -17,8 +17,7 @@ from PIL import Image
 from facegender.evaluation.evaluate import analyse
 from facegender.evaluation.report import Predictions, mistakes, render_html, write_report
 
-SECTIONS = ["summary", "config", "training", "confusion", "per-class", "calibration", "groups", "coverage",
-            "mistakes"]
+SECTIONS = ["summary", "config", "training", "confusion", "per-class", "calibration", "groups", "coverage", "mistakes"]
 EVIL_CLASS = "<b>male</b>"
 EVIL_CONFIG = "<script>alert(1)</script>"
 EVIL_FILE = 'x<i>y&"q.jpg'  # no slash: that would be a folder
@@ -65,12 +64,14 @@ def synthetic(tmp_path):
     labels = np.array([0, 1] * 10)
     names = [f"img_{i:02d}.png" for i in range(20)]
     names[3] = EVIL_FILE
-    paths = [make_image(tmp_path / "data" / "test" / ("m" if y == 0 else "f") / n, int(y), rng)
-             for n, y in zip(names, labels)]
+    paths = [
+        make_image(tmp_path / "data" / "test" / ("m" if y == 0 else "f") / n, int(y), rng)
+        for n, y in zip(names, labels)
+    ]
     margin = np.linspace(3.0, 0.2, 20)
     logits = np.zeros((20, 2))
-    logits[np.arange(20), labels] = margin          # right, with falling confidence ...
-    wrong = [3, 5, 8, 13, 17]                        # ... except these five
+    logits[np.arange(20), labels] = margin  # right, with falling confidence ...
+    wrong = [3, 5, 8, 13, 17]  # ... except these five
     logits[wrong] = logits[wrong][:, ::-1]
     pred = Predictions([EVIL_CLASS, "fe&male"], paths, labels, logits, temperature=1.0)
     return tmp_path, pred, wrong
@@ -82,12 +83,27 @@ def test_report_has_every_section_embeds_images_and_escapes_data(synthetic):
     with open(groups, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["path", "label", "band"])
-        w.writerows([Path(p).relative_to(tmp / "data").as_posix(), "x", EVIL_GROUP if i % 2 else "plain"]
-                    for i, p in enumerate(pred.paths))
-    record = {"backbone": "resnet18", "classes": pred.classes, "temperature": 1.0, "tta": False,
-              "config": {"data": EVIL_CONFIG, "lr": 0.001}}
-    path, metrics = write_report(pred, record, tmp / "report.html", str(tmp / "model.pth"),
-                                 str(tmp / "data" / "test"), groups, min_confidence=0.9, min_group_size=5)
+        w.writerows(
+            [Path(p).relative_to(tmp / "data").as_posix(), "x", EVIL_GROUP if i % 2 else "plain"]
+            for i, p in enumerate(pred.paths)
+        )
+    record = {
+        "backbone": "resnet18",
+        "classes": pred.classes,
+        "temperature": 1.0,
+        "tta": False,
+        "config": {"data": EVIL_CONFIG, "lr": 0.001},
+    }
+    path, metrics = write_report(
+        pred,
+        record,
+        tmp / "report.html",
+        str(tmp / "model.pth"),
+        str(tmp / "data" / "test"),
+        groups,
+        min_confidence=0.9,
+        min_group_size=5,
+    )
     text = path.read_text(encoding="utf-8")
     page = parse(text)
 
@@ -97,8 +113,8 @@ def test_report_has_every_section_embeds_images_and_escapes_data(synthetic):
     assert sum(s.startswith("data:image/png") for s in page.srcs) == 5
     assert sum(s.startswith("data:image/jpeg") for s in page.srcs) == len(wrong)
     for evil in (EVIL_CLASS, EVIL_CONFIG, EVIL_GROUP, EVIL_FILE):
-        assert evil not in text                       # never as markup ...
-        assert evil in "".join(page.text)             # ... but shown as text
+        assert evil not in text  # never as markup ...
+        assert evil in "".join(page.text)  # ... but shown as text
     assert "fe&amp;male" in text
     # the numbers on the page are the analysed ones
     assert metrics["n"] == 20 and metrics["accuracy"] == pytest.approx(15 / 20)
@@ -111,15 +127,24 @@ def test_the_template_autoescapes_a_script_in_class_file_and_folder_names(tmp_pa
     script = "<script>alert(1)</script>"
     name = script.split("/")[0]  # a file name cannot hold the slash; the data folder's path can
     paths = [str(tmp_path / script / f"{name}{i}.jpg") for i in range(4)]
-    pred = Predictions([script, "female"], paths, np.array([0, 1, 0, 1]),
-                       np.array([[2.0, 0.0], [0.0, 2.0], [0.0, 1.0], [1.0, 0.0]]))
+    pred = Predictions(
+        [script, "female"], paths, np.array([0, 1, 0, 1]), np.array([[2.0, 0.0], [0.0, 2.0], [0.0, 1.0], [1.0, 0.0]])
+    )
     figures = {}
     for key in ("confusion_matrix", "reliability", "reliability_calibrated", "coverage"):
         figures[key] = tmp_path / f"{key}.png"
         figures[key].write_bytes(b"png")
     gallery = mistakes(pred)
-    text = render_html(analyse(pred), {"backbone": script, "classes": pred.classes}, figures, gallery,
-                       f"{script}/model.pth", f"{tmp_path}/{script}", groups_file=None, note=script)
+    text = render_html(
+        analyse(pred),
+        {"backbone": script, "classes": pred.classes},
+        figures,
+        gallery,
+        f"{script}/model.pth",
+        f"{tmp_path}/{script}",
+        groups_file=None,
+        note=script,
+    )
     page = parse(text)
     assert "<script" not in text and "script" not in page.tags
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text
@@ -153,11 +178,30 @@ def test_cli_report_with_groups_and_threshold(trained_run, tmp_path):
     test_dir = trained_run / "data" / "test"
     files = sorted(p for p in test_dir.rglob("*.jpg"))
     groups = tmp_path / "g.csv"
-    groups.write_text("path,source\n" + "".join(f"{p.relative_to(test_dir).as_posix()},{'cam' if i % 2 else 'web'}\n"
-                                                for i, p in enumerate(files)))
+    groups.write_text(
+        "path,source\n"
+        + "".join(f"{p.relative_to(test_dir).as_posix()},{'cam' if i % 2 else 'web'}\n" for i, p in enumerate(files))
+    )
     out = tmp_path / "r.html"
-    assert main(["report", "--model", str(trained_run / "out" / "best_model.pth"), "--data", str(test_dir),
-                 "--groups", str(groups), "--min-confidence", "0.8", "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "report",
+                "--model",
+                str(trained_run / "out" / "best_model.pth"),
+                "--data",
+                str(test_dir),
+                "--groups",
+                str(groups),
+                "--min-confidence",
+                "0.8",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     text = out.read_text(encoding="utf-8")
     groups_section = text.split('<section id="groups">')[1].split("</section>")[0]
     assert "By source" in groups_section and ">cam<" in groups_section and ">web<" in groups_section
@@ -173,11 +217,25 @@ def test_report_renders_in_a_headless_browser(synthetic):
     record = {"backbone": "resnet18", "classes": pred.classes, "temperature": 1.0, "tta": False, "config": {}}
     path, _ = write_report(pred, record, tmp / "report.html", str(tmp / "model.pth"), str(tmp / "data" / "test"))
     shot = tmp / "shot.png"
-    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                    "--disable-component-update", "--no-first-run", f"--user-data-dir={tmp / 'profile'}",
-                    f"--screenshot={shot}", "--window-size=1200,3000", path.resolve().as_uri()],
-                   check=True, capture_output=True, timeout=180)
+    subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--no-first-run",
+            f"--user-data-dir={tmp / 'profile'}",
+            f"--screenshot={shot}",
+            "--window-size=1200,3000",
+            path.resolve().as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=180,
+    )
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
     assert pixels.shape == (3000, 1200)
-    assert pixels.std() > 20                      # not a blank page
-    assert (pixels < 200).mean() > 0.05           # a good share of it is drawn (header, tables, figures)
+    assert pixels.std() > 20  # not a blank page
+    assert (pixels < 200).mean() > 0.05  # a good share of it is drawn (header, tables, figures)

@@ -11,19 +11,27 @@ import json
 
 import pytest
 from PIL import Image
-
 from test_light import SAMPLE, colour_model
 
-FACE_KEYS = ["box", "landmarks", "detection_score", "label", "predicted_class", "probability", "probabilities",
-             "uncertain"]
+FACE_KEYS = [
+    "box",
+    "landmarks",
+    "detection_score",
+    "label",
+    "predicted_class",
+    "probability",
+    "probabilities",
+    "uncertain",
+]
 
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
     """(face-stage model, [the sample photo, a photo without a face, a file that is not an image])."""
     root = tmp_path_factory.mktemp("results")
-    model = colour_model(root / "faces.onnx", size=32, face={"size": 32, "template": "dlib", "pad_color": [0, 0, 0],
-                                                             "refine_steps": 1})
+    model = colour_model(
+        root / "faces.onnx", size=32, face={"size": 32, "template": "dlib", "pad_color": [0, 0, 0], "refine_steps": 1}
+    )
     blank = root / "blank.png"
     Image.new("RGB", (64, 48), (120, 120, 120)).save(blank)
     broken = root / "broken.jpg"

@@ -21,9 +21,8 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from conftest import REPO, make_image, shared_path
+from PIL import Image
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -32,26 +31,37 @@ CLASSES = ["pria", "wanita"]
 
 # ----------------------------------------------------------------------------- helpers
 
-def save_random_model(path: Path, align: bool, backbone: str = "resnet18", image_size: int = 64,
-                      temperature: float = 1.7) -> Path:
+
+def save_random_model(
+    path: Path, align: bool, backbone: str = "resnet18", image_size: int = 64, temperature: float = 1.7
+) -> Path:
     """A best_model.pth with random weights, written as `train` writes it (model_record). With
     `align` the model detects and aligns faces, so predictions find every face of a photo; the
     labels themselves are meaningless."""
-    from facegender.training import checkpoint as ckpt
-    from facegender.training.config import build_config
     from facegender.core.faces.align import FaceAlignConfig
-    from facegender.training.backbones import build_model, get_spec
     from facegender.core.preprocessing import Preprocessing
+    from facegender.training import checkpoint as ckpt
+    from facegender.training.backbones import build_model, get_spec
+    from facegender.training.config import build_config
 
     torch.manual_seed(0)
     cfg = build_config(None, data="unused", backbone=backbone, pretrained=False, image_size=image_size, align=align)
     spec = get_spec(backbone)
-    prep = Preprocessing(image_size, spec.mean, spec.std,
-                         face=FaceAlignConfig(size=image_size).to_dict() if align else None)  # as train.py does
+    prep = Preprocessing(
+        image_size, spec.mean, spec.std, face=FaceAlignConfig(size=image_size).to_dict() if align else None
+    )  # as train.py does
     model, source = build_model(backbone, len(CLASSES), cfg.dropout, pretrained=False)
-    record = ckpt.model_record(model, cfg.to_dict(), CLASSES, prep, source, epoch=1,
-                               temperature=temperature, tta=False,
-                               metrics={"best_epoch": 1, "test": {"accuracy": 0.5, "n": 8}})
+    record = ckpt.model_record(
+        model,
+        cfg.to_dict(),
+        CLASSES,
+        prep,
+        source,
+        epoch=1,
+        temperature=temperature,
+        tta=False,
+        metrics={"best_epoch": 1, "test": {"accuracy": 0.5, "n": 8}},
+    )
     return ckpt.save_atomic(record, path)
 
 
@@ -79,6 +89,7 @@ def running(app):
 def png_header(width: int, height: int) -> bytes:
     """A PNG whose header claims width x height pixels, with (almost) no pixel data: what a
     decompression bomb looks like before it is decoded."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -93,6 +104,7 @@ def encode(image: Image.Image, fmt: str = "PNG") -> bytes:
 
 
 # ----------------------------------------------------------------------------- fixtures
+
 
 @pytest.fixture(scope="module")
 def aligned_model(tmp_path_factory) -> Path:
@@ -116,6 +128,7 @@ def server(app) -> str:
 
 
 # ----------------------------------------------------------------------------- endpoints
+
 
 def test_health_model_and_docs(server):
     health = httpx.get(f"{server}/health").json()
@@ -148,8 +161,10 @@ def test_index_page_has_no_external_assets(server):
 
 def test_predict_group_photo_and_bad_file_in_one_request(server):
     group = shared_path("images", "group_6_faces.jpg").read_bytes()
-    files = [("files", ("notes.txt", b"this is not an image", "text/plain")),
-             ("files", ("group.jpg", group, "image/jpeg"))]
+    files = [
+        ("files", ("notes.txt", b"this is not an image", "text/plain")),
+        ("files", ("group.jpg", group, "image/jpeg")),
+    ]
     r = httpx.post(f"{server}/predict", files=files, timeout=120)
     assert r.status_code == 200, r.text
     bad, photo = r.json()["results"]
@@ -182,8 +197,11 @@ def test_predict_reports_no_face(server, tmp_path):
 def test_duplicate_file_names_keep_their_own_results(server, tmp_path):
     rng = np.random.default_rng(1)
     small = encode(Image.open(make_image(tmp_path / "a.png", 0, rng, size=40)))
-    r = httpx.post(f"{server}/predict", files=[("files", ("same.png", small, "image/png")),
-                                               ("files", ("same.png", b"broken", "image/png"))], timeout=60)
+    r = httpx.post(
+        f"{server}/predict",
+        files=[("files", ("same.png", small, "image/png")), ("files", ("same.png", b"broken", "image/png"))],
+        timeout=60,
+    )
     first, second = r.json()["results"]
     assert first["status"] == "no face found" and first["width"] == 40
     assert second["status"] == "error"
@@ -195,6 +213,7 @@ def test_predict_needs_files(server):
 
 
 # ----------------------------------------------------------------------------- limits
+
 
 def test_file_over_the_byte_limit_is_refused(server):
     big = os.urandom(LIMITS["max_file_bytes"] + 1)
@@ -255,6 +274,7 @@ def test_limits_must_be_positive(aligned_model):
 
 # ----------------------------------------------------------------------------- concurrency
 
+
 class _BlockedLogits:
     """A logits function that waits until `release` is set, and records how many calls overlap
     and how many have finished."""
@@ -289,6 +309,7 @@ def test_inference_is_bounded_and_off_the_event_loop(aligned_model):
     app = create_app(aligned_model, predictor=predictor, max_concurrent=2)
     image = encode(Image.new("RGB", (20, 20), "gray"))
     with running(app) as url, httpx.Client(timeout=60) as client:
+
         def post(i: int) -> dict:
             return client.post(f"{url}/predict", files={"files": (f"{i}.png", image, "image/png")}).json()
 
@@ -301,8 +322,9 @@ def test_inference_is_bounded_and_off_the_event_loop(aligned_model):
             state_at_health = (blocked.active, blocked.finished)
             blocked.release.set()
             answers = [p.result() for p in pending]
-    assert health.status_code == 200 and state_at_health == (2, 0), \
+    assert health.status_code == 200 and state_at_health == (2, 0), (
         "the event loop must answer while inferences run, and at most 2 run at once"
+    )
     assert blocked.most == 2, f"at most 2 inferences at once, and 2 do run together (saw {blocked.most})"
     for i, a in enumerate(answers):
         (result,) = a["results"]
@@ -310,6 +332,7 @@ def test_inference_is_bounded_and_off_the_event_loop(aligned_model):
 
 
 # ----------------------------------------------------------------------------- the command
+
 
 def test_is_loopback():
     from facegender.app.serve import is_loopback
@@ -345,9 +368,27 @@ def _free_port() -> int:
 def test_facegender_serve_command(aligned_model):
     port = _free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "facegender", "serve", "--model", str(aligned_model),
-                             "--port", str(port), "--device", "cpu", "--log-level", "warning"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "facegender",
+            "serve",
+            "--model",
+            str(aligned_model),
+            "--port",
+            str(port),
+            "--device",
+            "cpu",
+            "--log-level",
+            "warning",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=REPO,
+        env=env,
+    )
     try:
         deadline = time.monotonic() + 90
         while True:
@@ -356,7 +397,7 @@ def test_facegender_serve_command(aligned_model):
                 break
             except httpx.TransportError:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"server did not start: {proc.stdout.read() if proc.stdout else ''}")
+                    raise AssertionError(f"server did not start: {proc.stdout.read() if proc.stdout else ''}") from None
                 time.sleep(0.3)
         assert health.json()["model"] == "best_model.pth"
         assert httpx.get(f"http://127.0.0.1:{port}/model").json()["classes"] == CLASSES

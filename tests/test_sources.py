@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import make_dataset, make_image
 
 
@@ -51,7 +50,7 @@ def test_sources_with_other_classes_are_refused_by_name(tmp_path):
 def test_sources_file_sets_cap_weight_and_licence(tmp_path):
     from facegender.data.sources import read_sources, scan_sources
 
-    gdf = make_dataset(tmp_path / "gdf", n_train=5, n_test=2)
+    make_dataset(tmp_path / "gdf", n_train=5, n_test=2)
     big = _class_folders(tmp_path / "big", (9, 9))
     (big / "SOURCE.md").write_text("# big\n\n## Terms\nResearch use only;\ncite the paper.\n\n## Other\nx\n")
     listing = tmp_path / "sources.yaml"
@@ -97,7 +96,7 @@ def test_split_column_keeps_each_person_on_one_side(tmp_path):
     from facegender.data.dataset import split_train_val
     from facegender.data.sources import read_sources, scan_sources, split_groups
 
-    people = _class_folders(tmp_path / "people", (20, 20), manifest=True)
+    _class_folders(tmp_path / "people", (20, 20), manifest=True)
     listing = tmp_path / "s.yaml"
     listing.write_text("sources:\n  - path: people\n    split_column: person\n")
     scanned = scan_sources(read_sources([str(listing)]), need_test=False)
@@ -160,8 +159,18 @@ def test_training_on_two_sources_records_them_and_reports_each(tmp_path):
     gdf = make_dataset(tmp_path / "gdf", n_train=10, n_test=4)
     extra = _class_folders(tmp_path / "extra", (10, 6))
     (extra / "SOURCE.md").write_text("## Terms\nCC BY 4.0\n")
-    cfg = build_config(None, data=[str(gdf), str(extra)], out=str(tmp_path / "out"), backbone="resnet18",
-                       pretrained=False, image_size=48, epochs=1, batch_size=8, balance="source", val_fraction=0.25)
+    cfg = build_config(
+        None,
+        data=[str(gdf), str(extra)],
+        out=str(tmp_path / "out"),
+        backbone="resnet18",
+        pretrained=False,
+        image_size=48,
+        epochs=1,
+        batch_size=8,
+        balance="source",
+        val_fraction=0.25,
+    )
     summary = train(cfg, log=lambda s: None, progress=False)
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     recorded = {s["name"]: s for s in metrics["sources"]}
@@ -170,8 +179,11 @@ def test_training_on_two_sources_records_them_and_reports_each(tmp_path):
     assert {c: counts["train"][c] + counts["validation"][c] for c in counts["train"]} == {"pria": 10, "wanita": 6}
     assert sum(counts["validation"].values()) == 4  # a stratified 25% of each source
     assert sum(recorded["gdf"]["counts"]["validation"].values()) == 5
-    assert recorded["gdf"]["counts"]["test"] == {"pria": 4, "wanita": 4} and "test" not in counts or \
-        sum(counts["test"].values()) == 0
+    assert (
+        recorded["gdf"]["counts"]["test"] == {"pria": 4, "wanita": 4}
+        and "test" not in counts
+        or sum(counts["test"].values()) == 0
+    )
     by_source = summary["by_source"]["validation"]["groups"]
     assert by_source["extra"]["n"] == 4 and by_source["gdf"]["n"] == 5
     import torch
@@ -186,8 +198,23 @@ def test_evaluate_reports_each_source(trained_run, tmp_path):
     a = make_dataset(tmp_path / "a", n_train=1, n_test=5, seed=3)
     b = make_dataset(tmp_path / "b", n_train=1, n_test=3, seed=4)
     out = tmp_path / "eval"
-    assert main(["evaluate", "--model", str(trained_run / "out" / "best_model.pth"), "--data", str(a / "test"),
-                 "--data", str(b / "test"), "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(trained_run / "out" / "best_model.pth"),
+                "--data",
+                str(a / "test"),
+                "--data",
+                str(b / "test"),
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n"] == 16
     sources = metrics["groups"]["source"]["groups"]

@@ -9,8 +9,6 @@ image with red R and blue B gets p(red) = sigmoid(4 (R - B) / 255).
 
 from __future__ import annotations
 
-from facegender.training.export import export_model
-from facegender.evaluation.predictions import predict_labelled
 import csv
 import json
 import math
@@ -18,6 +16,9 @@ import math
 import numpy as np
 import pytest
 from PIL import Image
+
+from facegender.evaluation.predictions import predict_labelled
+from facegender.training.export import export_model
 
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -61,6 +62,7 @@ def recalls(probs, labels, t) -> tuple[float, float]:
 
 
 # ----------------------------------------------------------------------------- equal_recall_threshold
+
 
 def test_equal_recall_threshold_makes_the_recalls_equal():
     """At 0.5 class 0 has recall 2/4 and class 1 4/4; only thresholds in (0.7, 0.75] balance them
@@ -121,15 +123,16 @@ def test_decide_and_the_uncertain_band():
     probs = probs_of([0.3, 0.55, 0.62, 0.9])
     assert decide(probs).tolist() == [0, 1, 1, 1]
     assert decide(probs, 0.6).tolist() == [0, 0, 1, 1]
-    assert uncertain_mask(probs).tolist() == [False, True, True, False]            # |p - 0.5| < 0.15
-    assert uncertain_mask(probs, 0.6).tolist() == [False, True, True, False]       # |p - 0.6| < 0.15
+    assert uncertain_mask(probs).tolist() == [False, True, True, False]  # |p - 0.5| < 0.15
+    assert uncertain_mask(probs, 0.6).tolist() == [False, True, True, False]  # |p - 0.6| < 0.15
     assert uncertain_mask(probs, 0.8, band=0.2).tolist() == [False, False, True, True]
     three = np.array([[0.5, 0.3, 0.2], [0.7, 0.2, 0.1], [0.1, 0.2, 0.7]])
-    assert decide(three, 0.9).tolist() == [0, 0, 2]                                # threshold ignored
-    assert uncertain_mask(three).tolist() == [True, False, False]                  # top < 0.65
+    assert decide(three, 0.9).tolist() == [0, 0, 2]  # threshold ignored
+    assert uncertain_mask(three).tolist() == [True, False, False]  # top < 0.65
 
 
 # ----------------------------------------------------------------------------- the model
+
 
 def test_a_stored_threshold_changes_the_label_at_the_boundary(tmp_path):
     """The record's threshold (0.6) labels a p(red) 0.578 face blue, where the arg-max says red;
@@ -182,6 +185,7 @@ def test_the_uncertain_flag_follows_the_band(tmp_path):
 
 # ----------------------------------------------------------------------------- the commands
 
+
 def test_predict_threshold_option(tmp_path, capsys):
     from facegender.app.cli import main
 
@@ -218,12 +222,28 @@ def test_evaluate_threshold_changes_the_metrics(tmp_path, labelled):
     from facegender.app.cli import main
 
     model = str(colour_model(tmp_path / "m.onnx"))
-    assert main(["evaluate", "--model", model, "--data", str(labelled), "--out", str(tmp_path / "a"),
-                 "--quiet"]) == 0
+    assert main(["evaluate", "--model", model, "--data", str(labelled), "--out", str(tmp_path / "a"), "--quiet"]) == 0
     plain = json.loads((tmp_path / "a" / "metrics.json").read_text())
     assert plain["accuracy"] == 1.0 and plain["threshold"] is None
-    assert main(["evaluate", "--model", model, "--data", str(labelled), "--out", str(tmp_path / "b"),
-                 "--threshold", "0.6", "--min-confidence", "0.3", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                model,
+                "--data",
+                str(labelled),
+                "--out",
+                str(tmp_path / "b"),
+                "--threshold",
+                "0.6",
+                "--min-confidence",
+                "0.3",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     m = json.loads((tmp_path / "b" / "metrics.json").read_text())
     assert m["threshold"] == 0.6 and m["accuracy"] == 0.75
     assert m["per_class"]["red"]["recall"] == pytest.approx(0.6) and m["per_class"]["blue"]["recall"] == 1.0
@@ -278,6 +298,7 @@ def test_serve_threshold_option_and_query(tmp_path):
 
 # ----------------------------------------------------------------------------- ONNX
 
+
 def test_onnx_metadata_carries_the_threshold():
     from facegender.core.onnx_model import onnx_metadata, read_metadata
 
@@ -293,15 +314,21 @@ def test_exported_onnx_decides_like_the_pth_model(tmp_path):
 
     import facegender
     from facegender.core.model import Model
-    from facegender.training.torch_backend import TorchBackend
     from facegender.core.preprocessing import Preprocessing
+    from facegender.training.torch_backend import TorchBackend
 
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
-                              torch.nn.Linear(4, 2))
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 2)
+    )
     prep = Preprocessing(image_size=16)
-    record = {"classes": CLASSES, "backbone": "tiny-test", "preprocessing": prep.to_dict(), "threshold": 0.37,
-              "uncertain_band": 0.05}
+    record = {
+        "classes": CLASSES,
+        "backbone": "tiny-test",
+        "preprocessing": prep.to_dict(),
+        "threshold": 0.37,
+        "uncertain_band": 0.05,
+    }
     model = Model(CLASSES, prep, TorchBackend(net), info=record, detect=False, threshold=0.37, uncertain_band=0.05)
     export_model(model, tmp_path / "m.onnx", parity_count=8, log=lambda s: None)
     onnx_model = facegender.load(tmp_path / "m.onnx", detect=False)

@@ -10,24 +10,41 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import make_dataset
-from facegender.core import files
-from facegender.training import checkpoint as ckpt
+
 from facegender.app.cli import main as cli_main
+from facegender.app.predict import Predictor
+from facegender.core import files
+from facegender.evaluation.evaluate import evaluate_model
+from facegender.training import checkpoint as ckpt
 from facegender.training.config import PRESETS, build_config
 from facegender.training.engine import EarlyStopping
-from facegender.evaluation.evaluate import evaluate_model
-from facegender.app.predict import Predictor
 from facegender.training.train import TrainingInterrupted, resume_config, train
 
-OUTPUTS = ["best_model.pth", "gender_checkpoint.pth", "summary.csv", "config.yaml", "loss_curve.png",
-           "accuracy_curve.png", "confusion_matrix.png", "metrics.json"]
+OUTPUTS = [
+    "best_model.pth",
+    "gender_checkpoint.pth",
+    "summary.csv",
+    "config.yaml",
+    "loss_curve.png",
+    "accuracy_curve.png",
+    "confusion_matrix.png",
+    "metrics.json",
+]
 
 
 def small_config(data: Path, out: Path, **kw):
-    values = dict(data=str(data), out=str(out), backbone="resnet18", pretrained=False, image_size=48, epochs=2,
-                  batch_size=8, lr=1e-3, freeze_stem=False)
+    values = dict(
+        data=str(data),
+        out=str(out),
+        backbone="resnet18",
+        pretrained=False,
+        image_size=48,
+        epochs=2,
+        batch_size=8,
+        lr=1e-3,
+        freeze_stem=False,
+    )
     values.update(kw)
     return build_config(None, **values)
 
@@ -191,8 +208,7 @@ def test_cli_predict_reports_bad_files_and_goes_on(trained_run, tmp_path, capsys
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"not an image")
     good = next((trained_run / "data" / "test" / "pria").iterdir())
-    code = cli_main(["predict", "--model", str(trained_run / "out" / "best_model.pth"), str(bad), str(good),
-                     "--json"])
+    code = cli_main(["predict", "--model", str(trained_run / "out" / "best_model.pth"), str(bad), str(good), "--json"])
     out = json.loads(capsys.readouterr().out)
     assert code == 1
     assert out[0]["status"] == "error" and "broken.jpg" in out[0]["error"]
@@ -224,7 +240,16 @@ def test_validation_metrics_are_fp32_whatever_the_training_precision(tmp_path, m
     evaluate = distributed.evaluate
     monkeypatch.setattr(distributed, "evaluate", lambda *a, **k: seen.append(a[4]) or evaluate(*a, **k))
     data = make_dataset(tmp_path / "data", n_train=6, n_test=2)
-    cfg = build_config(None, data=str(data), out=str(tmp_path / "out"), backbone="resnet18", pretrained=False,
-                       image_size=32, epochs=2, batch_size=4, precision="bf16")
+    cfg = build_config(
+        None,
+        data=str(data),
+        out=str(tmp_path / "out"),
+        backbone="resnet18",
+        pretrained=False,
+        image_size=32,
+        epochs=2,
+        batch_size=4,
+        precision="bf16",
+    )
     train(cfg, log=lambda s: None, progress=False)
     assert seen == ["fp32", "fp32"]

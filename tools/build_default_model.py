@@ -25,15 +25,16 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
-from facegender.training.export import export_model
-from facegender.evaluation.predictions import predict_labelled
-from facegender.core.model_card import (HEAD_ONLY, REBUILD_COMMAND, WHOLE_NETWORK, _body, _recipe,
-                                         format_variants)
 from facegender.core.files import atomic_path, sha256_file, write_text_atomic
+from facegender.core.model_card import HEAD_ONLY, REBUILD_COMMAND, WHOLE_NETWORK, _body, _recipe, format_variants
 from facegender.core.resources import DEFAULT_DIR, MODEL_FILE, RECORD_FILE
+from facegender.evaluation.predictions import predict_labelled
+from facegender.training.export import export_model
+
 #: The storage formats a whole-network model is exported in, fp32 (the reference) first.
 VARIANTS = ("fp32", "fp16", "int8")
 #: A whole-network file ships only below this size (bytes; dlib's network is 22.5 MB in fp32).
@@ -54,6 +55,7 @@ GDF_TRAIN = "faces-gdf/train (celebrity face crops; labels by the dataset's auth
 def _images(source: Mapping[str, Any]) -> tuple[int, dict[str, int]]:
     """(training images, per class) of a recorded source: its 'images' (a count, or counts per
     class), else its 'counts' (per split: the train and validation splits; or per class)."""
+
     def per_class(counts) -> dict[str, int]:
         return {str(c): int(n) for c, n in counts.items()} if isinstance(counts, Mapping) else {}
 
@@ -80,16 +82,26 @@ def training_sources(record: Mapping[str, Any]) -> list[dict[str, Any]] | None:
     dict with at least 'path' and 'counts' or 'images'); None when it has none."""
     for holder in (record, record.get("config") or {}, record.get("metrics") or {}):
         items = holder.get("sources") if isinstance(holder, Mapping) else None
-        if isinstance(items, list) and items and all(
-                isinstance(s, Mapping) and "path" in s and ("counts" in s or "images" in s) for s in items):
+        if (
+            isinstance(items, list)
+            and items
+            and all(isinstance(s, Mapping) and "path" in s and ("counts" in s or "images" in s) for s in items)
+        ):
             break
     else:
         return None
     out = []
     for s in items:
         images, by_class = _images(s)
-        out.append({"name": str(s.get("name") or Path(str(s["path"])).name or s["path"]), "path": str(s["path"]),
-                    "images": images, "by_class": by_class, "licence": s.get("licence")})
+        out.append(
+            {
+                "name": str(s.get("name") or Path(str(s["path"])).name or s["path"]),
+                "path": str(s["path"]),
+                "images": images,
+                "by_class": by_class,
+                "licence": s.get("licence"),
+            }
+        )
     return out
 
 
@@ -112,6 +124,7 @@ def describe_training(record: Mapping[str, Any]) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- the run's training data
+
 
 def _dataset_paths(data: str | os.PathLike | Sequence[str | os.PathLike] | None) -> list[Path]:
     """The dataset folders of a run config's `data`: one path or a list of them; a sources .yaml
@@ -138,42 +151,51 @@ def training_dataset(data: str | os.PathLike | Sequence[str | os.PathLike] | Non
     return next((p for p in paths if (p / "train").is_dir()), paths[0])
 
 
-def judge_variants(rows: Mapping[str, Mapping[str, Any]], max_bytes: int = MAX_BYTES,
-                   max_drop: float = MAX_ACCURACY_DROP) -> dict[str, str | None]:
+def judge_variants(
+    rows: Mapping[str, Mapping[str, Any]], max_bytes: int = MAX_BYTES, max_drop: float = MAX_ACCURACY_DROP
+) -> dict[str, str | None]:
     """For each exported variant (`rows`: name -> {'bytes', 'faces_ood', 'gdf_test'} accuracies, or
     {'error': why its export failed}), None when it may ship, else why not: over `max_bytes`, or
     more than `max_drop` below fp32's accuracy on one of the COMPARED test sets. fp32 (the
     reference) must be among the rows and measured."""
     reference = rows.get("fp32")
     if not reference or reference.get("error"):
-        raise ValueError("the fp32 export is the reference of the comparison; it is missing or failed"
-                         + (f": {reference['error']}" if reference else ""))
+        raise ValueError(
+            "the fp32 export is the reference of the comparison; it is missing or failed"
+            + (f": {reference['error']}" if reference else "")
+        )
     verdicts: dict[str, str | None] = {}
     for name, row in rows.items():
         if row.get("error"):
             verdicts[name] = f"export failed: {row['error']}"
             continue
-        reasons = [f"{row['bytes'] / 1e6:.2f} MB is not under {max_bytes / 1e6:g} MB"] if row["bytes"] >= max_bytes \
-            else []
+        reasons = (
+            [f"{row['bytes'] / 1e6:.2f} MB is not under {max_bytes / 1e6:g} MB"] if row["bytes"] >= max_bytes else []
+        )
         for key in COMPARED:
             drop = float(reference[key]) - float(row[key])
             if drop > max_drop + 1e-9:
-                reasons.append(f"{key} accuracy {row[key]:.4f} is {100 * drop:.2f} points below fp32's "
-                               f"{reference[key]:.4f} (at most {100 * max_drop:g} allowed)")
+                reasons.append(
+                    f"{key} accuracy {row[key]:.4f} is {100 * drop:.2f} points below fp32's "
+                    f"{reference[key]:.4f} (at most {100 * max_drop:g} allowed)"
+                )
         verdicts[name] = "; ".join(reasons) or None
     return verdicts
 
 
-def choose_variant(rows: Mapping[str, Mapping[str, Any]], max_bytes: int = MAX_BYTES,
-                   max_drop: float = MAX_ACCURACY_DROP) -> str:
+def choose_variant(
+    rows: Mapping[str, Mapping[str, Any]], max_bytes: int = MAX_BYTES, max_drop: float = MAX_ACCURACY_DROP
+) -> str:
     """The variant to ship: the smallest file among those `judge_variants` lets ship. ValueError,
     saying what each variant lacked, when none qualifies."""
     verdicts = judge_variants(rows, max_bytes, max_drop)
     fit = [name for name, why in verdicts.items() if why is None]
     if not fit:
-        raise ValueError(f"no export of this model can be the bundled one (it must be under {max_bytes / 1e6:g} MB "
-                         f"and within {100 * max_drop:g} points of fp32 on faces-ood and faces-gdf/test): "
-                         + "; ".join(f"{name}: {why}" for name, why in verdicts.items()))
+        raise ValueError(
+            f"no export of this model can be the bundled one (it must be under {max_bytes / 1e6:g} MB "
+            f"and within {100 * max_drop:g} points of fp32 on faces-ood and faces-gdf/test): "
+            + "; ".join(f"{name}: {why}" for name, why in verdicts.items())
+        )
     return min(fit, key=lambda name: (rows[name]["bytes"], VARIANTS.index(name) if name in VARIANTS else 99))
 
 
@@ -202,8 +224,15 @@ def _sample_photos(model, shared: Path) -> dict[str, Any]:
         for i, face in enumerate(faces):
             expected = truth[i] if i < len(truth) else None
             right += face.label == expected
-            faces_out.append({"photo": Path(rel).name, "face": i + 1, "label": face.label,
-                              "probability": round(float(face.probability), 3), "expected": expected})
+            faces_out.append(
+                {
+                    "photo": Path(rel).name,
+                    "face": i + 1,
+                    "label": face.label,
+                    "probability": round(float(face.probability), 3),
+                    "expected": expected,
+                }
+            )
     return {"right": right, "total": sum(len(t) for t in SAMPLES.values()), "faces": faces_out}
 
 
@@ -214,9 +243,14 @@ def _rates(labels, preds, classes: Sequence[str]) -> dict[str, Any]:
     from facegender.evaluation.metrics import wilson_interval
 
     correct = int(np.sum(preds == labels))
-    out: dict[str, Any] = {"n": int(len(labels)), "accuracy": correct / len(labels) if len(labels) else None,
-                           "ci": list(wilson_interval(correct, len(labels))), "recall": {}, "recall_ci": {},
-                           "class_n": {}}
+    out: dict[str, Any] = {
+        "n": int(len(labels)),
+        "accuracy": correct / len(labels) if len(labels) else None,
+        "ci": list(wilson_interval(correct, len(labels))),
+        "recall": {},
+        "recall_ci": {},
+        "class_n": {},
+    }
     for i, c in enumerate(classes):
         mask = labels == i
         hits = int(np.sum(preds[mask] == i))
@@ -241,8 +275,12 @@ def measure(model_path: str | os.PathLike, shared: str | os.PathLike) -> dict[st
     row: dict[str, Any] = {"model": str(model_path), "threshold": model.threshold}
     gdf = predict_labelled(model, shared / "datasets/faces-gdf/test", log=lambda s: None, progress=False)
     rates = _rates(gdf.labels, gdf.predicted(), model.classes)
-    row["gdf_test"] = {"accuracy": rates["accuracy"], "n": rates["n"], "ci": rates["ci"],
-                       "ece": expected_calibration_error(gdf.probs(), gdf.labels)}
+    row["gdf_test"] = {
+        "accuracy": rates["accuracy"],
+        "n": rates["n"],
+        "ci": rates["ci"],
+        "ece": expected_calibration_error(gdf.probs(), gdf.labels),
+    }
     ood = predict_labelled(model, shared / "datasets/faces-ood", log=lambda s: None, progress=False)
     preds = ood.predicted()
     rates = _rates(ood.labels, preds, model.classes)
@@ -254,14 +292,23 @@ def measure(model_path: str | os.PathLike, shared: str | os.PathLike) -> dict[st
         detail[col] = {}
         for g in sorted(set(values.tolist())):
             r = _rates(ood.labels[values == g], preds[values == g], model.classes)
-            detail[col][g] = {"n": r["n"], "accuracy": round(r["accuracy"], 4), "ci": [round(x, 4) for x in r["ci"]],
-                              "recall": {c: None if v is None else round(v, 4) for c, v in r["recall"].items()}}
-    row["ood"] = {"accuracy": rates["accuracy"], "n": rates["n"], "ci": rates["ci"], "recall": rates["recall"],
-                  "recall_ci": rates["recall_ci"], "class_n": rates["class_n"],
-                  "ece": expected_calibration_error(ood.probs(), ood.labels),
-                  "worst": {col: {"group": g["worst_group"], "accuracy": g["worst_accuracy"]}
-                            for col, g in groups.items()},
-                  "groups": detail}
+            detail[col][g] = {
+                "n": r["n"],
+                "accuracy": round(r["accuracy"], 4),
+                "ci": [round(x, 4) for x in r["ci"]],
+                "recall": {c: None if v is None else round(v, 4) for c, v in r["recall"].items()},
+            }
+    row["ood"] = {
+        "accuracy": rates["accuracy"],
+        "n": rates["n"],
+        "ci": rates["ci"],
+        "recall": rates["recall"],
+        "recall_ci": rates["recall_ci"],
+        "class_n": rates["class_n"],
+        "ece": expected_calibration_error(ood.probs(), ood.labels),
+        "worst": {col: {"group": g["worst_group"], "accuracy": g["worst_accuracy"]} for col, g in groups.items()},
+        "groups": detail,
+    }
     row["samples"] = _sample_photos(model, shared)
     return row
 
@@ -271,21 +318,28 @@ def format_measurement(row: dict[str, Any]) -> str:
     g, o, s = row["gdf_test"], row["ood"], row["samples"]
     worst = ", ".join(f"{w['group']} {w['accuracy']:.3f}" for w in o["worst"].values())
     rec = " ".join(f"{c} {r:.3f}" for c, r in o["recall"].items())
-    return (f"{row['model']}\n  faces-gdf/test {g['accuracy']:.3f} ({g['ci'][0]:.3f}-{g['ci'][1]:.3f}, n={g['n']})"
-            f" | faces-ood {o['accuracy']:.3f} (n={o['n']}; recall {rec}; worst {worst})"
-            f" | sample photos {s['right']}/{s['total']}")
+    return (
+        f"{row['model']}\n  faces-gdf/test {g['accuracy']:.3f} ({g['ci'][0]:.3f}-{g['ci'][1]:.3f}, n={g['n']})"
+        f" | faces-ood {o['accuracy']:.3f} (n={o['n']}; recall {rec}; worst {worst})"
+        f" | sample photos {s['right']}/{s['total']}"
+    )
 
 
 def _variant_row(report: Mapping[str, Any], measured: Mapping[str, Any]) -> dict[str, Any]:
     """What the record keeps of one exported variant: size, parity, and its measured accuracy."""
-    return {"bytes": report["bytes"], "parity_max_abs_diff": report["parity_max_abs_diff"],
-            "gdf_test": measured["gdf_test"]["accuracy"], "faces_ood": measured["ood"]["accuracy"],
-            "faces_ood_recall": measured["ood"]["recall"],
-            "samples_right": f"{measured['samples']['right']}/{measured['samples']['total']}"}
+    return {
+        "bytes": report["bytes"],
+        "parity_max_abs_diff": report["parity_max_abs_diff"],
+        "gdf_test": measured["gdf_test"]["accuracy"],
+        "faces_ood": measured["ood"]["accuracy"],
+        "faces_ood_recall": measured["ood"]["recall"],
+        "samples_right": f"{measured['samples']['right']}/{measured['samples']['total']}",
+    }
 
 
-def build_default_model(model_path: str | os.PathLike, shared: str | os.PathLike,
-                        log: Callable[[str], None] = print) -> dict[str, Any]:
+def build_default_model(
+    model_path: str | os.PathLike, shared: str | os.PathLike, log: Callable[[str], None] = print
+) -> dict[str, Any]:
     """Make a trained model (best_model.pth) the bundled default model, and write its record with
     the accuracy of the shipped file measured now on faces-gdf/test, faces-ood and the sample
     photos under `shared`.
@@ -295,10 +349,10 @@ def build_default_model(model_path: str | os.PathLike, shared: str | os.PathLike
     `training_dataset`), each measured, and the smallest that `choose_variant` accepts ships; the
     record keeps all three (`variants`). Nothing in the package changes when an export, its parity
     check or the choice fails."""
-    from facegender.training import checkpoint as ckpt
-    from facegender.training.export import ParityError
     from facegender.core.model import load
+    from facegender.training import checkpoint as ckpt
     from facegender.training.backbones import get_spec
+    from facegender.training.export import ParityError
 
     record = ckpt.load_file(model_path)
     cfg = record["config"]
@@ -320,8 +374,14 @@ def build_default_model(model_path: str | os.PathLike, shared: str | os.PathLike
             for q in VARIANTS:
                 path = Path(scratch) / f"{q}.onnx"
                 try:
-                    report = export_model(model, path, data=parity_data, quantize=None if q == "fp32" else q,
-                                          calibration=calibration if q == "int8" else None, log=log)
+                    report = export_model(
+                        model,
+                        path,
+                        data=parity_data,
+                        quantize=None if q == "fp32" else q,
+                        calibration=calibration if q == "int8" else None,
+                        log=log,
+                    )
                 except ParityError as exc:
                     if q == "fp32":
                         raise
@@ -342,15 +402,19 @@ def build_default_model(model_path: str | os.PathLike, shared: str | os.PathLike
         with atomic_path(target) as tmp:
             shutil.copyfile(path, tmp)
     if head_only:
-        source = ("best_model.pth of the run, exported with `facegender export --head-only` (parity with "
-                  "PyTorch checked on faces-gdf/test images)")
+        source = (
+            "best_model.pth of the run, exported with `facegender export --head-only` (parity with "
+            "PyTorch checked on faces-gdf/test images)"
+        )
         body = "body frozen, from the installed face_recognition_models package"
     else:
         flag = "" if quantization == "fp32" else f" --quantize {quantization}"
-        source = (f"best_model.pth of the run, exported whole with `facegender export{flag}` (parity with PyTorch "
-                  "checked on faces-gdf/test images): the smallest of fp32, fp16 and int8 under "
-                  f"{MAX_BYTES / 1e6:g} MB and within {100 * MAX_ACCURACY_DROP:g} points of fp32 on faces-ood and "
-                  "faces-gdf/test")
+        source = (
+            f"best_model.pth of the run, exported whole with `facegender export{flag}` (parity with PyTorch "
+            "checked on faces-gdf/test images): the smallest of fp32, fp16 and int8 under "
+            f"{MAX_BYTES / 1e6:g} MB and within {100 * MAX_ACCURACY_DROP:g} points of fp32 on faces-ood and "
+            "faces-gdf/test"
+        )
         body = f"{_body(cfg)}, stored in the file"
     out = {
         "file": MODEL_FILE,
@@ -373,8 +437,7 @@ def build_default_model(model_path: str | os.PathLike, shared: str | os.PathLike
             "config": cfg,
             "metrics": record.get("metrics"),
         },
-        "measured": {"gdf_test": measured["gdf_test"], "faces_ood": measured["ood"],
-                     "samples": measured["samples"]},
+        "measured": {"gdf_test": measured["gdf_test"], "faces_ood": measured["ood"], "samples": measured["samples"]},
         **({"variants": variants} if variants else {}),
         "rebuild": REBUILD_COMMAND,
     }
@@ -386,16 +449,23 @@ def main(argv: list[str] | None = None) -> None:
     """`python -m tools.build_default_model MODEL --shared ../shared` (what `make default-model` runs)."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m tools.build_default_model", allow_abbrev=False,
-                                     description="Make a trained model the bundled default model.")
-    parser.add_argument("model", help="best_model.pth of the run (a frozen body ships head-only, a fine-tuned "
-                                      "one whole: fp32, fp16 or int8)")
+    parser = argparse.ArgumentParser(
+        prog="python -m tools.build_default_model",
+        allow_abbrev=False,
+        description="Make a trained model the bundled default model.",
+    )
+    parser.add_argument(
+        "model",
+        help="best_model.pth of the run (a frozen body ships head-only, a fine-tuned one whole: fp32, fp16 or int8)",
+    )
     parser.add_argument("--shared", default="../shared", help="the shared development data")
     args = parser.parse_args(argv)
     out = build_default_model(args.model, args.shared)
-    print(f"wrote {DEFAULT_DIR / MODEL_FILE} ({out['contents']}, {out['quantization']}, {out['bytes']} bytes, "
-          f"sha256 {out['sha256'][:12]}) and "
-          f"{DEFAULT_DIR / RECORD_FILE}; update docs/model-card.md with these numbers")
+    print(
+        f"wrote {DEFAULT_DIR / MODEL_FILE} ({out['contents']}, {out['quantization']}, {out['bytes']} bytes, "
+        f"sha256 {out['sha256'][:12]}) and "
+        f"{DEFAULT_DIR / RECORD_FILE}; update docs/model-card.md with these numbers"
+    )
 
 
 if __name__ == "__main__":

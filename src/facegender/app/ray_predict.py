@@ -51,6 +51,7 @@ def result_dict(result: Any) -> dict:
 
 # ----------------------------------------------------------------------------- inputs
 
+
 def split_inputs(names: Iterable[str], done: set[str] = frozenset()) -> tuple[list[str], list[str], str]:
     """(paths for Ray to read, local names that do not exist, the URI scheme prefix or ""). Local
     names are walked here (`iter_paths`: the local command's names and order) minus `done`; URIs go
@@ -76,8 +77,9 @@ def check_inputs(names: list[str]) -> None:
     """The local command's error when there is nothing to predict on (checked before any output is made)."""
     local = [n for n in names if "://" not in n]
     if not names or (len(local) == len(names) and next(iter_paths(local), None) is None):
-        raise InputFileError(f"no images found in {', '.join(names) or 'the inputs'} (image files end in "
-                             f"{', '.join(IMAGE_EXTENSIONS)})")
+        raise InputFileError(
+            f"no images found in {', '.join(names) or 'the inputs'} (image files end in {', '.join(IMAGE_EXTENSIONS)})"
+        )
 
 
 def missing_result(name: str) -> dict:
@@ -91,6 +93,7 @@ def missing_result(name: str) -> dict:
 
 
 # ----------------------------------------------------------------------------- the model actor
+
 
 class PhotoPredictor:
     """A Ray Data model actor: loads the model once, then predicts a batch of photos a call.
@@ -129,6 +132,7 @@ class PhotoPredictor:
 
 # ----------------------------------------------------------------------------- writers
 
+
 class ParquetResults:
     """Writes results to one Parquet file (`PARQUET_COLUMNS`), a row group per `rows` results."""
 
@@ -136,8 +140,16 @@ class ParquetResults:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        self.schema = pa.schema([("file", pa.string()), ("status", pa.string()), ("error", pa.string()),
-                                 ("width", pa.int32()), ("height", pa.int32()), ("faces", pa.string())])
+        self.schema = pa.schema(
+            [
+                ("file", pa.string()),
+                ("status", pa.string()),
+                ("error", pa.string()),
+                ("width", pa.int32()),
+                ("height", pa.int32()),
+                ("faces", pa.string()),
+            ]
+        )
         where, filesystem = path, None
         if "://" in path:
             filesystem, where = pa.fs.FileSystem.from_uri(path)
@@ -145,8 +157,12 @@ class ParquetResults:
         self.rows, self.pending, self.stream = rows, [], None
 
     def write(self, result: dict) -> None:
-        self.pending.append({**{c: result.get(c) for c in PARQUET_COLUMNS},
-                             "faces": json.dumps(result.get("faces", []), ensure_ascii=False)})
+        self.pending.append(
+            {
+                **{c: result.get(c) for c in PARQUET_COLUMNS},
+                "faces": json.dumps(result.get("faces", []), ensure_ascii=False),
+            }
+        )
         if len(self.pending) >= self.rows:
             self._flush()
 
@@ -183,6 +199,7 @@ def open_writer(out: str | None, fmt: str, resume: bool):
 
 # ----------------------------------------------------------------------------- the run
 
+
 def connect(address: str | None) -> bool:
     """Join Ray: None or "auto": RAY_ADDRESS, else a cluster started on this machine (`ray start
     --head`), else a new local instance; or an address (`ray://HOST:10001`, `HOST:6379`). True when
@@ -215,8 +232,15 @@ def _model_payload(model_path: str | os.PathLike | None) -> tuple[str, bytes] | 
     return path.name, path.read_bytes()
 
 
-def build_dataset(paths: list[str], prefix: str, model: tuple[str, bytes] | None, workers: int,
-                  batch_size: int, cpus_per_worker: float, options: dict):
+def build_dataset(
+    paths: list[str],
+    prefix: str,
+    model: tuple[str, bytes] | None,
+    workers: int,
+    batch_size: int,
+    cpus_per_worker: float,
+    options: dict,
+):
     """The lazy Ray dataset of JSON result records (`result` column), in input order."""
     rd = require("ray.data", FEATURE)
     rd.DataContext.get_current().execution_options.preserve_order = True
@@ -225,15 +249,21 @@ def build_dataset(paths: list[str], prefix: str, model: tuple[str, bytes] | None
     # run hangs), or take none and start a process each (the CPUs thrash).
     read: dict[str, Any] = {"include_paths": True}
     if prefix:  # a listed URI folder: image files only (local folders are walked by iter_paths)
-        read["file_extensions"] = sorted({e.lstrip(".") for e in IMAGE_EXTENSIONS} |
-                                         {e.lstrip(".").upper() for e in IMAGE_EXTENSIONS})
+        read["file_extensions"] = sorted(
+            {e.lstrip(".") for e in IMAGE_EXTENSIONS} | {e.lstrip(".").upper() for e in IMAGE_EXTENSIONS}
+        )
     else:  # blocks of about `batch_size` photos, and one per actor at least
         read["override_num_blocks"] = max(1, min(len(paths), max(workers, math.ceil(len(paths) / batch_size))))
     threads = max(1, math.ceil(cpus_per_worker))
     return rd.read_binary_files(paths, **read).map_batches(
-        PhotoPredictor, batch_size=None, batch_format="numpy", compute=rd.ActorPoolStrategy(size=workers),
-        num_cpus=cpus_per_worker, fn_constructor_args=(model, prefix),
-        fn_constructor_kwargs={"threads": threads, "workers": threads, "batch_size": batch_size, **options})
+        PhotoPredictor,
+        batch_size=None,
+        batch_format="numpy",
+        compute=rd.ActorPoolStrategy(size=workers),
+        num_cpus=cpus_per_worker,
+        fn_constructor_args=(model, prefix),
+        fn_constructor_kwargs={"threads": threads, "workers": threads, "batch_size": batch_size, **options},
+    )
 
 
 def _write_all(ds, missing: list[str], writer, done: set[str], counts: dict) -> None:
@@ -254,10 +284,21 @@ def _put(result: dict, writer, counts: dict) -> None:
     counts["failed"] += bool(result.get("error"))
 
 
-def predict_ray(model_path: str | os.PathLike | None, inputs: Iterable[str | os.PathLike], out: str | None = None,
-                address: str | None = None, workers: int | None = None, fmt: str = "jsonl", batch_size: int = 32,
-                fast: bool = False, threshold: float | None = None, resume: bool = False,
-                cpus_per_worker: float = 1, quiet: bool = False, **load_options: Any) -> dict[str, int]:
+def predict_ray(
+    model_path: str | os.PathLike | None,
+    inputs: Iterable[str | os.PathLike],
+    out: str | None = None,
+    address: str | None = None,
+    workers: int | None = None,
+    fmt: str = "jsonl",
+    batch_size: int = 32,
+    fast: bool = False,
+    threshold: float | None = None,
+    resume: bool = False,
+    cpus_per_worker: float = 1,
+    quiet: bool = False,
+    **load_options: Any,
+) -> dict[str, int]:
     """Predict on `inputs` (files, folders, URIs) with `workers` model actors on the Ray cluster at
     `address` (see `connect`; None: every CPU of it), writing `fmt` to `out` (None: stdout; Parquet
     needs a file or URI). `fast`: `model.FAST`; `threshold` and `load_options` (tta, refine_steps,
@@ -308,6 +349,7 @@ def _quiet_ray(quiet: bool) -> None:
 
 # ----------------------------------------------------------------------------- the command
 
+
 def _address_and_inputs(args) -> tuple[str, list[str]]:
     """`--ray FOLDER`: argparse took the first input for the address; an existing path is an input."""
     address, images = args.ray, list(args.images)
@@ -327,14 +369,32 @@ def run_cli(args) -> int:
     if not images:
         raise ConfigError("name image files, folders or URIs to predict on")
     fmt = next((f for f in ("parquet", "json", "jsonl", "csv") if getattr(args, f, False)), "text")
-    counts = predict_ray(args.model, images, args.out, address=address, workers=args.ray_workers, fmt=fmt,
-                         batch_size=args.batch_size, fast=args.fast, threshold=args.threshold, resume=args.resume,
-                         quiet=args.quiet, detect=args.detect, min_confidence=args.min_confidence, tta=args.tta,
-                         refine_steps=args.refine_steps, device=args.device, precision=args.precision)
+    counts = predict_ray(
+        args.model,
+        images,
+        args.out,
+        address=address,
+        workers=args.ray_workers,
+        fmt=fmt,
+        batch_size=args.batch_size,
+        fast=args.fast,
+        threshold=args.threshold,
+        resume=args.resume,
+        quiet=args.quiet,
+        detect=args.detect,
+        min_confidence=args.min_confidence,
+        tta=args.tta,
+        refine_steps=args.refine_steps,
+        device=args.device,
+        precision=args.precision,
+    )
     if not args.quiet:
         rate = counts["photos"] / counts["seconds"] if counts["seconds"] else 0.0
-        print(f"predicted {counts['photos']} photo(s) on Ray with {counts['workers']} worker(s) in "
-              f"{counts['seconds']:.1f} s ({rate:.1f} photos/s)", file=sys.stderr)
+        print(
+            f"predicted {counts['photos']} photo(s) on Ray with {counts['workers']} worker(s) in "
+            f"{counts['seconds']:.1f} s ({rate:.1f} photos/s)",
+            file=sys.stderr,
+        )
     if counts["failed"]:
         print(f"{counts['failed']} of {counts['photos']} file(s) could not be read", file=sys.stderr)
     return 1 if counts["failed"] else 0

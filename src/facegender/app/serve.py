@@ -50,19 +50,21 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 
 #: The page at `/` may load nothing from elsewhere; the browser enforces it.
-INDEX_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
-             "img-src 'self' blob: data:; connect-src 'self'; base-uri 'none'; form-action 'self'")
+INDEX_CSP = (
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+    "img-src 'self' blob: data:; connect-src 'self'; base-uri 'none'; form-action 'self'"
+)
 
 
 @dataclass(frozen=True)
 class ServeLimits:
     """What one request may ask of the server."""
 
-    max_file_bytes: int = 20 * MB          # one uploaded file
-    max_request_bytes: int = 64 * MB       # the whole request body
-    max_files: int = 32                    # files in one request
-    max_pixels: int = 40_000_000           # width * height of one image (40 MP)
-    max_concurrent: int = 2                # requests running inference at the same time
+    max_file_bytes: int = 20 * MB  # one uploaded file
+    max_request_bytes: int = 64 * MB  # the whole request body
+    max_files: int = 32  # files in one request
+    max_pixels: int = 40_000_000  # width * height of one image (40 MP)
+    max_concurrent: int = 2  # requests running inference at the same time
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
@@ -96,31 +98,38 @@ def pixel_problem(name: str, data: bytes, max_pixels: int) -> str | None:
     except Exception:  # noqa: BLE001 - anything unreadable is reported by load_image later
         return None
     if width * height > max_pixels:
-        return (f"{name}: {width}x{height} pixels is more than the limit of {max_pixels:,} pixels per image; "
-                "downscale it first (server option --max-pixels)")
+        return (
+            f"{name}: {width}x{height} pixels is more than the limit of {max_pixels:,} pixels per image; "
+            "downscale it first (server option --max-pixels)"
+        )
     return None
 
 
 def model_summary(predictor, model_path: str | Path, limits: ServeLimits) -> dict[str, Any]:
     """What GET /model returns: plain JSON data about the loaded model."""
     info = predictor.info
-    return json.loads(json.dumps({
-        "file": Path(model_path).name,
-        "runtime": "onnxruntime" if str(model_path).lower().endswith(".onnx") else "pytorch",
-        "precision": getattr(predictor, "precision", "fp32"),
-        "backbone": info.get("backbone"),
-        "classes": predictor.classes,
-        "preprocessing": predictor.prep.to_dict(),
-        "detects_faces": predictor.detector is not None,
-        "temperature": predictor.temperature,
-        "tta": predictor.tta,
-        "threshold": getattr(predictor, "threshold", None),
-        "uncertain_band": getattr(predictor, "uncertain_band", None),
-        "pretrained": info.get("pretrained"),
-        "epoch": info.get("epoch"),
-        "metrics": info.get("metrics"),
-        "limits": asdict(limits),
-    }, default=str))
+    return json.loads(
+        json.dumps(
+            {
+                "file": Path(model_path).name,
+                "runtime": "onnxruntime" if str(model_path).lower().endswith(".onnx") else "pytorch",
+                "precision": getattr(predictor, "precision", "fp32"),
+                "backbone": info.get("backbone"),
+                "classes": predictor.classes,
+                "preprocessing": predictor.prep.to_dict(),
+                "detects_faces": predictor.detector is not None,
+                "temperature": predictor.temperature,
+                "tta": predictor.tta,
+                "threshold": getattr(predictor, "threshold", None),
+                "uncertain_band": getattr(predictor, "uncertain_band", None),
+                "pretrained": info.get("pretrained"),
+                "epoch": info.get("epoch"),
+                "metrics": info.get("metrics"),
+                "limits": asdict(limits),
+            },
+            default=str,
+        )
+    )
 
 
 def predict_uploads(predictor, uploads: list[tuple[str, bytes]], max_pixels: int) -> list[PhotoResult]:
@@ -186,8 +195,10 @@ class BodySizeLimit:
         self.max_bytes = max_bytes
 
     def message(self) -> str:
-        return (f"request body is larger than the limit of {_size(self.max_bytes)}; "
-                "send fewer or smaller images (server option --max-request-mb)")
+        return (
+            f"request body is larger than the limit of {_size(self.max_bytes)}; "
+            "send fewer or smaller images (server option --max-request-mb)"
+        )
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -234,9 +245,17 @@ def index_html() -> str:
     return resources.files("facegender").joinpath("app/static/index.html").read_text(encoding="utf-8")
 
 
-def create_app(model_path: str | Path, device: str = "auto", limits: ServeLimits | None = None,
-               predictor=None, threads: int | None = None, precision: str = "fp32", fast: bool = False,
-               threshold: float | None = None, **limit_overrides: int):
+def create_app(
+    model_path: str | Path,
+    device: str = "auto",
+    limits: ServeLimits | None = None,
+    predictor=None,
+    threads: int | None = None,
+    precision: str = "fp32",
+    fast: bool = False,
+    threshold: float | None = None,
+    **limit_overrides: int,
+):
     """The FastAPI app serving `model_path` (.pth or .onnx). Limits come from `limits` and/or
     keyword overrides (`max_file_bytes=...`). `predictor` reuses an already loaded `core.model.Model`;
     `threads` are the threads per inference (ONNX Runtime: detector and classifier; PyTorch);
@@ -247,13 +266,17 @@ def create_app(model_path: str | Path, device: str = "auto", limits: ServeLimits
     from facegender import __version__
 
     limits = ServeLimits(**{**asdict(limits or ServeLimits()), **limit_overrides})
-    predictor = _serving_model(model_path, predictor, device=device, precision=precision, threads=threads,
-                               fast=fast, threshold=threshold)
+    predictor = _serving_model(
+        model_path, predictor, device=device, precision=precision, threads=threads, fast=fast, threshold=threshold
+    )
     summary = model_summary(predictor, model_path, limits)
-    app = FastAPI(title="facegender", version=__version__,
-                  description="Face gender classification: every face in a photo with box, landmarks, label and "
-                              f"calibrated probability. Model: {summary['file']} ({summary['backbone']}, "
-                              f"classes {', '.join(summary['classes'])}).")
+    app = FastAPI(
+        title="facegender",
+        version=__version__,
+        description="Face gender classification: every face in a photo with box, landmarks, label and "
+        f"calibrated probability. Model: {summary['file']} ({summary['backbone']}, "
+        f"classes {', '.join(summary['classes'])}).",
+    )
     app.state.predictor = predictor
     app.state.limits = limits
     app.state.summary = summary
@@ -265,16 +288,30 @@ def create_app(model_path: str | Path, device: str = "auto", limits: ServeLimits
     return app
 
 
-def _serving_model(model_path: str | Path, predictor, device: str, precision: str, threads: int | None,
-                   fast: bool, threshold: float | None):
+def _serving_model(
+    model_path: str | Path,
+    predictor,
+    device: str,
+    precision: str,
+    threads: int | None,
+    fast: bool,
+    threshold: float | None,
+):
     """The model the app serves: `predictor` (at `threshold` when one is given), else loaded from `model_path`."""
     from facegender.core.model import FAST, load
 
     chosen = {} if threshold is None else {"threshold": threshold}
     if predictor is None:
         # No onnxruntime memory arenas: each keeps its largest request's buffers for good (serve_soak).
-        return load(model_path, device=device, precision=precision, threads=threads, arena=False,
-                    **(FAST if fast else {}), **chosen)
+        return load(
+            model_path,
+            device=device,
+            precision=precision,
+            threads=threads,
+            arena=False,
+            **(FAST if fast else {}),
+            **chosen,
+        )
     return predictor.replace(**chosen) if chosen else predictor
 
 
@@ -313,12 +350,19 @@ def _add_predict_route(app, predictor, limits: ServeLimits) -> None:
     from fastapi import File, Query, UploadFile
     from starlette.concurrency import run_in_threadpool
 
-    @app.post("/predict", summary="Label every face in one or more images",
-              form_limits={"max_files": limits.max_files})
-    async def predict(files: list[UploadFile] | None = File(None, description="image files (repeat the field)"),
-                      threshold: float | None = Query(None, gt=0, lt=1, description=(
-                          "decision threshold on the probability of the model's second class for this request "
-                          "(default: the server's)"))) -> dict:
+    @app.post("/predict", summary="Label every face in one or more images", form_limits={"max_files": limits.max_files})
+    async def predict(
+        files: list[UploadFile] | None = File(None, description="image files (repeat the field)"),
+        threshold: float | None = Query(
+            None,
+            gt=0,
+            lt=1,
+            description=(
+                "decision threshold on the probability of the model's second class for this request "
+                "(default: the server's)"
+            ),
+        ),
+    ) -> dict:
         uploads = await _read_uploads(files, limits)
         async with app.state.inference_slots:
             start = time.perf_counter()
@@ -332,8 +376,11 @@ async def _read_uploads(files, limits: ServeLimits) -> list[tuple[str, bytes]]:
     """(name, bytes) of each uploaded file; an HTTPException (422, 413) for none, too many, too
     large or too many pixels."""
     if not files:
-        raise HTTPException(422, "no images: send one or more image files in the multipart form field `files`, "
-                                 "e.g. curl -F files=@photo.jpg http://127.0.0.1:8000/predict")
+        raise HTTPException(
+            422,
+            "no images: send one or more image files in the multipart form field `files`, "
+            "e.g. curl -F files=@photo.jpg http://127.0.0.1:8000/predict",
+        )
     if len(files) > limits.max_files:
         raise HTTPException(413, _too_many_files(limits))
     uploads = []
@@ -360,13 +407,24 @@ def _too_many_files(limits: ServeLimits) -> str:
 
 
 def _file_too_large(name: str, size: int, limits: ServeLimits) -> str:
-    return (f"{name}: {size:,} bytes is more than the limit of {_size(limits.max_file_bytes)} per file; "
-            "send a smaller image (server option --max-file-mb)")
+    return (
+        f"{name}: {size:,} bytes is more than the limit of {_size(limits.max_file_bytes)} per file; "
+        "send a smaller image (server option --max-file-mb)"
+    )
 
 
-def serve(model_path: str | Path, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, device: str = "auto",
-          log_level: str = "info", threads: int | None = None, precision: str = "fp32", fast: bool = False,
-          threshold: float | None = None, **limits: int) -> None:
+def serve(
+    model_path: str | Path,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    device: str = "auto",
+    log_level: str = "info",
+    threads: int | None = None,
+    precision: str = "fp32",
+    fast: bool = False,
+    threshold: float | None = None,
+    **limits: int,
+) -> None:
     """Load the model and run the server until Ctrl-C (uvicorn, one process).
 
     `threads` per inference (PyTorch and ONNX Runtime) defaults to the CPU count divided by
@@ -378,14 +436,19 @@ def serve(model_path: str | Path, host: str = DEFAULT_HOST, port: int = DEFAULT_
     import uvicorn
 
     if not is_loopback(host):
-        print(f"WARNING: listening on {host}: other machines can reach this server. It has no authentication "
-              "or TLS; put it behind a reverse proxy that provides them, or use the default --host 127.0.0.1.")
+        print(
+            f"WARNING: listening on {host}: other machines can reach this server. It has no authentication "
+            "or TLS; put it behind a reverse proxy that provides them, or use the default --host 127.0.0.1."
+        )
     limit_heap_arenas()
     concurrent = limits.get("max_concurrent", ServeLimits.max_concurrent)
     threads = threads or max(1, (os.cpu_count() or 1) // concurrent)
-    app = create_app(model_path, device=device, threads=threads, precision=precision, fast=fast,
-                     threshold=threshold, **limits)
+    app = create_app(
+        model_path, device=device, threads=threads, precision=precision, fast=fast, threshold=threshold, **limits
+    )
     shown = f"[{host}]" if ":" in host else host
-    print(f"facegender: serving {app.state.summary['file']} on http://{shown}:{port}/  (API docs: /docs); "
-          f"{concurrent} concurrent inference(s) x {threads} thread(s)")
+    print(
+        f"facegender: serving {app.state.summary['file']} on http://{shown}:{port}/  (API docs: /docs); "
+        f"{concurrent} concurrent inference(s) x {threads} thread(s)"
+    )
     uvicorn.run(app, host=host, port=port, log_level=log_level)

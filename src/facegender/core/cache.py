@@ -83,8 +83,15 @@ def store(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     return path
 
 
-def cached_file(folder: str | os.PathLike, key: str, suffix: str, build: Callable[[Path], None], *,
-                valid: Callable[[Path], bool] | None = None, record: dict | None = None) -> Path:
+def cached_file(
+    folder: str | os.PathLike,
+    key: str,
+    suffix: str,
+    build: Callable[[Path], None],
+    *,
+    valid: Callable[[Path], bool] | None = None,
+    record: dict | None = None,
+) -> Path:
     """The cache entry `folder/<key><suffix>`, built first (`build(tmp)` writes it; see `store`)
     when it is missing or fails its checks:
 
@@ -97,12 +104,14 @@ def cached_file(folder: str | os.PathLike, key: str, suffix: str, build: Callabl
     path = Path(folder) / f"{key}{suffix}"
     sidecar = path.with_name(path.name + ".json")
     checksum = f"{suffix.lstrip('.')}_sha256"
-    if path.is_file() and (record is None or _record_matches(path, sidecar, record, checksum)) \
-            and (valid is None or valid(path)):
+    if (
+        path.is_file()
+        and (record is None or _record_matches(path, sidecar, record, checksum))
+        and (valid is None or valid(path))
+    ):
         return path
     if record is not None and (path.exists() or sidecar.exists()):
-        warnings.warn(f"{path}: damaged or stale cache (checked against {sidecar.name}); rebuilding it",
-                      stacklevel=3)
+        warnings.warn(f"{path}: damaged or stale cache (checked against {sidecar.name}); rebuilding it", stacklevel=3)
     store(path, build)
     if record is not None:
         write_text_atomic(json.dumps({**record, checksum: sha256_file(path)}, indent=1), sidecar)

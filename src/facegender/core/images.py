@@ -9,8 +9,9 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import BinaryIO, Iterable, Iterator
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -56,8 +57,11 @@ def walk_images(folder: str | os.PathLike) -> Iterator[Path]:
     folder = Path(folder)
     try:
         with os.scandir(folder) as it:
-            entries = sorted((e.name, e.is_dir(follow_symlinks=False)) for e in it
-                             if e.is_dir(follow_symlinks=False) or (is_image_name(e.name) and e.is_file()))
+            entries = sorted(
+                (e.name, e.is_dir(follow_symlinks=False))
+                for e in it
+                if e.is_dir(follow_symlinks=False) or (is_image_name(e.name) and e.is_file())
+            )
     except OSError:
         return
     for name, is_dir in entries:
@@ -69,6 +73,7 @@ def walk_images(folder: str | os.PathLike) -> Iterator[Path]:
 
 def count_images(paths: Iterable[str | os.PathLike]) -> int:
     """How many paths `iter_paths(paths)` yields, counted without sorting (for a progress total)."""
+
     def count(folder: str) -> int:
         n = 0
         try:
@@ -153,5 +158,6 @@ def load_image(
         reason = str(exc)
         if "cannot identify image file" in reason:
             reason = "unknown or damaged image format"
-        raise ImageError(f"{name}: not a readable image ({exc.__class__.__name__}: {reason}); "
-                         "replace or delete the file") from None
+        raise ImageError(
+            f"{name}: not a readable image ({exc.__class__.__name__}: {reason}); replace or delete the file"
+        ) from None

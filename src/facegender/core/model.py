@@ -33,20 +33,21 @@ from __future__ import annotations
 import copy
 import itertools
 import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from facegender.core.errors import ConfigError
-from facegender.core.onnx_model import load_onnx_classifier
-from facegender.core.images import DEFAULT_MAX_PIXELS, ImageError, expand_paths, iter_paths, load_image
-from facegender.core.resources import default_model_path  # the model `load()` uses without a path
 from facegender.core.decision import DEFAULT_UNCERTAIN_BAND, apply_temperature, check_threshold, decide, uncertain_mask
+from facegender.core.errors import ConfigError
+from facegender.core.images import DEFAULT_MAX_PIXELS, ImageError, expand_paths, iter_paths, load_image
+from facegender.core.onnx_model import load_onnx_classifier
 from facegender.core.preprocessing import Preprocessing, normalize
+from facegender.core.resources import default_model_path  # the model `load()` uses without a path
 from facegender.core.results import NO_FACE, UNCERTAIN, Face, PhotoResult
 
 #: The precision of inference unless a command is told otherwise.
@@ -56,8 +57,7 @@ DEFAULT_PRECISION = "fp32"
 #: its 350 photos) and 0.5 more on faces-gdf/test (benchmarks/predict_tradeoffs.py, docs/benchmarks.md).
 FAST = {"refine_steps": 0, "tta": False}
 
-__all__ = ["Model", "load", "default_model_path", "UNCERTAIN", "NO_FACE", "FAST", "expand_paths", "Face",
-           "PhotoResult"]
+__all__ = ["Model", "load", "default_model_path", "UNCERTAIN", "NO_FACE", "FAST", "expand_paths", "Face", "PhotoResult"]
 
 
 class FunctionBackend:
@@ -76,6 +76,7 @@ def as_backend(backend):
 
 # ----------------------------------------------------------------------------- the model
 
+
 @dataclass
 class _Crop:
     pixels: np.ndarray  # uint8 (3, S, S)
@@ -88,11 +89,24 @@ class Model:
     """A loaded classifier: classifies faces in files, PIL images or bytes, evaluates labelled
     folders, exports. Safe to reuse across calls and threads; holds no per-request state."""
 
-    def __init__(self, classes: Sequence[str], prep: Preprocessing, backend, temperature: float = 1.0,
-                 tta: bool = False, detect: bool | None = None, min_confidence: float | None = None,
-                 batch_size: int = 32, info: dict | None = None, threads: int | None = None,
-                 refine_steps: int | None = None, workers: int | None = None, threshold: float | None = None,
-                 uncertain_band: float = DEFAULT_UNCERTAIN_BAND, arena: bool = True):
+    def __init__(
+        self,
+        classes: Sequence[str],
+        prep: Preprocessing,
+        backend,
+        temperature: float = 1.0,
+        tta: bool = False,
+        detect: bool | None = None,
+        min_confidence: float | None = None,
+        batch_size: int = 32,
+        info: dict | None = None,
+        threads: int | None = None,
+        refine_steps: int | None = None,
+        workers: int | None = None,
+        threshold: float | None = None,
+        uncertain_band: float = DEFAULT_UNCERTAIN_BAND,
+        arena: bool = True,
+    ):
         """`backend`: `TorchBackend`, `onnx_model.OnnxBackend` or a `batch -> logits` callable.
         `detect=False`: every image is one already-cropped face. `threads`: ONNX Runtime threads of
         the face detector (None: the runtime's default). `refine_steps`: landmark refinement rounds,
@@ -128,7 +142,7 @@ class Model:
                 self.detector = FaceDetector(self.face_config, threads=threads, arena=arena)
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike | None = None, **kwargs: Any) -> "Model":
+    def from_file(cls, path: str | os.PathLike | None = None, **kwargs: Any) -> Model:
         """`load(path, **kwargs)`."""
         return load(path, **kwargs)
 
@@ -164,7 +178,7 @@ class Model:
     def logits_fn(self, fn) -> None:
         self.backend = as_backend(fn)
 
-    def replace(self, **changes: Any) -> "Model":
+    def replace(self, **changes: Any) -> Model:
         """A copy with other attributes (e.g. `tta=False`); the backend and detector are shared."""
         other = copy.copy(self)
         for key, value in changes.items():
@@ -183,7 +197,7 @@ class Model:
         if not tta:
             return np.asarray(self.backend.logits(batch), dtype=np.float32), None
         both = np.asarray(self.backend.logits(np.concatenate([batch, batch[..., ::-1]])), dtype=np.float32)
-        return both[:len(batch)], both[len(batch):]
+        return both[: len(batch)], both[len(batch) :]
 
     def logits(self, batch, tta: bool | None = None) -> np.ndarray:
         """Logits (N, C) of a normalised batch; with TTA the mean of the image's and its mirror's."""
@@ -211,7 +225,7 @@ class Model:
     def classify(self, crops: Sequence, batch_size: int | None = None) -> np.ndarray:
         """Calibrated class probabilities (N, C) for prepared uint8 crops (3, S, S), in batches."""
         size = batch_size or self.batch_size
-        out = [self.logits(self.normalize(crops[start:start + size])) for start in range(0, len(crops), size)]
+        out = [self.logits(self.normalize(crops[start : start + size])) for start in range(0, len(crops), size)]
         if not out:
             return np.zeros((0, len(self.classes)))
         return self.probabilities(np.concatenate(out))
@@ -228,9 +242,15 @@ class Model:
 
         if self.detector is None:  # --no-detect on an aligned model: centre the crop as in training
             return [_Crop(self.prep.resize(fallback_crop(image, self.face_config)), full_box, None, None)]
-        return [_Crop(self.prep.resize(align_face(image, f.landmarks, self.face_config)),
-                      [float(v) for v in f.box], f.landmarks.tolist(), float(f.score))
-                for f in self.detector.detect(image)]
+        return [
+            _Crop(
+                self.prep.resize(align_face(image, f.landmarks, self.face_config)),
+                [float(v) for v in f.box],
+                f.landmarks.tolist(),
+                float(f.score),
+            )
+            for f in self.detector.detect(image)
+        ]
 
     def _face_result(self, crop: _Crop, probs: np.ndarray) -> Face:
         """One face: its label (`decide`; `uncertain` below `min_confidence`), the probability of
@@ -268,8 +288,9 @@ class Model:
         im = im if im.mode == "RGB" else im.convert("RGB")
         return PhotoResult(name, width=im.width, height=im.height), self._crops(im)
 
-    def predict_iter(self, items: Iterable[Any], batch_size: int | None = None,
-                     max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[PhotoResult]:
+    def predict_iter(
+        self, items: Iterable[Any], batch_size: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+    ) -> Iterator[PhotoResult]:
         """One `PhotoResult` per image, in input order, classifying the faces of `batch_size` images
         at a time. Items (any iterable, consumed as the work goes, never listed first): file paths
         and folders (walked lazily for image files), PIL images, bytes, or (name,
@@ -306,15 +327,17 @@ class Model:
             r.faces = faces  # none for a file that could not be read
         return list(results)
 
-    def predict(self, items: Any, batch_size: int | None = None,
-                max_pixels: int = DEFAULT_MAX_PIXELS) -> list[PhotoResult]:
+    def predict(
+        self, items: Any, batch_size: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+    ) -> list[PhotoResult]:
         """`predict_iter` as a list; one item (a path, an image) may be passed without a list."""
         if isinstance(items, (str, os.PathLike, bytes, Image.Image)):
             items = [items]
         return list(self.predict_iter(items, batch_size, max_pixels))
 
-    def predict_sources(self, sources: Sequence[tuple[str, Any]],
-                        max_pixels: int = DEFAULT_MAX_PIXELS) -> list[PhotoResult]:
+    def predict_sources(
+        self, sources: Sequence[tuple[str, Any]], max_pixels: int = DEFAULT_MAX_PIXELS
+    ) -> list[PhotoResult]:
         """Results for (name, path-or-bytes) pairs (see `predict_iter`)."""
         return list(self.predict_iter(sources, max_pixels=max_pixels))
 
@@ -339,8 +362,15 @@ def _sources(items: Iterable[Any]) -> Iterator[tuple[str, Any]]:
 
 # ----------------------------------------------------------------------------- loading
 
-def load(path: str | os.PathLike | None = None, device: str = "auto", precision: str = DEFAULT_PRECISION,
-         threads: int | None = None, arena: bool = True, **kwargs: Any) -> Model:
+
+def load(
+    path: str | os.PathLike | None = None,
+    device: str = "auto",
+    precision: str = DEFAULT_PRECISION,
+    threads: int | None = None,
+    arena: bool = True,
+    **kwargs: Any,
+) -> Model:
     """The model at `path`: best_model.pth (PyTorch, on `device` at `precision`) or an exported .onnx
     (onnxruntime, `threads` threads); None: the bundled default model (`default_model_path`).
     `arena=False`: no onnxruntime CPU memory arena in its sessions (bounded memory for a server).
@@ -359,5 +389,12 @@ def load(path: str | os.PathLike | None = None, device: str = "auto", precision:
     kwargs.setdefault("tta", meta.get("tta", False))
     kwargs.setdefault("threshold", meta.get("threshold"))
     kwargs.setdefault("uncertain_band", meta.get("uncertain_band", DEFAULT_UNCERTAIN_BAND))
-    return Model(meta["classes"], Preprocessing.from_dict(meta["preprocessing"]), backend, info=meta,
-                 threads=threads, arena=arena, **kwargs)
+    return Model(
+        meta["classes"],
+        Preprocessing.from_dict(meta["preprocessing"]),
+        backend,
+        info=meta,
+        threads=threads,
+        arena=arena,
+        **kwargs,
+    )

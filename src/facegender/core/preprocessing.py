@@ -48,8 +48,13 @@ class Preprocessing:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
         visible = d.get("visible")
-        return cls(image_size=int(d["image_size"]), mean=tuple(d["mean"]), std=tuple(d["std"]),
-                   face=d.get("face"), visible=None if visible is None else tuple(float(v) for v in visible))
+        return cls(
+            image_size=int(d["image_size"]),
+            mean=tuple(d["mean"]),
+            std=tuple(d["std"]),
+            face=d.get("face"),
+            visible=None if visible is None else tuple(float(v) for v in visible),
+        )
 
     @functools.cached_property
     def face_config(self) -> FaceAlignConfig | None:
@@ -98,8 +103,9 @@ def normalize(images: np.ndarray, prep: Preprocessing) -> np.ndarray:
     return (x - mean) / std
 
 
-def visible_region(images: Sequence[np.ndarray], pad_color: tuple[int, int, int], share: float = 0.5,
-                   tolerance: int = 24) -> tuple[float, float, float, float] | None:
+def visible_region(
+    images: Sequence[np.ndarray], pad_color: tuple[int, int, int], share: float = 0.5, tolerance: int = 24
+) -> tuple[float, float, float, float] | None:
     """The box (x0, y0, x1, y1, fractions) of the pixels that hold image content, not padding, in at
     least `share` of the aligned training crops `images` (uint8 (3, S, S)); None when that is
     (nearly) the whole crop.

@@ -35,8 +35,10 @@ SAMPLE_PHOTO = "astronaut.jpg"
 def _shipped(path: Path, what: str, fix: str = "") -> Path:
     """`path` of a file that ships with facegender, or a clear error when the installation lacks it."""
     if not path.is_file():
-        raise ModelFileNotFoundError(f"{what} {path} is missing from this installation of facegender; "
-                                     f"reinstall it (pip install --force-reinstall facegender){fix}")
+        raise ModelFileNotFoundError(
+            f"{what} {path} is missing from this installation of facegender; "
+            f"reinstall it (pip install --force-reinstall facegender){fix}"
+        )
     return path
 
 
@@ -47,8 +49,11 @@ def sample_photo_path() -> Path:
 
 def default_model_path() -> Path:
     """The bundled default model, which `facegender.load()` and the commands use without a path."""
-    return _shipped(DEFAULT_DIR / MODEL_FILE, "the bundled default model",
-                    ", or pass --model with a model you trained (facegender train)")
+    return _shipped(
+        DEFAULT_DIR / MODEL_FILE,
+        "the bundled default model",
+        ", or pass --model with a model you trained (facegender train)",
+    )
 
 
 def default_model_record() -> dict:

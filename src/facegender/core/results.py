@@ -72,10 +72,16 @@ class Face:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Face:
         landmarks = data.get("landmarks")
-        return cls(box=tuple(data["box"]), landmarks=None if landmarks is None else tuple(map(tuple, landmarks)),
-                   detection_score=data.get("detection_score"), label=data["label"],
-                   predicted_class=data.get("predicted_class", data["label"]), probability=data["probability"],
-                   probabilities=dict(data["probabilities"]), uncertain=bool(data.get("uncertain", False)))
+        return cls(
+            box=tuple(data["box"]),
+            landmarks=None if landmarks is None else tuple(map(tuple, landmarks)),
+            detection_score=data.get("detection_score"),
+            label=data["label"],
+            predicted_class=data.get("predicted_class", data["label"]),
+            probability=data["probability"],
+            probabilities=dict(data["probabilities"]),
+            uncertain=bool(data.get("uncertain", False)),
+        )
 
 
 def face_numbers(faces: Sequence[Face]) -> list[int]:
@@ -103,7 +109,7 @@ class PhotoResult:
 
     @property
     def status(self) -> str:
-        """"ok", `NO_FACE` or "error"."""
+        """ "ok", `NO_FACE` or "error"."""
         return ERROR if self.error is not None else OK if self.faces else NO_FACE
 
     @property
@@ -121,8 +127,13 @@ class PhotoResult:
         if self.error is not None:
             data = {"file": self.file, "error": self.error, "status": self.status, "faces": faces}
         else:
-            data = {"file": self.file, "width": self.width, "height": self.height, "faces": faces,
-                    "status": self.status}
+            data = {
+                "file": self.file,
+                "width": self.width,
+                "height": self.height,
+                "faces": faces,
+                "status": self.status,
+            }
         if self.annotated is not None:
             data["annotated"] = self.annotated
         return data
@@ -130,6 +141,11 @@ class PhotoResult:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PhotoResult:
         """A result from its `to_dict()` form (`status` follows from `error` and `faces`)."""
-        return cls(file=data["file"], faces=[Face.from_dict(f) for f in data.get("faces") or []],
-                   width=data.get("width"), height=data.get("height"), error=data.get("error"),
-                   annotated=data.get("annotated"))
+        return cls(
+            file=data["file"],
+            faces=[Face.from_dict(f) for f in data.get("faces") or []],
+            width=data.get("width"),
+            height=data.get("height"),
+            error=data.get("error"),
+            annotated=data.get("annotated"),
+        )

@@ -46,8 +46,11 @@ class Split:
         return self.sources[i] if self.sources else 0
 
     def subset(self, indices: Sequence[int]) -> Split:
-        return Split([self.paths[i] for i in indices], [self.labels[i] for i in indices],
-                     [self.sources[i] for i in indices] if self.sources else [])
+        return Split(
+            [self.paths[i] for i in indices],
+            [self.labels[i] for i in indices],
+            [self.sources[i] for i in indices] if self.sources else [],
+        )
 
     @classmethod
     def concat(cls, parts: Sequence[Split]) -> Split:
@@ -72,8 +75,11 @@ def scan_split(split_dir: Path, classes: list[str]) -> tuple[Split, list[str]]:
     split, problems = Split(), []
     for label, name in enumerate(classes):
         class_dir = split_dir / name
-        files = sorted(p for p in class_dir.rglob("*") if p.is_file() and p.name not in IGNORED_FILES
-                       and not p.name.startswith("._"))
+        files = sorted(
+            p
+            for p in class_dir.rglob("*")
+            if p.is_file() and p.name not in IGNORED_FILES and not p.name.startswith("._")
+        )
         images = [p for p in files if is_image_name(p)]
         for p in files:
             if not is_image_name(p):
@@ -96,8 +102,10 @@ def scan_dataset(root: str | os.PathLike, need_test: bool = True) -> tuple[list[
     train_dir, test_dir = root / "train", root / "test"
     if not train_dir.is_dir():
         found = ", ".join(sorted(p.name for p in root.iterdir() if p.is_dir())) or "nothing"
-        raise DatasetError(f"{train_dir}: missing. The dataset needs {root}/train/<class>/ and "
-                           f"{root}/test/<class>/ (one folder per class); found: {found}")
+        raise DatasetError(
+            f"{train_dir}: missing. The dataset needs {root}/train/<class>/ and "
+            f"{root}/test/<class>/ (one folder per class); found: {found}"
+        )
     classes = find_classes(train_dir)
     problems = []
     if len(classes) < 2:
@@ -108,11 +116,15 @@ def scan_dataset(root: str | os.PathLike, need_test: bool = True) -> tuple[list[
         if test_classes != classes:
             only_train = sorted(set(classes) - set(test_classes))
             only_test = sorted(set(test_classes) - set(classes))
-            problems.append(f"class folders differ between train/ and test/: only in train: {only_train or '-'}, "
-                            f"only in test: {only_test or '-'}; rename them so both have the same names")
+            problems.append(
+                f"class folders differ between train/ and test/: only in train: {only_train or '-'}, "
+                f"only in test: {only_test or '-'}; rename them so both have the same names"
+            )
     elif need_test:
-        problems.append(f"{test_dir}: missing; create it with the same class folders as train/ "
-                        "(it is used once, at the end, for the final accuracy)")
+        problems.append(
+            f"{test_dir}: missing; create it with the same class folders as train/ "
+            "(it is used once, at the end, for the final accuracy)"
+        )
     train, train_problems = scan_split(train_dir, classes)
     problems += train_problems
     if test_dir.is_dir() and not problems:
@@ -128,8 +140,9 @@ def format_problems(problems: list[str]) -> str:
     return f"{len(problems)} problem(s) with the dataset:\n{lines}"
 
 
-def split_train_val(train: Split, val_fraction: float, seed: int,
-                    groups: Sequence[str | None] | None = None) -> tuple[Split, Split]:
+def split_train_val(
+    train: Split, val_fraction: float, seed: int, groups: Sequence[str | None] | None = None
+) -> tuple[Split, Split]:
     """Seeded validation split carved from the training images: stratified by class within each
     source, so every source is validated in its own proportion. Where `groups` names the person of
     an image (a source's `split_column`), a person's images all go to one side."""
@@ -149,17 +162,27 @@ def split_train_val(train: Split, val_fraction: float, seed: int,
 def _validation_part(labels: list[int], person: list[str] | None, val_fraction: float, seed: int) -> np.ndarray:
     """One source's validation indices (`stratified_split` with `fraction`), or DatasetError."""
     if person is not None and len(set(person)) < max(2, round(1 / val_fraction)):
-        raise DatasetError(f"cannot split {len(set(person))} people into a {val_fraction:.0%} validation part by "
-                           "person; lower --val-fraction or drop the source's split_column")
+        raise DatasetError(
+            f"cannot split {len(set(person))} people into a {val_fraction:.0%} validation part by "
+            "person; lower --val-fraction or drop the source's split_column"
+        )
     try:
         return stratified_split(labels, seed, fraction=val_fraction, groups=person)[0]
     except ValueError as exc:
-        raise DatasetError(f"cannot carve a stratified {val_fraction:.0%} validation split ({exc}); "
-                           "add images to the smallest class or lower --val-fraction") from None
+        raise DatasetError(
+            f"cannot carve a stratified {val_fraction:.0%} validation split ({exc}); "
+            "add images to the smallest class or lower --val-fraction"
+        ) from None
 
 
-def stratified_split(labels: Sequence[int], seed: int, *, n_folds: int | None = None, fraction: float | None = None,
-                     groups: Sequence[str] | None = None) -> list[np.ndarray]:
+def stratified_split(
+    labels: Sequence[int],
+    seed: int,
+    *,
+    n_folds: int | None = None,
+    fraction: float | None = None,
+    groups: Sequence[str] | None = None,
+) -> list[np.ndarray]:
     """The one stratified splitter (scikit-learn, shuffled and seeded): the validation indices
     (sorted) of each part, every part keeping the class proportions of `labels`.
 
@@ -174,8 +197,9 @@ def stratified_split(labels: Sequence[int], seed: int, *, n_folds: int | None = 
     if (n_folds is None) == (fraction is None):
         raise TypeError("stratified_split: give exactly one of n_folds and fraction")
     if groups is not None:
-        splitter = StratifiedGroupKFold(n_splits=n_folds or max(2, round(1 / fraction)), shuffle=True,
-                                        random_state=seed)
+        splitter = StratifiedGroupKFold(
+            n_splits=n_folds or max(2, round(1 / fraction)), shuffle=True, random_state=seed
+        )
     elif n_folds is not None:
         splitter = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     else:
@@ -194,8 +218,10 @@ def plan_folds(labels: list[int], n_folds: int, seed: int) -> list[np.ndarray]:
         raise ConfigError(f"--folds must be at least 2, got {n_folds}")
     smallest = int(np.bincount(labels).min()) if labels.size else 0
     if smallest < n_folds:
-        raise DatasetError(f"cannot make {n_folds} stratified folds: the smallest class has {smallest} training "
-                           f"images; add images or lower --folds to {max(2, smallest)} or fewer")
+        raise DatasetError(
+            f"cannot make {n_folds} stratified folds: the smallest class has {smallest} training "
+            f"images; add images or lower --folds to {max(2, smallest)} or fewer"
+        )
     return stratified_split(labels, seed, n_folds=n_folds)
 
 
@@ -207,6 +233,7 @@ def fold_split(train: Split, n_folds: int, fold: int, seed: int) -> tuple[Split,
 
 
 # ----------------------------------------------------------------------------- decoding and caching
+
 
 def _face_settings(prep: Preprocessing) -> list:
     """What an aligned face depends on besides the image: the face settings and the crop geometry
@@ -247,8 +274,10 @@ class ImageLoader:
                 except ImageError:
                     candidate.unlink(missing_ok=True)  # a damaged cache entry is rebuilt
         array, found = self.preparer.prepare(load_image(path))
-        store(found_path if found else noface_path,
-              lambda tmp: Image.fromarray(array.transpose(1, 2, 0)).save(tmp, format="PNG"))
+        store(
+            found_path if found else noface_path,
+            lambda tmp: Image.fromarray(array.transpose(1, 2, 0)).save(tmp, format="PNG"),
+        )
         return array, found
 
 
@@ -263,8 +292,15 @@ class LoadedSplit:
     no_face: list[Path]
 
 
-def load_split(split: Split, loader: ImageLoader, keep: bool = True, skip_bad: bool = False,
-               desc: str = "reading images", workers: int | None = None, progress: bool = True) -> LoadedSplit:
+def load_split(
+    split: Split,
+    loader: ImageLoader,
+    keep: bool = True,
+    skip_bad: bool = False,
+    desc: str = "reading images",
+    workers: int | None = None,
+    progress: bool = True,
+) -> LoadedSplit:
     """Read every image of `split` once (checking it); keep the arrays in memory when `keep`.
 
     Unreadable files raise DatasetError listing all of them, unless `skip_bad`, in which case they
@@ -280,13 +316,16 @@ def load_split(split: Split, loader: ImageLoader, keep: bool = True, skip_bad: b
 
     results = [None] * len(split)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for i, res in enumerate(tqdm(pool.map(read, split.paths), total=len(split), desc=desc,
-                                     disable=not progress, leave=False)):
+        for i, res in enumerate(
+            tqdm(pool.map(read, split.paths), total=len(split), desc=desc, disable=not progress, leave=False)
+        ):
             results[i] = res
     bad = [err for _, err in results if err is not None]
     if bad and not skip_bad:
-        raise DatasetError(format_problems(bad) + "\nFix: delete or replace these files, "
-                           "or pass --skip-bad to leave them out (they are counted in the summary).")
+        raise DatasetError(
+            format_problems(bad) + "\nFix: delete or replace these files, "
+            "or pass --skip-bad to leave them out (they are counted in the summary)."
+        )
     keep_idx = [i for i, (ok, _) in enumerate(results) if ok is not None]
     kept = split.subset(keep_idx)
     no_face = [split.paths[i] for i in keep_idx if not results[i][0][1]]

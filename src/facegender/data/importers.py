@@ -126,9 +126,7 @@ def _is_within(path: Path, folder: Path) -> bool:
 
 def _in_output(path: Path, out: Path) -> bool:
     """Whether ``path`` lies in a part of ``out`` that an import writes (and may replace)."""
-    return any(_is_within(path, out / split) for split in SPLITS) or _is_within(
-        path, out / "groups.csv"
-    )
+    return any(_is_within(path, out / split) for split in SPLITS) or _is_within(path, out / "groups.csv")
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
@@ -157,9 +155,7 @@ def _split(items: list[_Item], test_fraction: float, seed: int) -> tuple[list[_I
         )
     labels = [it.label for it in items]
     try:
-        train, test = train_test_split(
-            items, test_size=test_fraction, random_state=seed, stratify=labels
-        )
+        train, test = train_test_split(items, test_size=test_fraction, random_state=seed, stratify=labels)
     except ValueError as e:  # e.g. the test split is smaller than the number of classes
         raise InputFileError(
             f"cannot split {len(items)} images of {len(counts)} classes with "
@@ -293,8 +289,11 @@ def _place_items(
             placed.fallbacks += _place(it.source, folder / name, link)
             placed.counts[split][it.label] = placed.counts[split].get(it.label, 0) + 1
             placed.rows.append(
-                {"path": f"{split}/{it.label}/{name}", "label": it.label,
-                 **{c: it.groups.get(c, "") for c in group_columns}}
+                {
+                    "path": f"{split}/{it.label}/{name}",
+                    "label": it.label,
+                    **{c: it.groups.get(c, "") for c in group_columns},
+                }
             )
     return placed
 
@@ -378,8 +377,15 @@ def import_utkface(
             + (f"; {len(skipped)} image names did not parse" if skipped else "")
         )
     summary = _write_dataset(
-        items, out, test_fraction=test_fraction, seed=seed, link=link, overwrite=overwrite,
-        group_columns=("age", "age_band", "race"), skipped=skipped, source=str(src),
+        items,
+        out,
+        test_fraction=test_fraction,
+        seed=seed,
+        link=link,
+        overwrite=overwrite,
+        group_columns=("age", "age_band", "race"),
+        skipped=skipped,
+        source=str(src),
     )
     summary["ignored_non_images"] = ignored
     return summary
@@ -432,13 +438,19 @@ def import_csv(
     items, skipped = _csv_items(table, base, labels_csv)
     if not items:
         raise InputFileError(
-            f"no usable images listed in {labels_csv}" + (
-                f" ({len(skipped)} rows skipped, first: {skipped[0]['reason']})" if skipped else ""
-            )
+            f"no usable images listed in {labels_csv}"
+            + (f" ({len(skipped)} rows skipped, first: {skipped[0]['reason']})" if skipped else "")
         )
     return _write_dataset(
-        items, out, test_fraction=test_fraction, seed=seed, link=link, overwrite=overwrite,
-        group_columns=[h for _, h in table.extra], skipped=skipped, source=str(labels_csv),
+        items,
+        out,
+        test_fraction=test_fraction,
+        seed=seed,
+        link=link,
+        overwrite=overwrite,
+        group_columns=[h for _, h in table.extra],
+        skipped=skipped,
+        source=str(labels_csv),
     )
 
 
@@ -453,9 +465,7 @@ def _read_labels_csv(labels_csv: Path) -> _LabelsTable:
         lower = [h.lower() for h in header]
         missing = [c for c in ("path", "label") if c not in lower]
         if missing:
-            raise InputFileError(
-                f"{labels_csv} has no {' or '.join(missing)} column (columns: {', '.join(header)})"
-            )
+            raise InputFileError(f"{labels_csv} has no {' or '.join(missing)} column (columns: {', '.join(header)})")
         i_path, i_label = lower.index("path"), lower.index("label")
         extra = [(i, h) for i, h in enumerate(header) if i not in (i_path, i_label) and h]
         return _LabelsTable(header, i_path, i_label, extra, [(reader.line_num, r) for r in reader])

@@ -23,17 +23,17 @@ import functools
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from PIL import Image
 from tqdm.auto import tqdm
 
 from facegender.core.errors import ConfigError, InputFileError
 from facegender.core.files import atomic_path, write_text_atomic
-from facegender.data.dataset import DatasetError, format_problems, scan_dataset
 from facegender.core.images import ImageError, load_image
+from facegender.data.dataset import DatasetError, format_problems, scan_dataset
 
 #: Written into a prepared dataset; `train` and `evaluate` look for it.
 MARKER = "facegender_preprocessing.json"
@@ -42,8 +42,13 @@ REPORT_TXT = "prepare_report.txt"
 FORMATS = {"jpg": ("JPEG", {"quality": 95}), "png": ("PNG", {})}
 
 # Per-image outcomes in the report.
-OK, NO_FACE, MULTIPLE, SKIPPED_MULTIPLE, UNREADABLE = "ok", "no_face", "multiple_faces", "skipped_multiple_faces", \
-    "unreadable"
+OK, NO_FACE, MULTIPLE, SKIPPED_MULTIPLE, UNREADABLE = (
+    "ok",
+    "no_face",
+    "multiple_faces",
+    "skipped_multiple_faces",
+    "unreadable",
+)
 
 
 @dataclass
@@ -68,8 +73,10 @@ def read_marker(folder: str | os.PathLike, check_parent: bool = False) -> dict |
             except (OSError, ValueError) as exc:
                 raise DatasetError(f"{candidate}: unreadable ({exc}); run facegender prepare again") from None
             if not marker.get("complete"):
-                raise DatasetError(f"{candidate.parent}: `facegender prepare` did not finish; run it again with "
-                                   f"the same --out to complete it")
+                raise DatasetError(
+                    f"{candidate.parent}: `facegender prepare` did not finish; run it again with "
+                    f"the same --out to complete it"
+                )
             return marker
     return None
 
@@ -94,8 +101,10 @@ def loader_preprocessing(prep, folder: str | os.PathLike, log: Callable[[str], N
     if prepared is None or prep.face is None:
         return prep
     if not same_face_settings(prepared["face"], prep.face):
-        log(f"WARNING: {folder} was aligned by `facegender prepare` with other face settings than this "
-            "model's; the crops differ from the model's own (evaluate on the original images instead)")
+        log(
+            f"WARNING: {folder} was aligned by `facegender prepare` with other face settings than this "
+            "model's; the crops differ from the model's own (evaluate on the original images instead)"
+        )
     return dataclasses.replace(prep, face=None)
 
 
@@ -119,10 +128,17 @@ def _save(image: Image.Image, target: Path, fmt: str) -> None:
         image.save(tmp, format=kind, **options)
 
 
-def prepare_dataset(raw: str | os.PathLike, out: str | os.PathLike, face: dict | None = None,
-                    single_face_only: bool = False, skip_bad: bool = False, fmt: str = "jpg",
-                    threads: int | None = None, progress: bool = True,
-                    log: Callable[[str], None] = print) -> PrepareResult:
+def prepare_dataset(
+    raw: str | os.PathLike,
+    out: str | os.PathLike,
+    face: dict | None = None,
+    single_face_only: bool = False,
+    skip_bad: bool = False,
+    fmt: str = "jpg",
+    threads: int | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> PrepareResult:
     """Align every image of RAW/train and RAW/test into OUT (see the module docstring).
 
     `face`: FaceAlignConfig overrides (size, margin, refine_steps...). Unreadable images stop the
@@ -139,13 +155,13 @@ def prepare_dataset(raw: str | os.PathLike, out: str | os.PathLike, face: dict |
     settings = json.loads(json.dumps({"face": config.to_dict(), "format": fmt, "single_face_only": single_face_only}))
     previous = _previous_outcomes(out, settings, targets, log)
     out.mkdir(parents=True, exist_ok=True)
-    marker = {"facegender_prepare": 1, **settings, "source": str(raw.resolve()), "classes": classes,
-              "complete": False}
+    marker = {"facegender_prepare": 1, **settings, "source": str(raw.resolve()), "classes": classes, "complete": False}
     _write_json(marker, out / MARKER)
 
     detector = FaceDetector(config, threads=threads)
-    align = functools.partial(_prepare_one, detector=detector, config=config, single_face_only=single_face_only,
-                              fmt=fmt)
+    align = functools.partial(
+        _prepare_one, detector=detector, config=config, single_face_only=single_face_only, fmt=fmt
+    )
     result = PrepareResult(out, {})
     started = time.perf_counter()
     try:
@@ -196,8 +212,9 @@ def _previous_outcomes(out: Path, settings: dict, targets: dict[Path, Path], log
     return {}
 
 
-def _align_source(src: Path, raw: Path, target: Path, previous: dict, result: PrepareResult,
-                  align: Callable[[Path, Path], dict]) -> None:
+def _align_source(
+    src: Path, raw: Path, target: Path, previous: dict, result: PrepareResult, align: Callable[[Path, Path], dict]
+) -> None:
     """Record one source's outcome in `result`: the previous one while still valid, else that of
     `align(src, target)` (`_prepare_one`)."""
     rel = str(src.relative_to(raw))
@@ -230,9 +247,11 @@ def _check_outcome(raw: Path, result: PrepareResult, skip_bad: bool) -> None:
     """DatasetError for unreadable images (unless `skip_bad`) and when no image could be prepared."""
     unreadable = result.report["unreadable"]
     if unreadable and not skip_bad:
-        raise DatasetError(format_problems([u["error"] for u in unreadable]) + "\nFix: delete or replace these "
-                           "files, or pass --skip-bad to leave them out (listed in "
-                           f"{result.out / REPORT_JSON}).")
+        raise DatasetError(
+            format_problems([u["error"] for u in unreadable]) + "\nFix: delete or replace these "
+            "files, or pass --skip-bad to leave them out (listed in "
+            f"{result.out / REPORT_JSON})."
+        )
     if not any(e["status"] != UNREADABLE and e["status"] != SKIPPED_MULTIPLE for e in result.per_file.values()):
         raise DatasetError(f"{raw}: no image could be prepared; see {result.out / REPORT_JSON}")
 
@@ -270,12 +289,20 @@ def _prepare_one(src: Path, target: Path, detector, config, single_face_only: bo
 
 def build_report(raw: Path, out: Path, settings: dict, result: PrepareResult, seconds: float) -> dict:
     files = result.per_file
-    by_status = {s: sorted(k for k, v in files.items() if v["status"] == s)
-                 for s in (OK, NO_FACE, MULTIPLE, SKIPPED_MULTIPLE, UNREADABLE)}
+    by_status = {
+        s: sorted(k for k, v in files.items() if v["status"] == s)
+        for s in (OK, NO_FACE, MULTIPLE, SKIPPED_MULTIPLE, UNREADABLE)
+    }
     return {
-        "source": str(raw), "out": str(out), **settings,
-        "counts": {"images": len(files), "written": result.written, "reused": result.reused,
-                   **{s: len(v) for s, v in by_status.items()}},
+        "source": str(raw),
+        "out": str(out),
+        **settings,
+        "counts": {
+            "images": len(files),
+            "written": result.written,
+            "reused": result.reused,
+            **{s: len(v) for s, v in by_status.items()},
+        },
         "no_face": by_status[NO_FACE],
         "multiple_faces": [{"file": k, "faces": files[k]["faces"]} for k in by_status[MULTIPLE]],
         "skipped_multiple_faces": [{"file": k, "faces": files[k]["faces"]} for k in by_status[SKIPPED_MULTIPLE]],
@@ -288,11 +315,13 @@ def build_report(raw: Path, out: Path, settings: dict, result: PrepareResult, se
 def format_report(report: dict, limit: int = 20) -> str:
     """The report for people: counts, then the files of each kind (the first `limit` of each)."""
     c = report["counts"]
-    lines = [f"prepared {c['images']} images from {report['source']} into {report['out']} "
-             f"({c['written']} aligned now, {c['reused']} kept from before, {report['seconds']:.0f} s)",
-             f"  one face: {c[OK]}   several faces (largest kept): {c[MULTIPLE]}   "
-             f"several faces (left out, --single-face-only): {c[SKIPPED_MULTIPLE]}",
-             f"  no face found (centred crop written, as in training): {c[NO_FACE]}   unreadable: {c[UNREADABLE]}"]
+    lines = [
+        f"prepared {c['images']} images from {report['source']} into {report['out']} "
+        f"({c['written']} aligned now, {c['reused']} kept from before, {report['seconds']:.0f} s)",
+        f"  one face: {c[OK]}   several faces (largest kept): {c[MULTIPLE]}   "
+        f"several faces (left out, --single-face-only): {c[SKIPPED_MULTIPLE]}",
+        f"  no face found (centred crop written, as in training): {c[NO_FACE]}   unreadable: {c[UNREADABLE]}",
+    ]
 
     def section(title: str, items: list[str]) -> None:
         if items:
@@ -303,9 +332,10 @@ def format_report(report: dict, limit: int = 20) -> str:
 
     section("no face found", report["no_face"])
     section("several faces, largest kept", [f"{m['file']} ({m['faces']} faces)" for m in report["multiple_faces"]])
-    section("several faces, left out", [f"{m['file']} ({m['faces']} faces)"
-                                        for m in report["skipped_multiple_faces"]])
+    section("several faces, left out", [f"{m['file']} ({m['faces']} faces)" for m in report["skipped_multiple_faces"]])
     section("unreadable", [u["error"] for u in report["unreadable"]])
-    lines.append(f"train on it with: facegender train --data {report['out']}  (the face stage is recorded "
-                 "in the model; predict aligns faces in new photos the same way)")
+    lines.append(
+        f"train on it with: facegender train --data {report['out']}  (the face stage is recorded "
+        "in the model; predict aligns faces in new photos the same way)"
+    )
     return "\n".join(lines)

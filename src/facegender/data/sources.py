@@ -43,7 +43,7 @@ class Source:
     path: str
     name: str = ""
     weight: float = 1.0
-    cap: int | None = None           # at most this many training images per class
+    cap: int | None = None  # at most this many training images per class
     licence: str | None = None
     split_column: str | None = None  # manifest column naming the person: validation split by it
 
@@ -89,8 +89,10 @@ def _read_sources_file(path: Path) -> list[Source]:
         item = {"path": item} if isinstance(item, str) else item
         unknown = sorted(set(item) - known) if isinstance(item, dict) else []
         if not isinstance(item, dict) or "path" not in item or unknown:
-            raise DatasetError(f"{path}: entry {i} needs a 'path'" + (f"; unknown keys {unknown} (known: "
-                               f"{', '.join(sorted(known))})" if unknown else ""))
+            raise DatasetError(
+                f"{path}: entry {i} needs a 'path'"
+                + (f"; unknown keys {unknown} (known: {', '.join(sorted(known))})" if unknown else "")
+            )
         entry = Source(**item)
         entry.path = str((path.parent / entry.path) if not os.path.isabs(entry.path) else entry.path)
         out.append(entry)
@@ -118,12 +120,13 @@ def licence_note(root: Path) -> str:
 
 # ----------------------------------------------------------------------------- scanning
 
+
 @dataclass
 class ScannedSources:
     classes: list[str]
     sources: list[Source]
-    train: Split          # every source's training images, tagged with the source index
-    test: Split | None    # the test/ images of the sources that have one
+    train: Split  # every source's training images, tagged with the source index
+    test: Split | None  # the test/ images of the sources that have one
 
 
 def scan_sources(sources: list[Source], seed: int = 0, need_test: bool = True) -> ScannedSources:
@@ -143,12 +146,20 @@ def scan_sources(sources: list[Source], seed: int = 0, need_test: bool = True) -
     first = next(iter(classes_of.values()))
     differ = {n: c for n, c in classes_of.items() if c != first}
     if differ:
-        raise DatasetError(format_problems([f"source {n} has classes {c}, not {first}; every source needs the "
-                                            "same class folders" for n, c in differ.items()]))
+        raise DatasetError(
+            format_problems(
+                [
+                    f"source {n} has classes {c}, not {first}; every source needs the same class folders"
+                    for n, c in differ.items()
+                ]
+            )
+        )
     test = Split.concat(tests)
     if need_test and len(test) == 0:
-        raise DatasetError("no test images: at least one source needs a test/ folder with the class folders "
-                           "(it is used once, at the end, for the final accuracy)")
+        raise DatasetError(
+            "no test images: at least one source needs a test/ folder with the class folders "
+            "(it is used once, at the end, for the final accuracy)"
+        )
     return ScannedSources(first, sources, Split.concat(trains), test if len(test) else None)
 
 
@@ -177,6 +188,7 @@ def _capped(split: Split, cap: int | None, seed: int) -> Split:
 
 
 # ----------------------------------------------------------------------------- manifests
+
 
 def manifest_column(sources: list[Source], split: Split, column: str) -> list[str | None]:
     """The `column` value of each image of `split` from its source's manifest.csv (None where the
@@ -221,8 +233,10 @@ def split_groups(sources: list[Source], split: Split) -> list[str | None] | None
         values = manifest_column(sources, split, s.split_column)
         missing = [split.paths[i] for i in range(len(split)) if split.source_of(i) == k and not values[i]]
         if missing:
-            raise DatasetError(f"source {s.name}: split_column {s.split_column!r} has no value for {len(missing)} "
-                               f"image(s), e.g. {missing[0]}; add them to {Path(s.path) / MANIFEST}")
+            raise DatasetError(
+                f"source {s.name}: split_column {s.split_column!r} has no value for {len(missing)} "
+                f"image(s), e.g. {missing[0]}; add them to {Path(s.path) / MANIFEST}"
+            )
         for i in range(len(split)):
             if split.source_of(i) == k:
                 out[i] = f"{k}:{values[i]}"
@@ -231,8 +245,10 @@ def split_groups(sources: list[Source], split: Split) -> list[str | None] | None
 
 # ----------------------------------------------------------------------------- sampling
 
-def sample_weights(sources: list[Source], split: Split, balance: str = "none",
-                   column: str | None = None) -> np.ndarray | None:
+
+def sample_weights(
+    sources: list[Source], split: Split, balance: str = "none", column: str | None = None
+) -> np.ndarray | None:
     """Per-image sampling weights (summing to the number of images), or None when every image is
     seen once an epoch (no balancing, every source weight 1).
 
@@ -265,7 +281,13 @@ def describe_sources(scanned: ScannedSources, parts: dict[str, Split]) -> list[d
     """What the run records of each source: its settings, licence note and image counts per split."""
     out = []
     for k, s in enumerate(scanned.sources):
-        counts = {name: {c: sum(1 for i in range(len(part)) if part.source_of(i) == k and part.labels[i] == j)
-                         for j, c in enumerate(scanned.classes)} for name, part in parts.items() if part is not None}
+        counts = {
+            name: {
+                c: sum(1 for i in range(len(part)) if part.source_of(i) == k and part.labels[i] == j)
+                for j, c in enumerate(scanned.classes)
+            }
+            for name, part in parts.items()
+            if part is not None
+        }
         out.append({**s.to_dict(), "path": str(Path(s.path).resolve()), "counts": counts})
     return out

@@ -53,8 +53,9 @@ N_BINS = 15
 GROUPS_FILE = "groups.csv"
 
 
-def compute_metrics(logits, labels, classes: list[str], temperature: float = 1.0,
-                    threshold: float | None = None) -> dict[str, Any]:
+def compute_metrics(
+    logits, labels, classes: list[str], temperature: float = 1.0, threshold: float | None = None
+) -> dict[str, Any]:
     """Accuracy (with 95% Wilson interval), per-class precision/recall/F1, confusion matrix, loss,
     and expected calibration error before and after temperature scaling (logits and labels:
     numpy arrays or torch tensors). Classes are predicted by `core.decision.decide` on the calibrated
@@ -76,20 +77,27 @@ def compute_metrics(logits, labels, classes: list[str], temperature: float = 1.0
     return summary
 
 
-def write_evaluation(report: dict, metrics: dict | None, classes: list[str], out: Path,
-                     title: str = "Test set") -> None:
+def write_evaluation(
+    report: dict, metrics: dict | None, classes: list[str], out: Path, title: str = "Test set"
+) -> None:
     """metrics.json (the whole report) and confusion_matrix.png (of `metrics`) in `out`."""
     out.mkdir(parents=True, exist_ok=True)
     files.write_text_atomic(json.dumps(report, indent=2, ensure_ascii=False), out / files.METRICS_JSON)
     if metrics is not None:
-        plot_confusion_matrix(metrics["confusion_matrix"], classes, out / "confusion_matrix.png",
-                              f"{title}: accuracy {metrics['accuracy']:.3f} (n={metrics['n']})")
+        plot_confusion_matrix(
+            metrics["confusion_matrix"],
+            classes,
+            out / "confusion_matrix.png",
+            f"{title}: accuracy {metrics['accuracy']:.3f} (n={metrics['n']})",
+        )
 
 
 # ----------------------------------------------------------------------------- groups
 
-def read_groups(csv_path: str | os.PathLike, paths: Sequence[str | os.PathLike],
-                data_dir: str | os.PathLike) -> tuple[dict[str, list[str | None]], int]:
+
+def read_groups(
+    csv_path: str | os.PathLike, paths: Sequence[str | os.PathLike], data_dir: str | os.PathLike
+) -> tuple[dict[str, list[str | None]], int]:
     """Group values of each image in `paths`, from a CSV with a `path` column and group columns.
 
     A row's path may be relative to the evaluated folder (`female/x.jpg`), to its parent, the
@@ -98,19 +106,22 @@ def read_groups(csv_path: str | os.PathLike, paths: Sequence[str | os.PathLike],
     as group "unknown"). Returns ({column: values in `paths` order}, number of images matched)."""
     csv_path, data_dir = Path(csv_path), Path(data_dir)
     if not csv_path.is_file():
-        raise InputNotFoundError(f"{csv_path}: groups file not found; pass a CSV with a path column and group "
-                                 "columns (facegender import writes DATASET/groups.csv)")
+        raise InputNotFoundError(
+            f"{csv_path}: groups file not found; pass a CSV with a path column and group "
+            "columns (facegender import writes DATASET/groups.csv)"
+        )
     with open(csv_path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         fields = [c.strip() for c in (reader.fieldnames or [])]
         rows = [{(k or "").strip(): v for k, v in row.items()} for row in reader]
     if "path" not in fields:
-        raise InputFileError(f"{csv_path}: no 'path' column (found {fields or 'no header'}); the first row must "
-                             "name the columns, e.g. path,label,age_band")
+        raise InputFileError(
+            f"{csv_path}: no 'path' column (found {fields or 'no header'}); the first row must "
+            "name the columns, e.g. path,label,age_band"
+        )
     columns = [c for c in fields if c not in ("path", "label") and c]
     if not columns:
-        raise InputFileError(f"{csv_path}: no group columns besides path/label; add columns such as age_band or "
-                             "source")
+        raise InputFileError(f"{csv_path}: no group columns besides path/label; add columns such as age_band or source")
 
     def key(p) -> str:
         return os.path.normcase(os.path.abspath(p))
@@ -131,15 +142,22 @@ def read_groups(csv_path: str | os.PathLike, paths: Sequence[str | os.PathLike],
     if paths and not matched:
         example = Path(paths[0])
         example = example.relative_to(data_dir).as_posix() if example.is_relative_to(data_dir) else example
-        raise InputFileError(f"{csv_path}: none of its {len(rows)} paths names an image in {data_dir} (e.g. "
-                             f"{example}); write paths relative to {data_dir} or to {data_dir.parent}")
+        raise InputFileError(
+            f"{csv_path}: none of its {len(rows)} paths names an image in {data_dir} (e.g. "
+            f"{example}); write paths relative to {data_dir} or to {data_dir.parent}"
+        )
     return values, matched
 
 
 # ----------------------------------------------------------------------------- analysis
 
-def analyse(pred: Predictions, groups: Mapping[str, Sequence] | None = None, min_confidence: float | None = None,
-            min_group_size: int = 30) -> dict[str, Any]:
+
+def analyse(
+    pred: Predictions,
+    groups: Mapping[str, Sequence] | None = None,
+    min_confidence: float | None = None,
+    min_group_size: int = 30,
+) -> dict[str, Any]:
     """All evaluation numbers of `pred` as plain data (JSON-safe).
 
     The metrics of `evaluate.compute_metrics` (TTA logits when TTA is on), plus `reliability`
@@ -151,19 +169,24 @@ def analyse(pred: Predictions, groups: Mapping[str, Sequence] | None = None, min
     metrics = compute_metrics(pred.logits, pred.labels, pred.classes, pred.temperature, pred.threshold)
     metrics["tta"] = pred.tta
     metrics["n_bins"] = N_BINS
-    metrics["reliability"] = {"before": reliability_bins(pred.probs(False), pred.labels, N_BINS),
-                              "after": reliability_bins(pred.probs(True), pred.labels, N_BINS)}
+    metrics["reliability"] = {
+        "before": reliability_bins(pred.probs(False), pred.labels, N_BINS),
+        "after": reliability_bins(pred.probs(True), pred.labels, N_BINS),
+    }
     if pred.logits_plain is not None:
-        metrics["without_tta"] = compute_metrics(pred.logits_plain, pred.labels, pred.classes, pred.temperature,
-                                                 pred.threshold)
+        metrics["without_tta"] = compute_metrics(
+            pred.logits_plain, pred.labels, pred.classes, pred.temperature, pred.threshold
+        )
     probs, preds = pred.probs(True), pred.predicted()
     thresholds = None
     if min_confidence is not None:
         if not 0.0 <= min_confidence <= 1.0:
             raise ConfigError(f"--min-confidence must be between 0 and 1, got {min_confidence}")
         thresholds = sorted(set(default_thresholds()) | {float(min_confidence)})
-        metrics["selective"] = {"min_confidence": float(min_confidence),
-                                **selective_metrics(probs, pred.labels, min_confidence, preds)}
+        metrics["selective"] = {
+            "min_confidence": float(min_confidence),
+            **selective_metrics(probs, pred.labels, min_confidence, preds),
+        }
     metrics["coverage_curve"] = coverage_curve(probs, pred.labels, thresholds, preds)
     if groups:
         metrics["groups"] = per_group_metrics(pred.labels, preds, groups, pred.classes, min_group_size)
@@ -175,8 +198,15 @@ def mistakes(pred: Predictions, limit: int = 12) -> list[dict]:
     probs, guess = pred.probs(True), pred.predicted()
     wrong = np.flatnonzero(guess != pred.labels)
     order = wrong[np.argsort(-probs[wrong, guess[wrong]], kind="stable")][:limit]
-    return [{"path": str(pred.paths[i]), "true": pred.classes[pred.labels[i]], "predicted": pred.classes[guess[i]],
-             "probability": float(probs[i, guess[i]])} for i in order]
+    return [
+        {
+            "path": str(pred.paths[i]),
+            "true": pred.classes[pred.labels[i]],
+            "predicted": pred.classes[guess[i]],
+            "probability": float(probs[i, guess[i]]),
+        }
+        for i in order
+    ]
 
 
 def predictions_csv(pred: Predictions) -> str:
@@ -187,8 +217,7 @@ def predictions_csv(pred: Predictions) -> str:
     writer = csv.writer(buf)
     writer.writerow(["path", "true", "predicted", "probability", *[f"p_{c}" for c in pred.classes]])
     for p, y, guess, row in zip(pred.paths, pred.labels, pred.predicted(), probs):
-        writer.writerow([str(p), pred.classes[y], pred.classes[guess], f"{row[guess]:.6f}",
-                         *[f"{v:.6f}" for v in row]])
+        writer.writerow([str(p), pred.classes[y], pred.classes[guess], f"{row[guess]:.6f}", *[f"{v:.6f}" for v in row]])
     return buf.getvalue()
 
 
@@ -205,17 +234,26 @@ def write_figures(metrics: dict, folder: str | os.PathLike, title: str = "") -> 
     figs: dict[str, Path] = {}
     prefix = f"{title}: " if title else ""
     figs["confusion_matrix"] = plot_confusion_matrix(
-        metrics["confusion_matrix"], metrics["class_names"], folder / "confusion_matrix.png",
-        f"{prefix}accuracy {metrics['accuracy']:.3f} (n={metrics['n']})")
-    figs["reliability"] = plot_reliability(metrics["reliability"]["before"], folder / "reliability.png",
-                                           f"Before temperature scaling: ECE {metrics['ece']:.3f}")
+        metrics["confusion_matrix"],
+        metrics["class_names"],
+        folder / "confusion_matrix.png",
+        f"{prefix}accuracy {metrics['accuracy']:.3f} (n={metrics['n']})",
+    )
+    figs["reliability"] = plot_reliability(
+        metrics["reliability"]["before"],
+        folder / "reliability.png",
+        f"Before temperature scaling: ECE {metrics['ece']:.3f}",
+    )
     figs["reliability_calibrated"] = plot_reliability(
-        metrics["reliability"]["after"], folder / "reliability_calibrated.png",
-        f"After temperature {metrics['temperature']:.2f}: ECE {metrics['ece_calibrated']:.3f}")
+        metrics["reliability"]["after"],
+        folder / "reliability_calibrated.png",
+        f"After temperature {metrics['temperature']:.2f}: ECE {metrics['ece_calibrated']:.3f}",
+    )
     figs["coverage"] = plot_coverage(metrics["coverage_curve"], folder / "coverage.png")
     for column, col_metrics in (metrics.get("groups") or {}).items():
-        figs[f"groups_{column}"] = plot_group_accuracy(col_metrics, folder / f"groups_{safe_name(column)}.png",
-                                                       f"Accuracy by {column}")
+        figs[f"groups_{column}"] = plot_group_accuracy(
+            col_metrics, folder / f"groups_{safe_name(column)}.png", f"Accuracy by {column}"
+        )
     return figs
 
 
@@ -224,25 +262,32 @@ def describe(metrics: dict) -> list[str]:
     lines = []
     if "without_tta" in metrics:
         w = metrics["without_tta"]
-        lines.append(f"  with flip TTA: accuracy {metrics['accuracy']:.4f}, ECE {metrics['ece_calibrated']:.4f}; "
-                     f"without TTA: accuracy {w['accuracy']:.4f}, ECE {w['ece_calibrated']:.4f} (calibrated)")
+        lines.append(
+            f"  with flip TTA: accuracy {metrics['accuracy']:.4f}, ECE {metrics['ece_calibrated']:.4f}; "
+            f"without TTA: accuracy {w['accuracy']:.4f}, ECE {w['ece_calibrated']:.4f} (calibrated)"
+        )
     if "selective" in metrics:
         s = metrics["selective"]
         acc = "-" if s["accuracy_on_covered"] is None else f"{s['accuracy_on_covered']:.4f}"
-        lines.append(f"  min confidence {s['min_confidence']:g}: coverage {s['coverage']:.3f} "
-                     f"({s['n_covered']} of {s['n']} answered), accuracy on answered {acc}")
+        lines.append(
+            f"  min confidence {s['min_confidence']:g}: coverage {s['coverage']:.3f} "
+            f"({s['n_covered']} of {s['n']} answered), accuracy on answered {acc}"
+        )
     for column, g in (metrics.get("groups") or {}).items():
         few = [k for k, v in g["groups"].items() if v["too_few"]]
         parts = [f"{k} {v['accuracy']:.3f} (n={v['n']})" for k, v in g["groups"].items()]
         lines.append(f"  by {column}: " + ", ".join(parts))
         if g["worst_group"] is not None:
-            lines.append(f"    worst {g['worst_group']} {g['worst_accuracy']:.3f}, gap {g['accuracy_gap']:.3f}"
-                         + (f"; too few images (<{g['min_count']}): {', '.join(few)}" if few else "")
-                         + (" (every group is small: unreliable)" if g["compared_all_groups"] else ""))
+            lines.append(
+                f"    worst {g['worst_group']} {g['worst_accuracy']:.3f}, gap {g['accuracy_gap']:.3f}"
+                + (f"; too few images (<{g['min_count']}): {', '.join(few)}" if few else "")
+                + (" (every group is small: unreliable)" if g["compared_all_groups"] else "")
+            )
     return lines
 
 
 # ----------------------------------------------------------------------------- the command
+
 
 def source_name(folder: Path) -> str:
     """A folder's name in per-source results: DATASET for DATASET/test, else the folder's own."""
@@ -250,11 +295,22 @@ def source_name(folder: Path) -> str:
     return folder.parent.name if folder.name in ("test", "train", "val") else folder.name
 
 
-def evaluate_model(model_path: str, data_dir: str | Sequence[str], out: str | None = None, batch_size: int = 64,
-                   device: str = "auto", tta: bool | None = None, skip_bad: bool = False,
-                   log: Callable[[str], None] = print, progress: bool = True, groups: str | None = None,
-                   min_confidence: float | None = None, min_group_size: int = 30,
-                   precision: str = DEFAULT_PRECISION, threshold: float | None = None) -> dict[str, Any]:
+def evaluate_model(
+    model_path: str,
+    data_dir: str | Sequence[str],
+    out: str | None = None,
+    batch_size: int = 64,
+    device: str = "auto",
+    tta: bool | None = None,
+    skip_bad: bool = False,
+    log: Callable[[str], None] = print,
+    progress: bool = True,
+    groups: str | None = None,
+    min_confidence: float | None = None,
+    min_group_size: int = 30,
+    precision: str = DEFAULT_PRECISION,
+    threshold: float | None = None,
+) -> dict[str, Any]:
     """Metrics of the model at `model_path` on `data_dir`/<class>/* (class names must be the model's);
     several folders are evaluated together, with each one's accuracy and recall under
     `groups.source` (a group column, like those of a groups CSV).
@@ -266,8 +322,14 @@ def evaluate_model(model_path: str, data_dir: str | Sequence[str], out: str | No
     `min_confidence` and per-group metrics from the `groups` CSV (see `analyse`). Writes
     metrics.json, predictions.csv and the figures (confusion matrix, reliability before/after
     temperature, coverage, one chart per group column) into `out` when given."""
-    model = load(model_path, device=device, precision=precision, detect=False,
-                 **({} if tta is None else {"tta": tta}), **({} if threshold is None else {"threshold": threshold}))
+    model = load(
+        model_path,
+        device=device,
+        precision=precision,
+        detect=False,
+        **({} if tta is None else {"tta": tta}),
+        **({} if threshold is None else {"threshold": threshold}),
+    )
     folders = [Path(d) for d in ([data_dir] if isinstance(data_dir, (str, os.PathLike)) else data_dir)]
     classes, data_dir = model.classes, folders[0]
     parts = [predict_labelled(model, d, skip_bad, batch_size, log=log, progress=progress) for d in folders]
@@ -285,11 +347,13 @@ def evaluate_model(model_path: str, data_dir: str | Sequence[str], out: str | No
         write_evaluation(metrics, None, classes, Path(out))
         write_figures(metrics, out, title=data_dir.name)
         files.write_text_atomic(predictions_csv(pred), Path(out) / "predictions.csv")
-    log(f"{metrics['data']}: accuracy {metrics['accuracy']:.4f} (n={metrics['n']}, 95% CI "
+    log(
+        f"{metrics['data']}: accuracy {metrics['accuracy']:.4f} (n={metrics['n']}, 95% CI "
         f"{metrics['accuracy_ci'][0]:.3f}-{metrics['accuracy_ci'][1]:.3f}); "
         + ", ".join(f"recall {c} {v['recall']:.3f}" for c, v in metrics["per_class"].items())
         + f"; ECE {metrics['ece']:.4f} -> {metrics['ece_calibrated']:.4f} calibrated"
-        + ("" if metrics["threshold"] is None else f"; {classes[1]} at p >= {metrics['threshold']:.4g}"))
+        + ("" if metrics["threshold"] is None else f"; {classes[1]} at p >= {metrics['threshold']:.4g}")
+    )
     for line in describe(metrics):
         log(line)
     return metrics

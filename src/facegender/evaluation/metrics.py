@@ -55,9 +55,7 @@ def _as_probs_labels(probs, labels) -> tuple[np.ndarray, np.ndarray]:
     if probs.ndim != 2:
         raise ValueError(f"probs must be an (N, C) array, got shape {probs.shape}")
     if labels.ndim != 1 or labels.shape[0] != probs.shape[0]:
-        raise ValueError(
-            f"labels must be an (N,) array matching probs {probs.shape}, got shape {labels.shape}"
-        )
+        raise ValueError(f"labels must be an (N,) array matching probs {probs.shape}, got shape {labels.shape}")
     return probs, labels.astype(np.int64, copy=False)
 
 
@@ -151,9 +149,7 @@ def nll(probs, labels) -> float:
     return float(skm.log_loss(labels, probs, labels=list(range(probs.shape[1]))))
 
 
-def fit_temperature(
-    logits, labels, min_temperature: float = 0.01, max_temperature: float = 100.0
-) -> float:
+def fit_temperature(logits, labels, min_temperature: float = 0.01, max_temperature: float = 100.0) -> float:
     """Temperature scaling (Guo et al. 2017): the ``T > 0`` minimising NLL of ``softmax(logits/T)``.
 
     The search is over ``log T`` in ``[log min_temperature, log max_temperature]`` with SciPy's
@@ -168,9 +164,7 @@ def fit_temperature(
     logits = np.asarray(logits, dtype=np.float64)
     labels = np.asarray(labels).astype(np.int64, copy=False).reshape(-1)
     if logits.ndim != 2 or logits.shape[0] != labels.shape[0]:
-        raise ValueError(
-            f"logits must be (N, C) and labels (N,), got {logits.shape} and {labels.shape}"
-        )
+        raise ValueError(f"logits must be (N, C) and labels (N,), got {logits.shape} and {labels.shape}")
     n = logits.shape[0]
     if n == 0 or bool((logits.argmax(axis=1) == labels).all()):
         return 1.0
@@ -234,15 +228,11 @@ def classification_summary(labels, preds, class_names: Sequence[str]) -> dict[st
             "accuracy_ci": [0.0, 1.0],
             "balanced_accuracy": None,
             "macro_f1": None,
-            "per_class": {
-                c: {"precision": None, "recall": None, "f1": None, "support": 0} for c in names
-            },
+            "per_class": {c: {"precision": None, "recall": None, "f1": None, "support": 0} for c in names},
             "confusion_matrix": [[0] * len(names) for _ in names],
             "class_names": names,
         }
-    precision, recall, f1, support = skm.precision_recall_fscore_support(
-        labels, preds, labels=idx, zero_division=0
-    )
+    precision, recall, f1, support = skm.precision_recall_fscore_support(labels, preds, labels=idx, zero_division=0)
     correct = int((labels == preds).sum())
     present = support > 0
     return {
@@ -252,9 +242,7 @@ def classification_summary(labels, preds, class_names: Sequence[str]) -> dict[st
         # Mean recall over the classes that occur (sklearn's balanced_accuracy_score ignores
         # labels absent from y_true the same way).
         "balanced_accuracy": float(recall[present].mean()) if present.any() else None,
-        "macro_f1": float(
-            skm.f1_score(labels, preds, labels=idx, average="macro", zero_division=0)
-        ),
+        "macro_f1": float(skm.f1_score(labels, preds, labels=idx, average="macro", zero_division=0)),
         "per_class": {
             name: {
                 "precision": float(precision[i]),
@@ -338,14 +326,13 @@ def per_group_metrics(
     return result
 
 
-def _groups_of_column(column, values: Sequence[Any], labels: np.ndarray, preds: np.ndarray, names: list[str],
-                      min_count: int) -> dict[str, dict]:
+def _groups_of_column(
+    column, values: Sequence[Any], labels: np.ndarray, preds: np.ndarray, names: list[str], min_count: int
+) -> dict[str, dict]:
     """``{value: _one_group(...)}`` of one group column, values sorted (missing ones are ``"unknown"``)."""
     values = list(values)
     if len(values) != labels.shape[0]:
-        raise ValueError(
-            f"group column {column!r} has {len(values)} values for {labels.shape[0]} samples"
-        )
+        raise ValueError(f"group column {column!r} has {len(values)} values for {labels.shape[0]} samples")
     keys = np.array([_group_key(v) for v in values], dtype=object)
     per_group = {}
     for key in sorted(set(keys.tolist())):
@@ -365,8 +352,7 @@ def _compare_groups(per_group: dict[str, dict], min_count: int) -> dict[str, Any
         "min_count": int(min_count),
         "compared_all_groups": compared_all,
         "note": (
-            f"no group has {min_count} or more samples; worst group and gap are over all "
-            f"groups and are unreliable"
+            f"no group has {min_count} or more samples; worst group and gap are over all groups and are unreliable"
             if compared_all and per_group
             else None
         ),
@@ -428,11 +414,11 @@ def equal_recall_threshold(probs, labels) -> float:
     n0, n1 = len(neg), len(pos)
     if n0 == 0 or n1 == 0:
         return 0.5
-    highs = np.append(np.unique(p1), np.inf)          # interval k is (highs[k-1], highs[k]]
+    highs = np.append(np.unique(p1), np.inf)  # interval k is (highs[k-1], highs[k]]
     lows = np.append(-np.inf, highs[:-1])
     hits0 = np.searchsorted(neg, highs, side="left")  # class 0 below the threshold: right
     hits1 = n1 - np.searchsorted(pos, highs, side="left")  # class 1 at or above it: right
-    gap = np.abs(hits0 * n1 - hits1 * n0)             # |recall0 - recall1| * n0 * n1, exact
+    gap = np.abs(hits0 * n1 - hits1 * n0)  # |recall0 - recall1| * n0 * n1, exact
     best = np.flatnonzero(gap == gap.min())
     return min((_closest_to_half(lows[k], highs[k]) for k in best), key=lambda t: (abs(t - 0.5), t))
 
@@ -459,8 +445,7 @@ def selective_metrics(probs, labels, min_confidence: float, preds=None) -> dict[
     probs, labels = _as_probs_labels(probs, labels)
     n = int(probs.shape[0])
     if n == 0:
-        return {"coverage": None, "accuracy_on_covered": None, "n_covered": 0,
-                "n_uncertain": 0, "n": 0}
+        return {"coverage": None, "accuracy_on_covered": None, "n_covered": 0, "n_uncertain": 0, "n": 0}
     preds = probs.argmax(axis=1) if preds is None else _as_label_arrays(labels, preds)[1]
     conf = probs[np.arange(n), preds]
     kept = conf >= float(min_confidence)

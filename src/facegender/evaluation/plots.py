@@ -36,8 +36,14 @@ def _save(fig, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
-def plot_curves(history: Sequence[Mapping[str, Any]], key: str, path: str | os.PathLike,
-                title: str, best_epoch: int | None = None, val_name: str = "validation") -> Path:
+def plot_curves(
+    history: Sequence[Mapping[str, Any]],
+    key: str,
+    path: str | os.PathLike,
+    title: str,
+    best_epoch: int | None = None,
+    val_name: str = "validation",
+) -> Path:
     """Train vs validation `key` ('loss' or 'acc') per epoch, from the training history rows."""
     fig = _new_figure(6.4, 4.2)
     ax = fig.subplots()
@@ -54,8 +60,12 @@ def plot_curves(history: Sequence[Mapping[str, Any]], key: str, path: str | os.P
     return _save(fig, path)
 
 
-def plot_confusion_matrix(matrix: Sequence[Sequence[int]], class_names: Sequence[str],
-                          path: str | os.PathLike, title: str = "Confusion matrix") -> Path:
+def plot_confusion_matrix(
+    matrix: Sequence[Sequence[int]],
+    class_names: Sequence[str],
+    path: str | os.PathLike,
+    title: str = "Confusion matrix",
+) -> Path:
     """Counts with row-normalised shading (rows: true class, columns: predicted class)."""
     import numpy as np
     from sklearn.metrics import ConfusionMatrixDisplay
@@ -63,7 +73,8 @@ def plot_confusion_matrix(matrix: Sequence[Sequence[int]], class_names: Sequence
     fig = _new_figure(5.2, 4.6)
     ax = fig.subplots()
     ConfusionMatrixDisplay(np.asarray(matrix), display_labels=list(class_names)).plot(
-        ax=ax, cmap="Blues", colorbar=False, values_format="d")
+        ax=ax, cmap="Blues", colorbar=False, values_format="d"
+    )
     ax.set_title(title)
     return _save(fig, path)
 
@@ -102,8 +113,7 @@ def plot_reliability(
     )
     ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy", title=title)
     ax.legend(loc="upper left", fontsize="small")
-    ax_n.bar(lowers, [b["count"] for b in bins], width=widths, align="edge", color="grey",
-             edgecolor="black")
+    ax_n.bar(lowers, [b["count"] for b in bins], width=widths, align="edge", color="grey", edgecolor="black")
     ax_n.set(xlabel="confidence (top probability)", ylabel="images")
     return _save(fig, path)
 
@@ -139,9 +149,7 @@ def plot_group_accuracy(
     for bar, f in zip(bars, few):
         if f:
             bar.set_hatch("//")
-    ticks = [
-        f"{k}\nn={groups[k]['n']}" + ("\n(too few)" if few[i] else "") for i, k in enumerate(names)
-    ]
+    ticks = [f"{k}\nn={groups[k]['n']}" + ("\n(too few)" if few[i] else "") for i, k in enumerate(names)]
     rotate = len(names) > 6
     ax.set_xticks(list(x), ticks, rotation=30 if rotate else 0, ha="right" if rotate else "center")
     worst = column_metrics.get("worst_group")
@@ -156,7 +164,8 @@ def plot_group_accuracy(
 
 
 def plot_coverage(
-    curve: Sequence[Mapping[str, Any]], path: str | os.PathLike,
+    curve: Sequence[Mapping[str, Any]],
+    path: str | os.PathLike,
     title: str = "Accuracy vs. coverage",
 ) -> Path:
     """Accuracy on the answered images and coverage against the confidence threshold, from
@@ -165,11 +174,17 @@ def plot_coverage(
     fig = _new_figure(6.4, 4)
     ax = fig.subplots()
     covered = [p for p in curve if p["coverage"] is not None]
-    ax.plot([p["threshold"] for p in covered], [p["coverage"] for p in covered], "o-",
-            color="tab:grey", label="coverage")
+    ax.plot(
+        [p["threshold"] for p in covered], [p["coverage"] for p in covered], "o-", color="tab:grey", label="coverage"
+    )
     kept = [p for p in curve if p["accuracy"] is not None]
-    ax.plot([p["threshold"] for p in kept], [p["accuracy"] for p in kept], "o-",
-            color="tab:blue", label="accuracy on answered images")
+    ax.plot(
+        [p["threshold"] for p in kept],
+        [p["accuracy"] for p in kept],
+        "o-",
+        color="tab:blue",
+        label="accuracy on answered images",
+    )
     ax.set(xlabel="minimum confidence to answer", ylabel="fraction", ylim=(0, 1.02), title=title)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left", fontsize="small")

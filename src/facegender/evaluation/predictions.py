@@ -26,13 +26,13 @@ class Predictions:
 
     classes: list[str]
     paths: list[Path]
-    labels: np.ndarray               # (N,) class indices
-    logits: np.ndarray               # (N, C) as evaluated: the mean with the mirror image when `tta`
+    labels: np.ndarray  # (N,) class indices
+    logits: np.ndarray  # (N, C) as evaluated: the mean with the mirror image when `tta`
     temperature: float = 1.0
     tta: bool = False
     logits_plain: np.ndarray | None = None  # (N, C) without test-time augmentation, when `tta`
     skipped: list[str] = field(default_factory=list)  # unreadable files left out (--skip-bad)
-    threshold: float | None = None   # the decision threshold on p(classes[1]); None: the arg-max
+    threshold: float | None = None  # the decision threshold on p(classes[1]); None: the arg-max
 
     def probs(self, calibrated: bool = True) -> np.ndarray:
         return apply_temperature(self.logits, self.temperature if calibrated else 1.0)
@@ -42,10 +42,17 @@ class Predictions:
         """One record of several sets evaluated by the same model (`evaluate --data A --data B`)."""
         first = parts[0]
         plain = [p.logits_plain for p in parts]
-        return cls(first.classes, [path for p in parts for path in p.paths],
-                   np.concatenate([p.labels for p in parts]), np.concatenate([p.logits for p in parts]),
-                   first.temperature, first.tta, None if any(x is None for x in plain) else np.concatenate(plain),
-                   [s for p in parts for s in p.skipped], first.threshold)
+        return cls(
+            first.classes,
+            [path for p in parts for path in p.paths],
+            np.concatenate([p.labels for p in parts]),
+            np.concatenate([p.logits for p in parts]),
+            first.temperature,
+            first.tta,
+            None if any(x is None for x in plain) else np.concatenate(plain),
+            [s for p in parts for s in p.skipped],
+            first.threshold,
+        )
 
     def predicted(self, logits=None) -> np.ndarray:
         """The predicted class indices (N,): `decide` on the calibrated probabilities of `logits`
@@ -54,8 +61,15 @@ class Predictions:
         return decide(apply_temperature(logits, self.temperature), self.threshold)
 
 
-def predict_labelled(model, data, skip_bad: bool = False, batch_size: int | None = None, loader=None,
-                     log: Callable[[str], None] = print, progress: bool = True) -> Predictions:
+def predict_labelled(
+    model,
+    data,
+    skip_bad: bool = False,
+    batch_size: int | None = None,
+    loader=None,
+    log: Callable[[str], None] = print,
+    progress: bool = True,
+) -> Predictions:
     """Logits of every image of a labelled set: a folder with one subfolder per class of this
     model (e.g. DATASET/test), or a `data.dataset.LoadedSplit` already read (training's test split,
     with its image `loader`). Each image is one face, prepared as in training (the largest face
@@ -70,8 +84,7 @@ def predict_labelled(model, data, skip_bad: bool = False, batch_size: int | None
     if loaded.images is None and loader is None:
         raise ValueError("evaluate: a split read without keeping its images needs its image loader")
     plain, mirrored, labels = [], [], []
-    for start in tqdm(range(0, len(paths), size), desc="evaluate", leave=False, disable=not progress,
-                      unit="batch"):
+    for start in tqdm(range(0, len(paths), size), desc="evaluate", leave=False, disable=not progress, unit="batch"):
         stop = min(start + size, len(paths))
         crops = loaded.images[start:stop] if loaded.images is not None else [loader(p)[0] for p in paths[start:stop]]
         a, b = model.logit_views(model.normalize(crops))
@@ -84,13 +97,27 @@ def predict_labelled(model, data, skip_bad: bool = False, batch_size: int | None
     if model.tta:
         mirrored_all = np.concatenate(mirrored).astype(np.float64) if mirrored else np.zeros((0, n_classes))
         logits, logits_plain = (plain_all + mirrored_all) / 2, plain_all
-    return Predictions(list(model.classes), list(loaded.split.paths),
-                       np.concatenate(labels) if labels else np.zeros(0, dtype=np.int64),
-                       logits, model.temperature, model.tta, logits_plain, list(loaded.bad), model.threshold)
+    return Predictions(
+        list(model.classes),
+        list(loaded.split.paths),
+        np.concatenate(labels) if labels else np.zeros(0, dtype=np.int64),
+        logits,
+        model.temperature,
+        model.tta,
+        logits_plain,
+        list(loaded.bad),
+        model.threshold,
+    )
 
 
-def read_labelled(folder: str | os.PathLike, classes: list[str], prep: Preprocessing, skip_bad: bool = False,
-                  log: Callable[[str], None] = print, progress: bool = True):
+def read_labelled(
+    folder: str | os.PathLike,
+    classes: list[str],
+    prep: Preprocessing,
+    skip_bad: bool = False,
+    log: Callable[[str], None] = print,
+    progress: bool = True,
+):
     """(loaded split, image loader) of `folder`/<class>/* for a model with `classes` (the class
     folders must be classes of the model; labels are the model's class indices)."""
     from facegender.core.preprocessing import ImagePreparer
@@ -103,8 +130,10 @@ def read_labelled(folder: str | os.PathLike, classes: list[str], prep: Preproces
     folders = find_classes(folder)
     unknown = sorted(set(folders) - set(classes))
     if unknown or not folders:
-        raise DatasetError(f"{folder}: class folders {unknown or folders or 'none'} are not classes of this "
-                           f"model ({classes}); pass a folder like DATASET/test with subfolders {classes}")
+        raise DatasetError(
+            f"{folder}: class folders {unknown or folders or 'none'} are not classes of this "
+            f"model ({classes}); pass a folder like DATASET/test with subfolders {classes}"
+        )
     present = [c for c in classes if c in folders]
     split, problems = scan_split(folder, present)
     split.labels = [classes.index(present[i]) for i in split.labels]  # the model's class indices

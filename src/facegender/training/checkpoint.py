@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from facegender.training.distributed import plain_module
 from facegender.core.files import CheckpointError, atomic_path
-from facegender.training.backbones import FaceClassifier, WeightsNotFoundError, build_model, get_spec
 from facegender.core.preprocessing import Preprocessing
+from facegender.training.backbones import FaceClassifier, WeightsNotFoundError, build_model, get_spec
+from facegender.training.distributed import plain_module
 
 FORMAT = "facegender/1"
 
@@ -35,23 +35,29 @@ def load_file(path: str | os.PathLike) -> dict:
     """Read a facegender .pth file safely (weights_only=True); clear errors for anything else."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: model file not found; train one with `facegender train` "
-                              "or pass the path to best_model.pth")
+        raise CheckpointError(
+            f"{path}: model file not found; train one with `facegender train` or pass the path to best_model.pth"
+        )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:  # Python objects beyond plain data: never loaded (no weights_only=False)
-        raise CheckpointError(f"{path}: not a facegender model file: it holds Python objects, not the plain data "
-                              "of a model file; pass best_model.pth from `facegender train`") from None
+        raise CheckpointError(
+            f"{path}: not a facegender model file: it holds Python objects, not the plain data "
+            "of a model file; pass best_model.pth from `facegender train`"
+        ) from None
     except Exception as exc:  # noqa: BLE001 - a damaged file, or not a PyTorch file at all
-        raise CheckpointError(f"{path}: cannot be read as a facegender model (damaged, or not a model file: "
-                              f"{exc.__class__.__name__}); pass best_model.pth from `facegender train`") from None
+        raise CheckpointError(
+            f"{path}: cannot be read as a facegender model (damaged, or not a model file: "
+            f"{exc.__class__.__name__}); pass best_model.pth from `facegender train`"
+        ) from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a facegender model file (expected format {FORMAT})")
     return obj
 
 
-def model_record(model: FaceClassifier, config: dict, classes: list[str], prep: Preprocessing,
-                 weights_source: str, **extra: Any) -> dict:
+def model_record(
+    model: FaceClassifier, config: dict, classes: list[str], prep: Preprocessing, weights_source: str, **extra: Any
+) -> dict:
     """Everything prediction needs, as plain data.
 
     A body that stayed fixed at pretrained weights from an installed package (`frozen_features`)
@@ -81,21 +87,26 @@ def body_from_package(config: dict) -> bool:
     """True when the run kept the body at pretrained weights that an installed package provides,
     so model files need not store them."""
     spec = get_spec(config["backbone"])
-    return (bool(config.get("frozen_features")) and bool(config.get("pretrained")) and not config.get("weights")
-            and (spec.load_weights is not None or spec.packaged_file is not None))
+    return (
+        bool(config.get("frozen_features"))
+        and bool(config.get("pretrained"))
+        and not config.get("weights")
+        and (spec.load_weights is not None or spec.packaged_file is not None)
+    )
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"
-               ) -> tuple[FaceClassifier, dict]:
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[FaceClassifier, dict]:
     """(model in eval mode, record) from best_model.pth or gender_checkpoint.pth."""
     record = load_file(path)
     body_pretrained = record.get("body_weights") == "pretrained"
     try:
-        model, _ = build_model(record["backbone"], len(record["classes"]), record.get("dropout", 0.0),
-                               pretrained=body_pretrained)
+        model, _ = build_model(
+            record["backbone"], len(record["classes"]), record.get("dropout", 0.0), pretrained=body_pretrained
+        )
     except WeightsNotFoundError as exc:
-        raise CheckpointError(f"{path}: this model uses the pretrained {record['backbone']} body, which could "
-                              f"not be loaded: {exc}") from None
+        raise CheckpointError(
+            f"{path}: this model uses the pretrained {record['backbone']} body, which could not be loaded: {exc}"
+        ) from None
     try:
         missing, unexpected = model.load_state_dict(record["model_state"], strict=not body_pretrained)
         if body_pretrained and (unexpected or any(not k.startswith("body.") for k in missing)):
@@ -107,6 +118,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"
 
 
 # ----------------------------------------------------------------------------- RNG state
+
 
 def rng_state() -> dict:
     np_state = np.random.get_state()

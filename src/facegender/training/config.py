@@ -29,31 +29,51 @@ def option(default: Any, help: str, group: str = "runtime", cli: bool = True, **
 @dataclass
 class TrainConfig:
     # data
-    data: list[str] = option([], "a training source: a dataset folder with train/ (and test/) or a folder of "
-                             "class folders (all training images); repeat to combine sources, or name a "
-                             "sources .yaml file (docs/recipes.md)", "data", metavar="FOLDER")
+    data: list[str] = option(
+        [],
+        "a training source: a dataset folder with train/ (and test/) or a folder of "
+        "class folders (all training images); repeat to combine sources, or name a "
+        "sources .yaml file (docs/recipes.md)",
+        "data",
+        metavar="FOLDER",
+    )
     out: str = option("output", "run folder for models, curves and metrics", "data")
     val_fraction: float = option(0.15, "share of train/ held out (stratified) for validation", "data")
-    val_on_test: bool = option(False, "choose the best epoch on test/ like the course report (optimistic; warns)",
-                               "data")
+    val_on_test: bool = option(
+        False, "choose the best epoch on test/ like the course report (optimistic; warns)", "data"
+    )
     cv_folds: int = option(0, "`facegender cv`: number of stratified folds of train/", "data", cli=False)
     cv_fold: int = option(0, "`facegender cv`: the fold (1..cv_folds) that validates this run", "data", cli=False)
-    balance: str = option("none", "sampling: none; class (each class equally often); source (each source and "
-                          "class equally often); group (each class and --balance-column value equally often)",
-                          "data", choices=["none", "class", "source", "group"])
-    balance_column: str | None = option(None, "--balance group: the manifest.csv column (or 'source')", "data",
-                                        metavar="COLUMN")
+    balance: str = option(
+        "none",
+        "sampling: none; class (each class equally often); source (each source and "
+        "class equally often); group (each class and --balance-column value equally often)",
+        "data",
+        choices=["none", "class", "source", "group"],
+    )
+    balance_column: str | None = option(
+        None, "--balance group: the manifest.csv column (or 'source')", "data", metavar="COLUMN"
+    )
     skip_bad: bool = option(False, "leave unreadable images out (with a warning) instead of stopping", "data")
     cache: bool = option(True, "keep decoded, resized images in memory between epochs", "data")
     align: bool = option(False, "detect and align faces before training (see docs/faces.md)", "data")
-    visible_region: bool = option(True, "aligned faces: grey out the part of the crop that most training images "
-                                  "leave empty (tight crops), in training and prediction alike", "data")
+    visible_region: bool = option(
+        True,
+        "aligned faces: grey out the part of the crop that most training images "
+        "leave empty (tight crops), in training and prediction alike",
+        "data",
+    )
     face: dict | None = option(None, "face alignment settings (FaceAlignConfig) when align is on", "data", cli=False)
     # model
-    backbone: str = option("efficientnet_lite0", "efficientnet_lite0 (offline weights), resnet18, resnet50, "
-                           "mobilenet_v3_large, efficientnet_b0, ... (training/backbones.py)", "model")
-    pretrained: bool = option(True, "start from ImageNet weights; --no-pretrained: random weights (recorded in "
-                              "the model file)", "model")
+    backbone: str = option(
+        "efficientnet_lite0",
+        "efficientnet_lite0 (offline weights), resnet18, resnet50, "
+        "mobilenet_v3_large, efficientnet_b0, ... (training/backbones.py)",
+        "model",
+    )
+    pretrained: bool = option(
+        True, "start from ImageNet weights; --no-pretrained: random weights (recorded in the model file)", "model"
+    )
     weights: str | None = option(None, "ImageNet weight file for the backbone", "model", metavar="FILE")
     image_size: int = option(224, "input size in pixels", "model")
     dropout: float = option(0.2, "dropout before the final layer", "model")
@@ -62,38 +82,56 @@ class TrainConfig:
     feature_views: int = option(4, "frozen features: augmented views embedded per training image", "model")
     trainable_stages: int = option(-1, "fine-tuning: train only the last N stages of the body (-1: all)", "model")
     body_lr_scale: float = option(1.0, "fine-tuning: the body's learning rate is lr times this", "model")
-    cached_prefix: bool = option(True, "fine-tuning the last stages: the frozen first stages' output of each "
-                                 "view (--feature-views) is computed once and cached, so an epoch only runs "
-                                 "the trainable stages", "model")
+    cached_prefix: bool = option(
+        True,
+        "fine-tuning the last stages: the frozen first stages' output of each "
+        "view (--feature-views) is computed once and cached, so an epoch only runs "
+        "the trainable stages",
+        "model",
+    )
     # optimisation
     epochs: int = option(30, "maximum epochs (early stopping usually ends sooner)", "optimisation")
     batch_size: int = option(32, "images per training step", "optimisation")
     lr: float = option(1e-4, "learning rate", "optimisation")
     weight_decay: float = option(0.0, "weight decay", "optimisation")
     optimizer: str = option("adam", "optimizer", "optimisation", choices=["adam", "adamw"])
-    scheduler: str = option("none", "learning-rate schedule: none, or cosine decay after the warm-up",
-                            "optimisation", choices=["none", "cosine"])
-    warmup_epochs: int = option(0, "epochs of linear learning-rate warm-up (with --scheduler cosine)",
-                                "optimisation")
+    scheduler: str = option(
+        "none",
+        "learning-rate schedule: none, or cosine decay after the warm-up",
+        "optimisation",
+        choices=["none", "cosine"],
+    )
+    warmup_epochs: int = option(0, "epochs of linear learning-rate warm-up (with --scheduler cosine)", "optimisation")
     label_smoothing: float = option(0.0, "label smoothing of the training loss", "optimisation")
-    augment: str = option("report", "augmentation recipe", "optimisation",
-                          choices=["report", "strong", "light", "none"])
-    ema: float = option(0.0, "weight averaging: validate and keep an exponential moving average of the trained "
-                        "weights, with this decay per step (0: off; e.g. 0.998)", "optimisation")
+    augment: str = option(
+        "report", "augmentation recipe", "optimisation", choices=["report", "strong", "light", "none"]
+    )
+    ema: float = option(
+        0.0,
+        "weight averaging: validate and keep an exponential moving average of the trained "
+        "weights, with this decay per step (0: off; e.g. 0.998)",
+        "optimisation",
+    )
     patience: int = option(3, "early stopping: epochs without improvement", "optimisation")
-    monitor: str = option("val_acc", "what early stopping and the best epoch watch", "optimisation",
-                          choices=["val_acc", "val_loss"])
-    tta: bool = option(False, "horizontal-flip test-time augmentation in evaluation (recorded in the model)",
-                       "optimisation")
+    monitor: str = option(
+        "val_acc", "what early stopping and the best epoch watch", "optimisation", choices=["val_acc", "val_loss"]
+    )
+    tta: bool = option(
+        False, "horizontal-flip test-time augmentation in evaluation (recorded in the model)", "optimisation"
+    )
     # runtime
     seed: int = option(42, "seed of the validation split, shuffling and augmentation")
     device: str = option("auto", "auto (cuda, mps, cpu), cpu, cuda, cuda:1, mps")
-    precision: str = option("auto", "training precision; auto: bf16/fp16 where the hardware is fast at it, "
-                            "else fp32", choices=["auto", "fp32", "bf16", "fp16"])
+    precision: str = option(
+        "auto",
+        "training precision; auto: bf16/fp16 where the hardware is fast at it, else fp32",
+        choices=["auto", "fp32", "bf16", "fp16"],
+    )
     channels_last: bool = option(True, "channels-last memory format")
     workers: int = option(0, "DataLoader worker processes")
-    sync_bn: bool = option(False, "with torchrun on CUDA: batch-norm statistics over all processes "
-                           "(docs/distributed-training.md)")
+    sync_bn: bool = option(
+        False, "with torchrun on CUDA: batch-norm statistics over all processes (docs/distributed-training.md)"
+    )
     compile: bool = option(False, "torch.compile the model for training (compiles first; model files stay plain)")
     preset: str | None = option(None, "named recipe; explicit options override it", "data", cli=False)
 
@@ -101,7 +139,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in d.items() if k in known}
         if isinstance(values.get("data"), (str, os.PathLike)):  # one folder (and files written before sources)
@@ -232,8 +270,10 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.val_fraction == 0.0 and not cfg.val_on_test:
         problems.append("--val-fraction 0 needs --val-on-test (something must choose the best epoch)")
     if cfg.cv_fold and not (cfg.cv_folds >= 2 and 1 <= cfg.cv_fold <= cfg.cv_folds and not cfg.val_on_test):
-        problems.append(f"cross-validation fold {cfg.cv_fold} of {cfg.cv_folds}: need 2 or more folds, "
-                        "fold between 1 and the number of folds, and no --val-on-test")
+        problems.append(
+            f"cross-validation fold {cfg.cv_fold} of {cfg.cv_folds}: need 2 or more folds, "
+            "fold between 1 and the number of folds, and no --val-on-test"
+        )
     if cfg.monitor not in ("val_acc", "val_loss"):
         problems.append(f"--monitor must be val_acc or val_loss, got {cfg.monitor!r}")
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.patience < 1:

@@ -24,13 +24,14 @@ import json
 import os
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from facegender.core import files
 from facegender.core.errors import ConfigError
-from facegender.training import train as training
 from facegender.data.dataset import Split, fold_split, plan_folds, scan_dataset  # noqa: F401  (fold_split: cv.fold_split)
+from facegender.training import train as training
 
 RESULT = "fold_result.json"
 RESULTS = "cv_results.json"
@@ -61,8 +62,10 @@ def _check_same_recipe(saved: dict, current: dict, where: Path) -> None:
     diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
     if diff:
         shown = ", ".join(f"{k}: {a.get(k)!r} then, {b.get(k)!r} now" for k in diff)
-        raise ConfigError(f"{where} was made with different options ({shown}); rerun with the same options "
-                          "to continue this cross-validation, or pass a new --out")
+        raise ConfigError(
+            f"{where} was made with different options ({shown}); rerun with the same options "
+            "to continue this cross-validation, or pass a new --out"
+        )
 
 
 def _fold_row(fold: int, summary: dict, classes: list[str], n_train: int, seconds: float) -> dict:
@@ -88,16 +91,21 @@ def mean_std(values: list[float | None]) -> dict[str, Any]:
     """{'mean', 'std', 'n'} of the values that are not None; std is the sample standard deviation
     (n - 1), None with fewer than two values."""
     vals = [float(v) for v in values if v is not None]
-    return {"mean": statistics.fmean(vals) if vals else None,
-            "std": statistics.stdev(vals) if len(vals) > 1 else None, "n": len(vals)}
+    return {
+        "mean": statistics.fmean(vals) if vals else None,
+        "std": statistics.stdev(vals) if len(vals) > 1 else None,
+        "n": len(vals),
+    }
 
 
 def summarise(rows: list[dict], classes: list[str]) -> dict[str, Any]:
     """Mean and standard deviation over folds of accuracy and each class's recall."""
-    out = {"val_accuracy": mean_std([r["val_accuracy"] for r in rows]),
-           "val_recall": {c: mean_std([r["val_recall"][c] for r in rows]) for c in classes},
-           "test_accuracy": mean_std([r["test_accuracy"] for r in rows]),
-           "test_recall": {c: mean_std([(r["test_recall"] or {}).get(c) for r in rows]) for c in classes}}
+    out = {
+        "val_accuracy": mean_std([r["val_accuracy"] for r in rows]),
+        "val_recall": {c: mean_std([r["val_recall"][c] for r in rows]) for c in classes},
+        "test_accuracy": mean_std([r["test_accuracy"] for r in rows]),
+        "test_recall": {c: mean_std([(r["test_recall"] or {}).get(c) for r in rows]) for c in classes},
+    }
     return out
 
 
@@ -109,9 +117,19 @@ def _fmt(ms: dict) -> str:
 
 def summary_csv(rows: list[dict], summary: dict, classes: list[str]) -> str:
     """cv_summary.csv: one row per fold, then a `mean` and a `std` row."""
-    cols = ["fold", "n_train", "n_val", "best_epoch", "epochs_run", "val_accuracy",
-            *[f"val_recall_{c}" for c in classes], "test_accuracy", *[f"test_recall_{c}" for c in classes],
-            "temperature", "seconds"]
+    cols = [
+        "fold",
+        "n_train",
+        "n_val",
+        "best_epoch",
+        "epochs_run",
+        "val_accuracy",
+        *[f"val_recall_{c}" for c in classes],
+        "test_accuracy",
+        *[f"test_recall_{c}" for c in classes],
+        "temperature",
+        "seconds",
+    ]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=cols)
     writer.writeheader()
@@ -121,8 +139,11 @@ def summary_csv(rows: list[dict], summary: dict, classes: list[str]) -> str:
         flat.update({f"test_recall_{c}": (r["test_recall"] or {}).get(c) for c in classes})
         writer.writerow(flat)
     for stat in ("mean", "std"):
-        row = {"fold": stat, "val_accuracy": summary["val_accuracy"][stat],
-               "test_accuracy": summary["test_accuracy"][stat]}
+        row = {
+            "fold": stat,
+            "val_accuracy": summary["val_accuracy"][stat],
+            "test_accuracy": summary["test_accuracy"][stat],
+        }
         row.update({f"val_recall_{c}": summary["val_recall"][c][stat] for c in classes})
         row.update({f"test_recall_{c}": summary["test_recall"][c][stat] for c in classes})
         writer.writerow(row)
@@ -131,13 +152,19 @@ def summary_csv(rows: list[dict], summary: dict, classes: list[str]) -> str:
 
 def format_table(rows: list[dict], summary: dict, classes: list[str]) -> str:
     """The per-fold table and the mean ± std line, for the terminal."""
-    head = f"{'fold':>4} {'n_val':>5} {'best':>4} {'val_acc':>8} " + " ".join(
-        f"{'rec_' + c:>12.12}" for c in classes) + f" {'test_acc':>8}"
+    head = (
+        f"{'fold':>4} {'n_val':>5} {'best':>4} {'val_acc':>8} "
+        + " ".join(f"{'rec_' + c:>12.12}" for c in classes)
+        + f" {'test_acc':>8}"
+    )
     lines = [head]
     for r in rows:
         test = f"{r['test_accuracy']:.4f}" if r["test_accuracy"] is not None else "-"
-        lines.append(f"{r['fold']:>4} {r['n_val']:>5} {r['best_epoch']:>4} {r['val_accuracy']:>8.4f} "
-                     + " ".join(f"{r['val_recall'][c]:>12.4f}" for c in classes) + f" {test:>8}")
+        lines.append(
+            f"{r['fold']:>4} {r['n_val']:>5} {r['best_epoch']:>4} {r['val_accuracy']:>8.4f} "
+            + " ".join(f"{r['val_recall'][c]:>12.4f}" for c in classes)
+            + f" {test:>8}"
+        )
     lines.append(f"validation accuracy (held-out fold, also used for early stopping) {_fmt(summary['val_accuracy'])}")
     for c in classes:
         lines.append(f"  recall {c}: {_fmt(summary['val_recall'][c])}")
@@ -149,7 +176,7 @@ def format_table(rows: list[dict], summary: dict, classes: list[str]) -> str:
 class _CrossValidation:
     """What the steps of `run_cv` share: the recipe, the folds over DATASET/train and where results go."""
 
-    cfg: Any                          # TrainConfig, data = [absolute DATASET]
+    cfg: Any  # TrainConfig, data = [absolute DATASET]
     n_folds: int
     classes: list[str]
     train_split: Split
@@ -168,15 +195,22 @@ class _CrossValidation:
         return len(self.train_split) - len(self.folds[fold - 1])
 
 
-def run_cv(cfg, n_folds: int = 5, time_budget_min: float | None = None, log: Callable[[str], None] = print,
-           progress: bool = True) -> dict[str, Any]:
+def run_cv(
+    cfg,
+    n_folds: int = 5,
+    time_budget_min: float | None = None,
+    log: Callable[[str], None] = print,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Cross-validate the recipe `cfg` (a TrainConfig; `cfg.out` is the cross-validation folder).
 
     Returns the content of cv_results.json; `complete` is False when the time budget stopped it
     before every fold had finished (rerun the same command to continue)."""
     cv = _plan_cv(cfg, n_folds)
-    log(f"{n_folds}-fold stratified cross-validation of {cv.cfg.backbone} on {cv.cfg.data[0]}/train "
-        f"({len(cv.train_split)} images, classes {cv.classes}); folds in {cv.out}/fold_<k>/")
+    log(
+        f"{n_folds}-fold stratified cross-validation of {cv.cfg.backbone} on {cv.cfg.data[0]}/train "
+        f"({len(cv.train_split)} images, classes {cv.classes}); folds in {cv.out}/fold_<k>/"
+    )
     started = time.monotonic()
     rows: list[dict] = []
     stopped_by_budget = False
@@ -190,8 +224,10 @@ def run_cv(cfg, n_folds: int = 5, time_budget_min: float | None = None, log: Cal
         if time_budget_min is not None and time.monotonic() - started >= time_budget_min * 60:
             stopped_by_budget = True
             missing = [k for k in range(fold, n_folds + 1) if not (cv.out / f"fold_{k}" / RESULT).is_file()]
-            log(f"time budget of {time_budget_min:g} min used up: not starting fold(s) {missing}; "
-                "run the same command again to continue")
+            log(
+                f"time budget of {time_budget_min:g} min used up: not starting fold(s) {missing}; "
+                "run the same command again to continue"
+            )
             break
         rows.append(_run_fold(cv, fcfg, fold, rows, log, progress))
         _write_results(cv, rows)
@@ -219,8 +255,10 @@ def _plan_cv(cfg, n_folds: int) -> _CrossValidation:
         previous = json.loads(cv.results_path.read_text(encoding="utf-8"))
         _check_same_recipe(previous["config"], cfg.to_dict(), cv.results_path)
         if previous.get("folds") != n_folds or previous.get("dataset_fingerprint") != cv.fingerprint:
-            raise ConfigError(f"{cv.results_path} is a {previous.get('folds')}-fold run on other training files; "
-                              "pass a new --out (or the same --folds and data) to continue it")
+            raise ConfigError(
+                f"{cv.results_path} is a {previous.get('folds')}-fold run on other training files; "
+                "pass a new --out (or the same --folds and data) to continue it"
+            )
     return cv
 
 
@@ -235,8 +273,9 @@ def _finished_fold(fcfg, fold: int, n_folds: int, log: Callable[[str], None]) ->
     return saved["result"]
 
 
-def _run_fold(cv: _CrossValidation, fcfg, fold: int, rows: list[dict], log: Callable[[str], None],
-              progress: bool) -> dict:
+def _run_fold(
+    cv: _CrossValidation, fcfg, fold: int, rows: list[dict], log: Callable[[str], None], progress: bool
+) -> dict:
     """Train fold `fold` (continuing its checkpoint, if any) and write its fold_result.json; its
     row. On Ctrl-C the results so far (`rows`) are written before TrainingInterrupted goes on."""
     state = None
@@ -246,8 +285,7 @@ def _run_fold(cv: _CrossValidation, fcfg, fold: int, rows: list[dict], log: Call
         _check_same_recipe(resumed_cfg.to_dict(), fcfg.to_dict(), checkpoint)
         log(f"fold {fold}/{cv.n_folds}: resuming from {checkpoint}")
     else:
-        log(f"fold {fold}/{cv.n_folds}: training on {cv.n_train(fold)} images, "
-            f"validating on {len(cv.folds[fold - 1])}")
+        log(f"fold {fold}/{cv.n_folds}: training on {cv.n_train(fold)} images, validating on {len(cv.folds[fold - 1])}")
     t0 = time.monotonic()
     try:
         summary = training.train(fcfg, state, log=log, progress=progress)
@@ -256,8 +294,9 @@ def _run_fold(cv: _CrossValidation, fcfg, fold: int, rows: list[dict], log: Call
         log(f"cross-validation interrupted in fold {fold}; run the same command again to resume it")
         raise
     row = _fold_row(fold, summary, cv.classes, cv.n_train(fold), time.monotonic() - t0)
-    files.write_text_atomic(json.dumps({"config": fcfg.to_dict(), "result": row}, indent=2,
-                                      ensure_ascii=False), Path(fcfg.out) / RESULT)
+    files.write_text_atomic(
+        json.dumps({"config": fcfg.to_dict(), "result": row}, indent=2, ensure_ascii=False), Path(fcfg.out) / RESULT
+    )
     return row
 
 
@@ -265,14 +304,22 @@ def _write_results(cv: _CrossValidation, rows: list[dict]) -> dict:
     """cv_results.json and cv_summary.csv of the folds finished so far; cv_results.json's content."""
     n_folds, classes = cv.n_folds, cv.classes
     summary = summarise(rows, classes)
-    result = {"config": cv.cfg.to_dict(), "folds": n_folds, "seed": cv.cfg.seed, "classes": classes,
-              "dataset_fingerprint": cv.fingerprint, "fold_sizes": [int(len(f)) for f in cv.folds],
-              "complete": len(rows) == n_folds, "finished_folds": [r["fold"] for r in rows],
-              "missing_folds": [k for k in range(1, n_folds + 1) if k not in {r["fold"] for r in rows}],
-              "per_fold": rows, "summary": summary,
-              "std_note": "sample standard deviation over folds (n - 1)",
-              "val_note": "validation = the fold's held-out part, which also chose the best epoch "
-                          "(slightly optimistic); test = DATASET/test, never used in training"}
+    result = {
+        "config": cv.cfg.to_dict(),
+        "folds": n_folds,
+        "seed": cv.cfg.seed,
+        "classes": classes,
+        "dataset_fingerprint": cv.fingerprint,
+        "fold_sizes": [int(len(f)) for f in cv.folds],
+        "complete": len(rows) == n_folds,
+        "finished_folds": [r["fold"] for r in rows],
+        "missing_folds": [k for k in range(1, n_folds + 1) if k not in {r["fold"] for r in rows}],
+        "per_fold": rows,
+        "summary": summary,
+        "std_note": "sample standard deviation over folds (n - 1)",
+        "val_note": "validation = the fold's held-out part, which also chose the best epoch "
+        "(slightly optimistic); test = DATASET/test, never used in training",
+    }
     files.write_text_atomic(json.dumps(result, indent=2, ensure_ascii=False), cv.results_path)
     files.write_text_atomic(summary_csv(rows, summary, classes), cv.out / SUMMARY)
     return result

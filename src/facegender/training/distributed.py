@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -50,7 +51,7 @@ class DistContext:
     rank: int = 0
     local_rank: int = 0
     device: torch.device | None = None  # None: single process, the caller picks the device
-    owns_group: bool = False            # True when `setup` created the process group (and `cleanup` ends it)
+    owns_group: bool = False  # True when `setup` created the process group (and `cleanup` ends it)
 
     @property
     def enabled(self) -> bool:
@@ -76,17 +77,21 @@ def resolve_device(name: str, local_rank: int) -> torch.device:
         if torch.cuda.is_available():
             count = torch.cuda.device_count()
             if local_rank >= count:
-                raise ConfigError(f"LOCAL_RANK {local_rank} but only {count} GPU(s) visible on this machine; "
-                                  f"start at most {count} processes per node (--nproc_per_node)")
+                raise ConfigError(
+                    f"LOCAL_RANK {local_rank} but only {count} GPU(s) visible on this machine; "
+                    f"start at most {count} processes per node (--nproc_per_node)"
+                )
             return torch.device("cuda", local_rank)
         if name == "cuda":
             raise ConfigError("--device cuda: CUDA is not available on this machine; use --device cpu")
         return torch.device("cpu")
     if name == "cpu":
         return torch.device("cpu")
-    raise ConfigError(f"--device {name}: with several processes each one uses its own GPU, cuda:LOCAL_RANK "
-                      "(--device auto or cuda), or the CPU (--device cpu); choose the GPUs with "
-                      "CUDA_VISIBLE_DEVICES instead")
+    raise ConfigError(
+        f"--device {name}: with several processes each one uses its own GPU, cuda:LOCAL_RANK "
+        "(--device auto or cuda), or the CPU (--device cpu); choose the GPUs with "
+        "CUDA_VISIBLE_DEVICES instead"
+    )
 
 
 def setup(device_name: str = "auto") -> DistContext:
@@ -111,8 +116,10 @@ def setup(device_name: str = "auto") -> DistContext:
         raise RuntimeError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed support")
     for var in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
         if var not in os.environ:
-            raise ConfigError(f"WORLD_SIZE={world} but {var} is not set; start the run with torchrun "
-                              "(e.g. torchrun --nproc_per_node=2 -m facegender train ...)")
+            raise ConfigError(
+                f"WORLD_SIZE={world} but {var} is not set; start the run with torchrun "
+                "(e.g. torchrun --nproc_per_node=2 -m facegender train ...)"
+            )
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_name, local_rank)
@@ -134,6 +141,7 @@ def cleanup(ctx: DistContext) -> None:
 
 # ----------------------------------------------------------------------------- model
 
+
 def prepare_model(model: nn.Module, ctx: DistContext, sync_bn: bool = False, compile: bool = False) -> nn.Module:
     """The module to train: `model` wrapped in DistributedDataParallel (when distributed, with
     SyncBatchNorm if asked) and torch.compile (if asked). `model` itself stays the plain module that
@@ -141,8 +149,9 @@ def prepare_model(model: nn.Module, ctx: DistContext, sync_bn: bool = False, com
     if ctx.enabled:
         if sync_bn:
             if ctx.device.type != "cuda":
-                raise ConfigError("--sync-bn needs CUDA devices (SyncBatchNorm does not run on the CPU); "
-                                  "leave it off for CPU runs")
+                raise ConfigError(
+                    "--sync-bn needs CUDA devices (SyncBatchNorm does not run on the CPU); leave it off for CPU runs"
+                )
             # the same root, new BN children; a frozen stem's FrozenBatchNorm2d layers stay as they are
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         from torch.nn.parallel import DistributedDataParallel
@@ -163,6 +172,7 @@ def plain_module(model: nn.Module) -> nn.Module:
 
 # ----------------------------------------------------------------------------- data
 
+
 def train_sampler(dataset, ctx: DistContext, seed: int):
     """A seeded DistributedSampler for the training set (None in a single process). Call its
     `set_epoch(epoch)` before every epoch so each epoch has its own shuffle."""
@@ -170,8 +180,9 @@ def train_sampler(dataset, ctx: DistContext, seed: int):
         return None
     from torch.utils.data.distributed import DistributedSampler
 
-    return DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=seed,
-                              drop_last=False)
+    return DistributedSampler(
+        dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=seed, drop_last=False
+    )
 
 
 def shard_sampler(n: int, ctx: DistContext):
@@ -200,6 +211,7 @@ def interleave(shards: list[torch.Tensor], n: int) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- collectives
 
+
 def gather_objects(obj: Any, ctx: DistContext) -> list[Any]:
     """Every process's `obj`, in rank order (just [obj] in a single process)."""
     if not ctx.enabled:
@@ -222,18 +234,27 @@ def broadcast_object(obj: Any, ctx: DistContext, src: int = 0) -> Any:
     return box[0]
 
 
-def evaluate(model: nn.Module, loader, criterion, device: torch.device, precision: str, channels_last: bool,
-             ctx: DistContext, desc: str = "validate", progress: bool = True) -> dict:
+def evaluate(
+    model: nn.Module,
+    loader,
+    criterion,
+    device: torch.device,
+    precision: str,
+    channels_last: bool,
+    ctx: DistContext,
+    desc: str = "validate",
+    progress: bool = True,
+) -> dict:
     """`engine.evaluate` over the whole set: each process predicts its shard (`loader` built with
     `shard_sampler`) with the plain module, the logits are gathered in order, and every process
     computes the same, exact loss and accuracy: those of rank 0's model, the one it saves."""
     if not ctx.enabled:
-        return engine.evaluate(model, loader, criterion, device, precision, channels_last, desc=desc,
-                               progress=progress)
+        return engine.evaluate(model, loader, criterion, device, precision, channels_last, desc=desc, progress=progress)
     plain = plain_module(model)
     sync_buffers(plain, ctx)
-    logits, labels = engine.predict_logits(plain, loader, device, precision, channels_last,
-                                           desc=desc, progress=progress)
+    logits, labels = engine.predict_logits(
+        plain, loader, device, precision, channels_last, desc=desc, progress=progress
+    )
     n = len(loader.dataset)
     parts = gather_objects((logits, labels), ctx)
     logits = interleave([p[0] for p in parts], n)
@@ -267,8 +288,14 @@ def reduce_train_stats(stats: dict, ctx: DistContext) -> dict:
     loss_sum, correct, total = sums.tolist()
     secs = seconds.item()
     total_n = int(total)
-    return {**stats, "loss": loss_sum / max(total_n, 1), "acc": correct / max(total_n, 1), "n": total_n,
-            "seconds": secs, "images_per_sec": total_n / secs if secs > 0 else 0.0}
+    return {
+        **stats,
+        "loss": loss_sum / max(total_n, 1),
+        "acc": correct / max(total_n, 1),
+        "n": total_n,
+        "seconds": secs,
+        "images_per_sec": total_n / secs if secs > 0 else 0.0,
+    }
 
 
 def sync_early_stopping(stopper: engine.EarlyStopping, improved: bool, ctx: DistContext) -> bool:
@@ -281,6 +308,7 @@ def sync_early_stopping(stopper: engine.EarlyStopping, improved: bool, ctx: Dist
 
 
 # ----------------------------------------------------------------------------- randomness and schedules
+
 
 def decorrelate_rng(ctx: DistContext, seed: int, epoch: int) -> None:
     """Give ranks other than 0 their own random streams (augmentation, dropout) so the processes do

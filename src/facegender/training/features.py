@@ -43,9 +43,17 @@ class FeatureExtractor:
     `body_id` names the network's weights (and its cut); `augment` is the TrainPreset recipe of
     the jittered views (2 and up)."""
 
-    def __init__(self, body: nn.Module, prep: Preprocessing, body_id: str, device: torch.device,
-                 cache_dir: Path | None = None, batch_size: int = 64, augment: str = "light",
-                 dtype: type = np.float32):
+    def __init__(
+        self,
+        body: nn.Module,
+        prep: Preprocessing,
+        body_id: str,
+        device: torch.device,
+        cache_dir: Path | None = None,
+        batch_size: int = 64,
+        augment: str = "light",
+        dtype: type = np.float32,
+    ):
         self.body = body
         self.device = device
         self.batch_size = batch_size
@@ -82,8 +90,14 @@ class FeatureExtractor:
             return self.jitter_tf(image)
 
     @torch.no_grad()
-    def embed(self, images: Sequence[np.ndarray], views: int = 1, desc: str = "embedding",
-              progress: bool = True, to_disk: bool = False) -> torch.Tensor:
+    def embed(
+        self,
+        images: Sequence[np.ndarray],
+        views: int = 1,
+        desc: str = "embedding",
+        progress: bool = True,
+        to_disk: bool = False,
+    ) -> torch.Tensor:
         """(len(images), views, ...): cached where possible, the rest computed in batches, a batch
         of images at a time. An image cached with fewer views gets only the missing ones computed
         (a validation image of one run is a training image of the next seed's). `images` may read
@@ -92,11 +106,12 @@ class FeatureExtractor:
         result = None
         with tqdm(total=len(images) * views, desc=desc, disable=not progress, leave=False, unit="view") as bar:
             for start in range(0, len(images), self.batch_size):
-                chunk = self._embed_chunk([images[i] for i in range(start, min(len(images), start + self.batch_size))],
-                                          views)
+                chunk = self._embed_chunk(
+                    [images[i] for i in range(start, min(len(images), start + self.batch_size))], views
+                )
                 if result is None:
                     result = self._allocate((len(images), *chunk.shape[1:]), to_disk)
-                result[start:start + len(chunk)] = chunk
+                result[start : start + len(chunk)] = chunk
                 bar.update(len(chunk) * views)
         return torch.from_numpy(result) if result is not None else torch.empty(0, views, 0, dtype=torch.float32)
 
@@ -111,7 +126,7 @@ class FeatureExtractor:
             self.body.eval()
             self.cache_dir.mkdir(parents=True, exist_ok=True)
         for start in range(0, len(items), self.batch_size):
-            batch_items = items[start:start + self.batch_size]
+            batch_items = items[start : start + self.batch_size]
             batch = torch.stack([self.view(images[i], v, seeds[i]) for i, v in batch_items]).to(self.device)
             for (i, _), e in zip(batch_items, self.body(batch).float().cpu().numpy()):
                 parts[i].append(e.astype(self.dtype))

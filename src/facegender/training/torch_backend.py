@@ -17,16 +17,22 @@ from facegender.core.model import DEFAULT_PRECISION
 from facegender.training import checkpoint as ckpt
 from facegender.training.engine import autocast, select_device, select_precision
 
-
 # ----------------------------------------------------------------------------- backends
+
 
 class TorchBackend:
     """A PyTorch network (eval mode) on `device` at `precision` (fp32, bf16, fp16 or auto)."""
 
     runtime = "pytorch"
 
-    def __init__(self, module, device="cpu", precision: str = DEFAULT_PRECISION, channels_last: bool = False,
-                 threads: int | None = None):
+    def __init__(
+        self,
+        module,
+        device="cpu",
+        precision: str = DEFAULT_PRECISION,
+        channels_last: bool = False,
+        threads: int | None = None,
+    ):
         import torch
 
         if threads:
@@ -52,9 +58,9 @@ class TorchBackend:
     __call__ = logits
 
 
-
-def load_checkpoint_backend(path: Path, device: str = "auto", precision: str = DEFAULT_PRECISION,
-                            threads: int | None = None) -> tuple[TorchBackend, dict[str, Any]]:
+def load_checkpoint_backend(
+    path: Path, device: str = "auto", precision: str = DEFAULT_PRECISION, threads: int | None = None
+) -> tuple[TorchBackend, dict[str, Any]]:
     """(backend, record) of a best_model.pth for `core.model.load`; CheckpointError for a training
     checkpoint (gender_checkpoint.pth), which holds the last epoch, not the best one."""
     network, meta = ckpt.load_model(path, select_device(device))
@@ -62,6 +68,7 @@ def load_checkpoint_backend(path: Path, device: str = "auto", precision: str = D
         raise ckpt.CheckpointError(
             f"{path}: a training checkpoint (for `facegender train --resume`), not a model to predict with: "
             f"it holds the last epoch ({meta.get('epoch')}), not the best one, and no calibrated temperature; "
-            f"pass {path.parent / 'best_model.pth'}")
+            f"pass {path.parent / 'best_model.pth'}"
+        )
     backend = TorchBackend(network, next(network.parameters()).device, precision, threads=threads)
     return backend, {k: v for k, v in meta.items() if k != "model_state"}

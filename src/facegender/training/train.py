@@ -8,32 +8,49 @@ import csv
 import dataclasses
 import io
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
 import yaml
 from torch import nn
 
-from facegender.evaluation.predictions import predict_labelled
 from facegender.core import files
 from facegender.core.errors import ConfigError, FacegenderError
+from facegender.core.model import load
+from facegender.core.preprocessing import ImagePreparer, Preprocessing, visible_region
+from facegender.data.dataset import DatasetError, ImageLoader, LoadedSplit, fold_split, load_split, split_train_val
+from facegender.data.sources import (
+    ScannedSources,
+    describe_sources,
+    read_sources,
+    sample_weights,
+    scan_sources,
+    split_groups,
+)
+from facegender.evaluation.evaluate import compute_metrics, write_evaluation
+from facegender.evaluation.metrics import fit_temperature
+from facegender.evaluation.plots import plot_curves
+from facegender.evaluation.predictions import predict_labelled
+from facegender.evaluation.report import write_run_report
 from facegender.training import checkpoint as ckpt
 from facegender.training import distributed
-from facegender.training.config import DEFAULT_PRESET, TrainConfig, build_config
-from facegender.data.dataset import DatasetError, ImageLoader, LoadedSplit, fold_split, load_split, split_train_val
-from facegender.training.engine import EarlyStopping, EpochWeightedSampler, FaceDataset, WeightAverage, make_loader, seed_everything, select_device, select_precision, train_one_epoch
-from facegender.evaluation.evaluate import compute_metrics, write_evaluation
-from facegender.core.model import load
-from facegender.evaluation.metrics import fit_temperature
-from facegender.training.features import FeatureExtractor, feature_dataset
 from facegender.training.backbones import build_model, freeze_body, freeze_stem, get_spec, split_body
-from facegender.data.sources import ScannedSources, describe_sources, read_sources, sample_weights, scan_sources, split_groups
-from facegender.evaluation.plots import plot_curves
-from facegender.evaluation.report import write_run_report
-from facegender.core.preprocessing import ImagePreparer, Preprocessing, visible_region
+from facegender.training.config import DEFAULT_PRESET, TrainConfig, build_config
+from facegender.training.engine import (
+    EarlyStopping,
+    EpochWeightedSampler,
+    FaceDataset,
+    WeightAverage,
+    make_loader,
+    seed_everything,
+    select_device,
+    select_precision,
+    train_one_epoch,
+)
+from facegender.training.features import FeatureExtractor, feature_dataset
 from facegender.training.transforms import EvalPreset, TrainPreset
 
 BEST_MODEL, CHECKPOINT = files.BEST_MODEL, files.CHECKPOINT
@@ -73,24 +90,30 @@ def preprocessing_for(cfg: TrainConfig, prepared: dict | None = None) -> Preproc
     return Preprocessing(image_size=cfg.image_size, mean=spec.mean, std=spec.std, face=face)
 
 
-def prepare_data(cfg: TrainConfig, scanned: ScannedSources, log: Callable[[str], None] = print,
-                 progress: bool = True) -> RunData:
+def prepare_data(
+    cfg: TrainConfig, scanned: ScannedSources, log: Callable[[str], None] = print, progress: bool = True
+) -> RunData:
     """Split off validation from the scanned sources and read every image once (failing on bad files)."""
     classes, train_split, test_split = scanned.classes, scanned.train, scanned.test
     if cfg.val_on_test:
-        log("WARNING: --val-on-test: the best epoch and early stopping are chosen on the test set, as in the "
-            "course report. The test accuracy is then optimistic; the default validation split is honest.")
+        log(
+            "WARNING: --val-on-test: the best epoch and early stopping are chosen on the test set, as in the "
+            "course report. The test accuracy is then optimistic; the default validation split is honest."
+        )
         val_split = test_split
     elif cfg.cv_fold:  # `facegender cv`: this fold of a stratified k-fold split validates
         train_split, val_split = fold_split(train_split, cfg.cv_folds, cfg.cv_fold, cfg.seed)
     else:
-        train_split, val_split = split_train_val(train_split, cfg.val_fraction, cfg.seed,
-                                                 split_groups(scanned.sources, train_split))
+        train_split, val_split = split_train_val(
+            train_split, cfg.val_fraction, cfg.seed, split_groups(scanned.sources, train_split)
+        )
     prepared = prepared_marker(cfg, scanned)
     prep = preprocessing_for(cfg, prepared)
     if prepared is not None:  # already aligned by `facegender prepare`: record the face stage, only resize
-        log(f"note: {', '.join(cfg.data)} hold(s) faces aligned by `facegender prepare`; the model records that "
-            "face stage and training only resizes them" + (" (--align is not applied twice)" if cfg.align else ""))
+        log(
+            f"note: {', '.join(cfg.data)} hold(s) faces aligned by `facegender prepare`; the model records that "
+            "face stage and training only resizes them" + (" (--align is not applied twice)" if cfg.align else "")
+        )
         loader = ImageLoader(ImagePreparer(dataclasses.replace(prep, face=None)))
     else:
         loader = ImageLoader(ImagePreparer(prep))
@@ -113,9 +136,11 @@ def prepare_data(cfg: TrainConfig, scanned: ScannedSources, log: Callable[[str],
     if prep.face is not None and cfg.visible_region:
         prep = dataclasses.replace(prep, visible=training_visible_region(train, loader, prep))
         if prep.visible is not None:
-            log("face crops: training images fill only part of the aligned crop; keeping the part filled in "
+            log(
+                "face crops: training images fill only part of the aligned crop; keeping the part filled in "
                 f"at least half of them, x {prep.visible[0]:.2f}-{prep.visible[2]:.2f}, "
-                f"y {prep.visible[1]:.2f}-{prep.visible[3]:.2f} of the crop, in training and prediction")
+                f"y {prep.visible[1]:.2f}-{prep.visible[3]:.2f} of the crop, in training and prediction"
+            )
     return RunData(classes, scanned, prep, loader, train, val, test)
 
 
@@ -126,16 +151,20 @@ def prepared_marker(cfg: TrainConfig, scanned: ScannedSources) -> dict | None:
 
     markers = [read_marker(s.path) for s in scanned.sources]
     if any(m != markers[0] for m in markers):
-        raise DatasetError("some sources hold faces aligned by `facegender prepare` and others not (or with other "
-                           "settings): train on the original images of all of them, with --align")
+        raise DatasetError(
+            "some sources hold faces aligned by `facegender prepare` and others not (or with other "
+            "settings): train on the original images of all of them, with --align"
+        )
     prepared = markers[0]
     if prepared is not None:
         wanted = get_spec(cfg.backbone).face.get("template", "arcface")
         have = prepared["face"].get("template", "arcface")
         if have != wanted:
-            raise DatasetError(f"{', '.join(cfg.data)} holds faces aligned by `facegender prepare` with the {have} "
-                               f"template, but {cfg.backbone} wants {wanted} crops: run `facegender prepare --template "
-                               f"{wanted}` on the original images, or train on them directly with --align")
+            raise DatasetError(
+                f"{', '.join(cfg.data)} holds faces aligned by `facegender prepare` with the {have} "
+                f"template, but {cfg.backbone} wants {wanted} crops: run `facegender prepare --template "
+                f"{wanted}` on the original images, or train on them directly with --align"
+            )
     return prepared
 
 
@@ -144,29 +173,45 @@ def averaged(average: WeightAverage | None):
     return average.applied() if average is not None else contextlib.nullcontext()
 
 
-def training_sets(cfg: TrainConfig, model: nn.Module, data: RunData, weights_source: str, device,
-                  progress: bool = True):
+def training_sets(
+    cfg: TrainConfig, model: nn.Module, data: RunData, weights_source: str, device, progress: bool = True
+):
     """(the module the epoch loop trains, training set, validation set, views per training image).
 
     Frozen features: the head, on the body's embeddings. Fine-tuning the last stages on a cached
     prefix: those stages and the head, on the frozen first stages' feature maps. Otherwise the
     whole model, on augmented images."""
     if not cfg.embeds_once:
-        return (model, FaceDataset(data.train, TrainPreset(data.prep, cfg.augment), data.loader),
-                FaceDataset(data.val, EvalPreset(data.prep), data.loader), 1)
+        return (
+            model,
+            FaceDataset(data.train, TrainPreset(data.prep, cfg.augment), data.loader),
+            FaceDataset(data.val, EvalPreset(data.prep), data.loader),
+            1,
+        )
     body_id = weights_source if cfg.pretrained else f"random weights, seed {cfg.seed}"
     if cfg.prefix_mode:  # (split_body says which option to change for a backbone without stages)
         frozen, trained = split_body(model, cfg.trainable_stages, cfg.backbone)
-        extractor = FeatureExtractor(frozen, data.prep, f"{body_id}; all but the last {cfg.trainable_stages} "
-                                     "stages", device, augment=cfg.augment, dtype=np.float16)
+        extractor = FeatureExtractor(
+            frozen,
+            data.prep,
+            f"{body_id}; all but the last {cfg.trainable_stages} stages",
+            device,
+            augment=cfg.augment,
+            dtype=np.float16,
+        )
         what = "frozen stages of"
     else:
         trained, extractor, what = model.head, FeatureExtractor(model.body, data.prep, body_id, device), "embedding"
-    train_set = feature_dataset(extractor.embed(_Images(data.train, data.loader), cfg.feature_views,
-                                                f"{what} train images", progress, to_disk=True),
-                                data.train.split.labels)
-    val_set = feature_dataset(extractor.embed(_Images(data.val, data.loader), 1, f"{what} validation images",
-                                              progress, to_disk=True), data.val.split.labels)
+    train_set = feature_dataset(
+        extractor.embed(
+            _Images(data.train, data.loader), cfg.feature_views, f"{what} train images", progress, to_disk=True
+        ),
+        data.train.split.labels,
+    )
+    val_set = feature_dataset(
+        extractor.embed(_Images(data.val, data.loader), 1, f"{what} validation images", progress, to_disk=True),
+        data.val.split.labels,
+    )
     return trained, train_set, val_set, cfg.feature_views
 
 
@@ -267,8 +312,9 @@ def resume_config(path: str, **overrides) -> tuple[TrainConfig, dict]:
     return TrainConfig.from_dict(values), state
 
 
-def train(cfg: TrainConfig, state: dict | None = None, log: Callable[[str], None] = print,
-          progress: bool = True) -> dict:
+def train(
+    cfg: TrainConfig, state: dict | None = None, log: Callable[[str], None] = print, progress: bool = True
+) -> dict:
     """Train, select, evaluate; returns the run summary (also in metrics.json). `state` (from
     `resume_config`) continues an interrupted run. Raises TrainingInterrupted on Ctrl-C after
     saying how to resume.
@@ -293,12 +339,12 @@ class TrainingRun:
     cfg: TrainConfig
     ctx: distributed.DistContext
     device: torch.device
-    precision: str                    # training precision (validation is always fp32)
-    channels_last: bool               # for the epoch loop's inputs
-    model: nn.Module                  # the whole classifier, as the model files hold it
+    precision: str  # training precision (validation is always fp32)
+    channels_last: bool  # for the epoch loop's inputs
+    model: nn.Module  # the whole classifier, as the model files hold it
     weights_source: str
     data: RunData
-    trained: nn.Module                # the module the epoch loop trains (the model, its head or last stages)
+    trained: nn.Module  # the module the epoch loop trains (the model, its head or last stages)
     sampler: object
     train_loader: torch.utils.data.DataLoader
     val_loader: torch.utils.data.DataLoader
@@ -309,7 +355,7 @@ class TrainingRun:
     val_criterion: nn.Module
     stopper: EarlyStopping
     average: WeightAverage | None
-    net: nn.Module | None = None      # `trained` as the loop runs it: DDP / compiled
+    net: nn.Module | None = None  # `trained` as the loop runs it: DDP / compiled
     history: list[dict] = dataclasses.field(default_factory=list)
     start_epoch: int = 1
 
@@ -323,12 +369,14 @@ class TrainingRun:
 
     def record(self, epoch: int, **extra) -> dict:
         """A model file's content at `epoch` (checkpoint.model_record), with `extra` entries."""
-        return ckpt.model_record(self.model, self.cfg.to_dict(), self.data.classes, self.data.prep,
-                                 self.weights_source, epoch=epoch, **extra)
+        return ckpt.model_record(
+            self.model, self.cfg.to_dict(), self.data.classes, self.data.prep, self.weights_source, epoch=epoch, **extra
+        )
 
 
-def _train(cfg: TrainConfig, state: dict | None, log: Callable[[str], None], progress: bool,
-           ctx: distributed.DistContext) -> dict:
+def _train(
+    cfg: TrainConfig, state: dict | None, log: Callable[[str], None], progress: bool, ctx: distributed.DistContext
+) -> dict:
     run = setup_run(cfg, ctx, log, progress)
     if state is not None:
         resume_run(run, state, log)
@@ -338,13 +386,25 @@ def _train(cfg: TrainConfig, state: dict | None, log: Callable[[str], None], pro
     run_epochs(run, log, progress)
     if not ctx.is_main:  # rank 0 alone evaluates the best epoch on test and writes the reports
         return distributed.broadcast_object(None, ctx)
-    summary = finish(cfg, run.out, run.data, run.device, run.precision, run.channels_last, run.history, run.stopper,
-                     started, log, progress)
+    summary = finish(
+        cfg,
+        run.out,
+        run.data,
+        run.device,
+        run.precision,
+        run.channels_last,
+        run.history,
+        run.stopper,
+        started,
+        log,
+        progress,
+    )
     return distributed.broadcast_object(summary, ctx)
 
 
-def setup_run(cfg: TrainConfig, ctx: distributed.DistContext, log: Callable[[str], None],
-              progress: bool) -> TrainingRun:
+def setup_run(
+    cfg: TrainConfig, ctx: distributed.DistContext, log: Callable[[str], None], progress: bool
+) -> TrainingRun:
     """Seed, pick the device, build the model, read the data and make the epoch loop's loaders,
     optimizer, schedule, losses, early stopping and weight average (a fresh run, before any resume)."""
     seed_everything(cfg.seed)
@@ -358,24 +418,40 @@ def setup_run(cfg: TrainConfig, ctx: distributed.DistContext, log: Callable[[str
     if trained is not model:
         channels_last = False  # (only for the epoch loop: inputs are cached vectors or feature maps)
     sampler = train_sampler(cfg, data, views, ctx)
-    train_loader = make_loader(train_set, cfg.batch_size, shuffle=True, workers=cfg.workers, seed=cfg.seed,
-                               sampler=sampler)
-    val_loader = make_loader(val_set, cfg.batch_size * 2, False, cfg.workers,
-                             sampler=distributed.shard_sampler(len(val_set), ctx))
+    train_loader = make_loader(
+        train_set, cfg.batch_size, shuffle=True, workers=cfg.workers, seed=cfg.seed, sampler=sampler
+    )
+    val_loader = make_loader(
+        val_set, cfg.batch_size * 2, False, cfg.workers, sampler=distributed.shard_sampler(len(val_set), ctx)
+    )
     optimizer = make_optimizer(cfg, model)
     scheduler = make_scheduler(cfg, optimizer, len(train_loader))
     return TrainingRun(
-        cfg=cfg, ctx=ctx, device=device, precision=precision, channels_last=channels_last, model=model,
-        weights_source=weights_source, data=data, trained=trained, sampler=sampler, train_loader=train_loader,
-        val_loader=val_loader, optimizer=optimizer, scheduler=scheduler,
+        cfg=cfg,
+        ctx=ctx,
+        device=device,
+        precision=precision,
+        channels_last=channels_last,
+        model=model,
+        weights_source=weights_source,
+        data=data,
+        trained=trained,
+        sampler=sampler,
+        train_loader=train_loader,
+        val_loader=val_loader,
+        optimizer=optimizer,
+        scheduler=scheduler,
         scaler=torch.amp.GradScaler(device.type) if precision == "fp16" else None,
-        criterion=nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), val_criterion=nn.CrossEntropyLoss(),
+        criterion=nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
+        val_criterion=nn.CrossEntropyLoss(),
         stopper=EarlyStopping(cfg.patience, "max" if cfg.monitor == "val_acc" else "min"),
-        average=WeightAverage(trained, cfg.ema) if cfg.ema else None)
+        average=WeightAverage(trained, cfg.ema) if cfg.ema else None,
+    )
 
 
-def build_run_model(cfg: TrainConfig, num_classes: int, device, channels_last: bool,
-                    log: Callable[[str], None]) -> tuple[nn.Module, str]:
+def build_run_model(
+    cfg: TrainConfig, num_classes: int, device, channels_last: bool, log: Callable[[str], None]
+) -> tuple[nn.Module, str]:
     """(the classifier, where its body's weights come from): built, frozen as the options say and
     moved to `device`."""
     model, weights_source = build_model(cfg.backbone, num_classes, cfg.dropout, cfg.pretrained, cfg.weights)
@@ -400,8 +476,9 @@ def resume_run(run: TrainingRun, state: dict, log: Callable[[str], None]) -> Non
     run.optimizer.load_state_dict(state["optimizer_state"])
     if run.scheduler is not None and state.get("scheduler_state"):  # at the same epoch, for any process count
         steps = len(run.train_loader)
-        run.scheduler = distributed.schedule_at(lambda opt: make_scheduler(run.cfg, opt, steps), run.optimizer,
-                                                state["epoch"] * steps)
+        run.scheduler = distributed.schedule_at(
+            lambda opt: make_scheduler(run.cfg, opt, steps), run.optimizer, state["epoch"] * steps
+        )
     run.stopper.load_state_dict(state["early_stopping"])
     if run.average is not None and state.get("ema_state"):
         run.average.load_state_dict(state["ema_state"])
@@ -418,8 +495,10 @@ def prepare_loop_model(run: TrainingRun, log: Callable[[str], None]) -> None:
     distributed.decorrelate_rng(ctx, cfg.seed, run.start_epoch)
     run.net = distributed.prepare_model(run.trained, ctx, cfg.sync_bn, cfg.compile)
     if ctx.enabled:
-        log(f"DistributedDataParallel: {ctx.world_size} processes x batch {cfg.batch_size} = global batch "
-            f"{ctx.world_size * cfg.batch_size}{', SyncBatchNorm' if cfg.sync_bn else ''}")
+        log(
+            f"DistributedDataParallel: {ctx.world_size} processes x batch {cfg.batch_size} = global batch "
+            f"{ctx.world_size * cfg.batch_size}{', SyncBatchNorm' if cfg.sync_bn else ''}"
+        )
     elif cfg.sync_bn:
         log("note: --sync-bn has no effect in a single process")
 
@@ -429,14 +508,17 @@ def start_run_folder(run: TrainingRun, log: Callable[[str], None]) -> None:
     cfg, data = run.cfg, run.data
     run.out.mkdir(parents=True, exist_ok=True)
     if run.ctx.is_main:
-        files.write_text_atomic(yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True),
-                                run.out / files.CONFIG_YAML)
+        files.write_text_atomic(
+            yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True), run.out / files.CONFIG_YAML
+        )
     pretrained_on = get_spec(cfg.backbone).pretrained_on
-    log(f"{cfg.backbone} ({pretrained_on + ': ' + run.weights_source if cfg.pretrained else 'random weights'}"
+    log(
+        f"{cfg.backbone} ({pretrained_on + ': ' + run.weights_source if cfg.pretrained else 'random weights'}"
         f"{', frozen: training the head on embeddings' if cfg.frozen_features else ''}) on {run.device}, "
         f"{run.precision}{', channels_last' if run.channels_last else ''}; classes {data.classes}; "
         f"train {len(data.train.split)}, {run.val_name} {len(data.val.split)}, "
-        f"test {len(data.test.split) if data.test else 0} images")
+        f"test {len(data.test.split) if data.test else 0} images"
+    )
 
 
 def run_epochs(run: TrainingRun, log: Callable[[str], None], progress: bool) -> None:
@@ -464,9 +546,20 @@ def train_epoch(run: TrainingRun, epoch: int, progress: bool) -> dict:
         run.sampler.set_epoch(epoch)  # the same seeded shuffle for any process count: seed + epoch
     else:
         run.train_loader.generator.manual_seed(run.cfg.seed + epoch)
-    tr = train_one_epoch(run.net, run.train_loader, run.criterion, run.optimizer, run.device, run.precision,
-                         run.scaler, run.channels_last, run.scheduler, desc=f"epoch {epoch}/{run.cfg.epochs}",
-                         progress=progress, on_step=run.average.update if run.average is not None else None)
+    tr = train_one_epoch(
+        run.net,
+        run.train_loader,
+        run.criterion,
+        run.optimizer,
+        run.device,
+        run.precision,
+        run.scaler,
+        run.channels_last,
+        run.scheduler,
+        desc=f"epoch {epoch}/{run.cfg.epochs}",
+        progress=progress,
+        on_step=run.average.update if run.average is not None else None,
+    )
     return distributed.reduce_train_stats(tr, run.ctx)
 
 
@@ -475,22 +568,41 @@ def validate(run: TrainingRun, progress: bool) -> dict:
     metrics that choose the best epoch must not depend on the CPU model (bf16 autocast is on by
     default where AMX makes it fast). With --ema the average is validated (and saved as the best model)."""
     with averaged(run.average):
-        return distributed.evaluate(run.trained, run.val_loader, run.val_criterion, run.device, "fp32",
-                                    run.channels_last, run.ctx, desc="validate", progress=progress)
+        return distributed.evaluate(
+            run.trained,
+            run.val_loader,
+            run.val_criterion,
+            run.device,
+            "fp32",
+            run.channels_last,
+            run.ctx,
+            desc="validate",
+            progress=progress,
+        )
 
 
 def record_epoch(run: TrainingRun, epoch: int, tr: dict, va: dict, log: Callable[[str], None]) -> bool:
     """Add the epoch to the history, step early stopping (rank 0 decides for all) and log the
     epoch's line; whether it is the best so far."""
-    run.history.append({"epoch": epoch, "train_loss": round(tr["loss"], 6), "train_acc": round(tr["acc"], 6),
-                        "val_loss": round(va["loss"], 6), "val_acc": round(va["acc"], 6),
-                        "lr": run.optimizer.param_groups[0]["lr"], "images_per_sec": round(tr["images_per_sec"], 2),
-                        "seconds": round(tr["seconds"], 1)})
+    run.history.append(
+        {
+            "epoch": epoch,
+            "train_loss": round(tr["loss"], 6),
+            "train_acc": round(tr["acc"], 6),
+            "val_loss": round(va["loss"], 6),
+            "val_acc": round(va["acc"], 6),
+            "lr": run.optimizer.param_groups[0]["lr"],
+            "images_per_sec": round(tr["images_per_sec"], 2),
+            "seconds": round(tr["seconds"], 1),
+        }
+    )
     improved = run.stopper.step(va["acc"] if run.cfg.monitor == "val_acc" else va["loss"], epoch)
     improved = distributed.sync_early_stopping(run.stopper, improved, run.ctx)
-    log(f"epoch {epoch:3d}  train loss {tr['loss']:.4f} acc {tr['acc']:.4f}  "
+    log(
+        f"epoch {epoch:3d}  train loss {tr['loss']:.4f} acc {tr['acc']:.4f}  "
         f"{'val' if not run.cfg.val_on_test else 'test'} loss {va['loss']:.4f} acc {va['acc']:.4f}  "
-        f"{tr['images_per_sec']:.1f} img/s{'  * best' if improved else ''}")
+        f"{tr['images_per_sec']:.1f} img/s{'  * best' if improved else ''}"
+    )
     return improved
 
 
@@ -499,15 +611,22 @@ def save_epoch(run: TrainingRun, epoch: int, va: dict, improved: bool) -> None:
     needs; each written to a temporary file first and moved into place (checkpoint.save_atomic)."""
     if improved:
         with averaged(run.average):
-            ckpt.save_atomic(run.record(epoch, metrics={"val_acc": va["acc"], "val_loss": va["loss"]}),
-                             run.out / BEST_MODEL)
-    ckpt.save_atomic(run.record(
-        epoch, optimizer_state=run.optimizer.state_dict(),
-        scheduler_state=run.scheduler.state_dict() if run.scheduler is not None else None,
-        ema_state=run.average.state_dict() if run.average is not None else None,
-        history=run.history, early_stopping=run.stopper.state_dict(), rng_state=ckpt.rng_state(),
-        world_size=run.ctx.world_size,
-    ), run.out / CHECKPOINT)
+            ckpt.save_atomic(
+                run.record(epoch, metrics={"val_acc": va["acc"], "val_loss": va["loss"]}), run.out / BEST_MODEL
+            )
+    ckpt.save_atomic(
+        run.record(
+            epoch,
+            optimizer_state=run.optimizer.state_dict(),
+            scheduler_state=run.scheduler.state_dict() if run.scheduler is not None else None,
+            ema_state=run.average.state_dict() if run.average is not None else None,
+            history=run.history,
+            early_stopping=run.stopper.state_dict(),
+            rng_state=ckpt.rng_state(),
+            world_size=run.ctx.world_size,
+        ),
+        run.out / CHECKPOINT,
+    )
 
 
 def write_epoch_history(run: TrainingRun, epoch: int, last_plot: float) -> float:
@@ -526,15 +645,29 @@ def interrupted(run: TrainingRun, epoch: int, log: Callable[[str], None]) -> Non
     if run.ctx.is_main:
         write_history(run.history, out, stopper.best_epoch, run.val_name)
     last = run.history[-1]["epoch"] if run.history else None
-    msg = (f"Interrupted during epoch {epoch}. " + (
+    msg = f"Interrupted during epoch {epoch}. " + (
         f"{out / CHECKPOINT} and {out / BEST_MODEL} hold epoch {last} (best: {stopper.best_epoch}); "
-        f"continue with: facegender train --resume {out / CHECKPOINT}" if last else "No epoch had finished."))
+        f"continue with: facegender train --resume {out / CHECKPOINT}"
+        if last
+        else "No epoch had finished."
+    )
     log(msg)
     raise TrainingInterrupted(msg) from None
 
 
-def finish(cfg: TrainConfig, out: Path, data: RunData, device, precision: str, channels_last: bool,
-           history: list[dict], stopper: EarlyStopping, started: float, log, progress: bool) -> dict:
+def finish(
+    cfg: TrainConfig,
+    out: Path,
+    data: RunData,
+    device,
+    precision: str,
+    channels_last: bool,
+    history: list[dict],
+    stopper: EarlyStopping,
+    started: float,
+    log,
+    progress: bool,
+) -> dict:
     """Best epoch: fit the temperature on validation, evaluate once on test, write the outputs.
 
     The best model is loaded as every command loads it (`core.model.load`: inference precision, not
@@ -558,17 +691,27 @@ def finish(cfg: TrainConfig, out: Path, data: RunData, device, precision: str, c
     elif cfg.val_on_test:
         test, test_metrics = val, val_metrics
         best["metrics"]["test"] = _brief(val_metrics)
-    sources = describe_sources(data.scanned, {"train": data.train.split, "validation": data.val.split,
-                                              "test": data.test.split if data.test is not None else None})
+    sources = describe_sources(
+        data.scanned,
+        {
+            "train": data.train.split,
+            "validation": data.val.split,
+            "test": data.test.split if data.test is not None else None,
+        },
+    )
     best["sources"] = sources
     ckpt.save_atomic(best, out / BEST_MODEL)
     summary = {
         "best_epoch": stopper.best_epoch,
         "epochs_run": len(history),
         "stopped_early": stopper.should_stop,
-        "protocol": "val-on-test (report)" if cfg.val_on_test else (
-            f"cross-validation fold {cfg.cv_fold} of {cfg.cv_folds} as validation" if cfg.cv_fold
-            else f"stratified {cfg.val_fraction:.0%} validation split"),
+        "protocol": "val-on-test (report)"
+        if cfg.val_on_test
+        else (
+            f"cross-validation fold {cfg.cv_fold} of {cfg.cv_folds} as validation"
+            if cfg.cv_fold
+            else f"stratified {cfg.val_fraction:.0%} validation split"
+        ),
         "temperature": temperature,
         "threshold": threshold,
         "tta": cfg.tta,
@@ -577,11 +720,18 @@ def finish(cfg: TrainConfig, out: Path, data: RunData, device, precision: str, c
         "validation": val_metrics,
         "test": test_metrics,
         "sources": sources,
-        "by_source": {"validation": by_source(val, data.val.split, data),
-                      "test": by_source(test, data.test.split, data) if test is not None else None},
+        "by_source": {
+            "validation": by_source(val, data.val.split, data),
+            "test": by_source(test, data.test.split, data) if test is not None else None,
+        },
     }
-    write_evaluation(summary, test_metrics, data.classes, out, title="Test set" if not cfg.val_on_test
-                     else "Test set (also used for model selection)")
+    write_evaluation(
+        summary,
+        test_metrics,
+        data.classes,
+        out,
+        title="Test set" if not cfg.val_on_test else "Test set (also used for model selection)",
+    )
     write_run_report(cfg, out, test, best, log)  # report.html: test metrics, calibration, groups, mistakes
     log(format_summary(summary, out))
     return summary
@@ -615,41 +765,59 @@ def _brief(m: dict) -> dict:
 
 def format_summary(summary: dict, out: Path) -> str:
     val, test = summary["validation"], summary["test"]
-    lines = ["", "=" * 64, f" Best epoch {summary['best_epoch']} of {summary['epochs_run']} run"
-             f"{' (stopped early)' if summary['stopped_early'] else ''}; protocol: {summary['protocol']}"]
+    lines = [
+        "",
+        "=" * 64,
+        f" Best epoch {summary['best_epoch']} of {summary['epochs_run']} run"
+        f"{' (stopped early)' if summary['stopped_early'] else ''}; protocol: {summary['protocol']}",
+    ]
     if summary["protocol"].startswith("val-on-test"):
         lines.append(f" test accuracy (also used for selection: optimistic)  {test['accuracy']:.4f}  (n={test['n']})")
     else:
         lines.append(f" validation accuracy  {val['accuracy']:.4f}  (n={val['n']})")
         if test:
-            lines.append(f" test accuracy        {test['accuracy']:.4f}  (n={test['n']}, "
-                         f"95% CI {test['accuracy_ci'][0]:.3f}-{test['accuracy_ci'][1]:.3f})")
+            lines.append(
+                f" test accuracy        {test['accuracy']:.4f}  (n={test['n']}, "
+                f"95% CI {test['accuracy_ci'][0]:.3f}-{test['accuracy_ci'][1]:.3f})"
+            )
     if test:
-        fitted = ("validation had no mistakes: nothing to fit, left at 1" if val["accuracy"] == 1.0
-                  else "fitted on validation")
-        lines.append(f" test ECE {test['ece']:.4f} -> {test['ece_calibrated']:.4f} after temperature "
-                     f"{summary['temperature']:.3f} ({fitted})")
+        fitted = (
+            "validation had no mistakes: nothing to fit, left at 1"
+            if val["accuracy"] == 1.0
+            else "fitted on validation"
+        )
+        lines.append(
+            f" test ECE {test['ece']:.4f} -> {test['ece_calibrated']:.4f} after temperature "
+            f"{summary['temperature']:.3f} ({fitted})"
+        )
     if summary.get("threshold") is not None:
-        lines.append(f" decision threshold {summary['threshold']:.3f} on the probability of the second class "
-                     "(equal recall of both classes on validation)")
+        lines.append(
+            f" decision threshold {summary['threshold']:.3f} on the probability of the second class "
+            "(equal recall of both classes on validation)"
+        )
     if summary["skipped_files"]:
         lines.append(f" skipped unreadable files: {summary['skipped_files']}")
-    lines += [f" time: {summary['train_seconds']:.0f} s", f" files in {out}/:",
-              f"   {BEST_MODEL} (best epoch, for evaluate/predict/serve/export), {CHECKPOINT} (resume),",
-              "   summary.csv, config.yaml, loss_curve.png, accuracy_curve.png, confusion_matrix.png, metrics.json, report.html",
-              "=" * 64]
+    lines += [
+        f" time: {summary['train_seconds']:.0f} s",
+        f" files in {out}/:",
+        f"   {BEST_MODEL} (best epoch, for evaluate/predict/serve/export), {CHECKPOINT} (resume),",
+        "   summary.csv, config.yaml, loss_curve.png, accuracy_curve.png, confusion_matrix.png, metrics.json,"
+        " report.html",
+        "=" * 64,
+    ]
     return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- Python API
+
 
 @dataclass
 class TrainRun:
     """What `facegender.train(...)` returns: where the run's files are, and its numbers."""
 
     out: Path
-    model_path: Path                  # best_model.pth: `facegender.load(run.model_path)`
-    summary: dict                     # as in metrics.json: best epoch, protocol, validation and test metrics
+    model_path: Path  # best_model.pth: `facegender.load(run.model_path)`
+    summary: dict  # as in metrics.json: best epoch, protocol, validation and test metrics
     config: TrainConfig
 
     @property
@@ -658,8 +826,14 @@ class TrainRun:
         return {"validation": self.summary["validation"], "test": self.summary["test"]}
 
 
-def run(data: str | Path | list, preset: str | None = DEFAULT_PRESET, out: str | Path = "output",
-        log: Callable[[str], None] = print, progress: bool = True, **overrides) -> TrainRun:
+def run(
+    data: str | Path | list,
+    preset: str | None = DEFAULT_PRESET,
+    out: str | Path = "output",
+    log: Callable[[str], None] = print,
+    progress: bool = True,
+    **overrides,
+) -> TrainRun:
     """Train on `data` (DATASET/train/<class>/, DATASET/test/<class>/; or a list of sources, as
     repeated --data) into `out`, as `facegender train --data DATA --preset PRESET --out OUT` does;
     `overrides` are TrainConfig fields (`epochs=5`, `backbone="resnet18"`). This is

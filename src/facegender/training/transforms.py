@@ -52,8 +52,7 @@ class TrainPreset:
                 v2.RandomHorizontalFlip(),
                 v2.RandomAffine(degrees=10, translate=(0.05, 0.05), scale=(0.9, 1.1)),
                 v2.RandomResizedCrop(size, scale=(0.8, 1.0), ratio=(0.9, 1.1), antialias=True),
-                v2.RandomApply([v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.03)],
-                               p=0.8),
+                v2.RandomApply([v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.03)], p=0.8),
                 v2.RandomGrayscale(p=0.1),
                 v2.RandomApply([v2.GaussianBlur(kernel_size=5, sigma=(0.1, 2.0))], p=0.2),
                 v2.RandomApply([_LowResolution(size)], p=0.2),
@@ -62,8 +61,7 @@ class TrainPreset:
             aug = [
                 v2.RandomHorizontalFlip(),
                 v2.RandomAffine(degrees=5, translate=(0.03, 0.03), scale=(0.95, 1.05)),
-                v2.RandomApply([v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02)],
-                               p=0.8),
+                v2.RandomApply([v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02)], p=0.8),
                 v2.RandomGrayscale(p=0.1),
                 v2.RandomApply([v2.GaussianBlur(kernel_size=5, sigma=(0.1, 1.5))], p=0.2),
             ]

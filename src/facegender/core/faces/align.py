@@ -196,7 +196,10 @@ def warp_affine(image: Image.Image, matrix: np.ndarray, size: int, fill: tuple[i
     inverse = half @ np.linalg.inv(full) @ np.linalg.inv(half)
     image = image if image.mode == "RGB" else image.convert("RGB")
     return image.transform(
-        (size, size), Image.AFFINE, tuple(inverse[:2].ravel()), resample=Image.BILINEAR,
+        (size, size),
+        Image.AFFINE,
+        tuple(inverse[:2].ravel()),
+        resample=Image.BILINEAR,
         fillcolor=tuple(fill),
     )
 

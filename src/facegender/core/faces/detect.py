@@ -94,11 +94,7 @@ class DetectedFace:
 def select_faces(faces: list[DetectedFace], config: FaceAlignConfig) -> list[DetectedFace]:
     """Keep faces with score >= det_threshold and shorter box side >= min_face; largest box first;
     at most max_faces."""
-    kept = [
-        f
-        for f in faces
-        if f.score >= config.det_threshold and min(f.width, f.height) >= config.min_face
-    ]
+    kept = [f for f in faces if f.score >= config.det_threshold and min(f.width, f.height) >= config.min_face]
     kept.sort(key=lambda f: f.area, reverse=True)
     return kept[: config.max_faces]
 
@@ -138,8 +134,13 @@ def _nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> list[in
 
 
 def decode_retinaface(
-    loc: np.ndarray, conf: np.ndarray, pts: np.ndarray, height: int, width: int,
-    score_threshold: float, nms_threshold: float,
+    loc: np.ndarray,
+    conf: np.ndarray,
+    pts: np.ndarray,
+    height: int,
+    width: int,
+    score_threshold: float,
+    nms_threshold: float,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Turn one image's raw network outputs into (boxes (K,4) x1y1x2y2, scores (K,), landmarks
     (K,5,2)) in the network input's pixels, thresholded and NMS-ed; sub-pixel, unlike the
@@ -170,8 +171,9 @@ def retinaface_weights() -> bytes:
     try:
         return RETINAFACE_FILE.read_bytes()
     except FileNotFoundError:
-        raise ModelFileNotFoundError(f"{RETINAFACE_FILE}: the face detector's model file is missing from the "
-                                     "installation; reinstall facegender") from None
+        raise ModelFileNotFoundError(
+            f"{RETINAFACE_FILE}: the face detector's model file is missing from the installation; reinstall facegender"
+        ) from None
 
 
 class FaceDetector:
@@ -229,9 +231,7 @@ class FaceDetector:
         width, height = image.size
         if max(width, height) > self.config.detect_max_side:
             scale = self.config.detect_max_side / max(width, height)
-            image = image.resize(
-                (max(1, round(width * scale)), max(1, round(height * scale))), Image.BILINEAR
-            )
+            image = image.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.BILINEAR)
         pad = int(round(self.config.detect_pad * max(image.size)))
         if pad:
             faces = self._detect_framed(image, 0, (width, height))
@@ -255,8 +255,10 @@ class FaceDetector:
             x1, x2 = (box[0] - pad) * sx, (box[2] - pad) * sx
             y1, y2 = (box[1] - pad) * sy, (box[3] - pad) * sy
             clipped = (
-                float(np.clip(x1, 0, width)), float(np.clip(y1, 0, height)),
-                float(np.clip(x2, 0, width)), float(np.clip(y2, 0, height)),
+                float(np.clip(x1, 0, width)),
+                float(np.clip(y1, 0, height)),
+                float(np.clip(x2, 0, width)),
+                float(np.clip(y2, 0, height)),
             )
             at_edge = bool(x1 < 1 or y1 < 1 or x2 > width - 1 or y2 > height - 1)
             lm = (lm - pad + 0.5) * [sx, sy] - 0.5
@@ -288,11 +290,19 @@ class FaceDetector:
             if not to_patch:
                 break
             jobs = [(i, flip) for i in to_patch for flip in (False, True)]
-            patches = np.stack([
-                np.asarray(warp_affine(image, ((mirror @ to_patch[i]) if flip else to_patch[i])[:2],
-                                       _REFINE_SIZE, self.config.pad_color))
-                for i, flip in jobs
-            ])
+            patches = np.stack(
+                [
+                    np.asarray(
+                        warp_affine(
+                            image,
+                            ((mirror @ to_patch[i]) if flip else to_patch[i])[:2],
+                            _REFINE_SIZE,
+                            self.config.pad_color,
+                        )
+                    )
+                    for i, flip in jobs
+                ]
+            )
             back = {i: np.linalg.inv(m) for i, m in to_patch.items()}  # patch -> image, once per face
             estimates: dict[int, list[np.ndarray]] = {i: [] for i in to_patch}
             for (i, flip), (_, scores, found) in zip(jobs, self.run_network_batch(patches)):
@@ -346,4 +356,3 @@ def align_or_fallback(
     if not faces:
         return fallback_crop(image, config), None
     return align_face(image, faces[0].landmarks, config), faces[0]
-
