@@ -13,10 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-TRUTH = {
-    "images/group_6_faces.jpg": ["F", "F", "M", "M", "M", "F"],
-    "images/astronaut_female.png": ["F"],
-}
+TRUTH = {"images/group_6_faces.jpg": ["F", "F", "M", "M", "M", "F"], "images/astronaut_female.png": ["F"]}
 
 
 def main() -> None:

@@ -363,31 +363,7 @@ def _add_predict(sub) -> None:
     _add_model_option(p, "best_model.pth or an exported .onnx (default: the bundled model, see `facegender models`)")
     p.add_argument("images", nargs="*", help="image files or folders (walked recursively)")
     p.add_argument("--sample", action="store_true", help="also predict on the sample photo shipped with facegender")
-    formats = p.add_mutually_exclusive_group()
-    formats.add_argument(
-        "--json",
-        action="store_true",
-        help="JSON output: one array, written a photo at a time (valid JSON once the run ends)",
-    )
-    formats.add_argument("--jsonl", action="store_true", help="JSON Lines output: one result object a line")
-    formats.add_argument("--csv", action="store_true", help="CSV output, one row per face")
-    formats.add_argument(
-        "--parquet",
-        action="store_true",
-        help="with --ray and --out FILE: Parquet, one row per photo (faces as JSON text)",
-    )
-    p.add_argument(
-        "--out",
-        metavar="FILE",
-        help="write the --jsonl, --csv or --json output to FILE instead of "
-        "stdout, each photo as it is done; an existing FILE is an error unless --resume",
-    )
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        help="with --out: keep the photos already in FILE (a record cut by a kill is dropped and done "
-        "again) and append the others",
-    )
+    _add_predict_output(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
     p.add_argument(
         "--no-detect",
@@ -420,6 +396,35 @@ def _add_predict(sub) -> None:
         "may also be URIs (s3://...)",
     )
     p.add_argument("--ray-workers", type=int, metavar="N", help="model actors on Ray (default: one per CPU)")
+
+
+def _add_predict_output(p) -> None:
+    """predict's output formats, --out and --resume."""
+    formats = p.add_mutually_exclusive_group()
+    formats.add_argument(
+        "--json",
+        action="store_true",
+        help="JSON output: one array, written a photo at a time (valid JSON once the run ends)",
+    )
+    formats.add_argument("--jsonl", action="store_true", help="JSON Lines output: one result object a line")
+    formats.add_argument("--csv", action="store_true", help="CSV output, one row per face")
+    formats.add_argument(
+        "--parquet",
+        action="store_true",
+        help="with --ray and --out FILE: Parquet, one row per photo (faces as JSON text)",
+    )
+    p.add_argument(
+        "--out",
+        metavar="FILE",
+        help="write the --jsonl, --csv or --json output to FILE instead of "
+        "stdout, each photo as it is done; an existing FILE is an error unless --resume",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="with --out: keep the photos already in FILE (a record cut by a kill is dropped and done "
+        "again) and append the others",
+    )
 
 
 def _predict_inputs(names: list[str]):

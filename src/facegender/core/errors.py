@@ -94,7 +94,7 @@ _EXTRA_NEEDS = {
 #: Said after the install command, where there is another way.
 _EXTRA_ALTERNATIVE = {
     "train": ", or predict with an exported model (`facegender export --model best_model.pth --out model.onnx`, "
-    "run where PyTorch is installed)",
+    "run where PyTorch is installed)"
 }
 
 

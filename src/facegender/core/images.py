@@ -110,9 +110,7 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 
 
 def load_image(
-    source: str | os.PathLike | bytes | BinaryIO,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    name: str | None = None,
+    source: str | os.PathLike | bytes | BinaryIO, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None
 ) -> Image.Image:
     """Open an image as upright 8-bit RGB.
 

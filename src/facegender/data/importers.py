@@ -37,14 +37,7 @@ from sklearn.model_selection import train_test_split
 from facegender.core.errors import ConfigError, InputFileError, InputNotFoundError, OutputExistsError
 from facegender.core.images import is_image_name
 
-__all__ = [
-    "UTK_GENDERS",
-    "UTK_RACES",
-    "age_band",
-    "parse_utkface_name",
-    "import_utkface",
-    "import_csv",
-]
+__all__ = ["UTK_GENDERS", "UTK_RACES", "age_band", "parse_utkface_name", "import_utkface", "import_csv"]
 
 UTK_GENDERS = ("male", "female")
 UTK_RACES = ("White", "Black", "Asian", "Indian", "Others")
@@ -52,8 +45,7 @@ LINK_MODES = ("copy", "hardlink", "symlink")
 SPLITS = ("train", "test")
 
 _UTK_RE = re.compile(
-    r"^(?P<age>\d+)_(?P<gender>\d+)_(?P<race>\d+)_[^_]+?\.(?:jpe?g|png)(?:\.chip\.jpg)?$",
-    re.IGNORECASE,
+    r"^(?P<age>\d+)_(?P<gender>\d+)_(?P<race>\d+)_[^_]+?\.(?:jpe?g|png)(?:\.chip\.jpg)?$", re.IGNORECASE
 )
 
 
@@ -323,12 +315,7 @@ def _move_into_place(staging: Path, out: Path) -> None:
 
 
 def import_utkface(
-    src: Path,
-    out: Path,
-    test_fraction: float = 0.2,
-    seed: int = 42,
-    link: str = "copy",
-    overwrite: bool = False,
+    src: Path, out: Path, test_fraction: float = 0.2, seed: int = 42, link: str = "copy", overwrite: bool = False
 ) -> dict[str, Any]:
     """Import a UTKFace folder (searched recursively, e.g. ``UTKFace/`` or ``part1..3/``).
 
@@ -366,9 +353,7 @@ def import_utkface(
             continue
         items.append(
             _Item(
-                path,
-                info["label"],
-                {"age": str(info["age"]), "age_band": age_band(info["age"]), "race": info["race"]},
+                path, info["label"], {"age": str(info["age"]), "age_band": age_band(info["age"]), "race": info["race"]}
             )
         )
     if not items:

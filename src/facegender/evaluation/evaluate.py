@@ -322,14 +322,8 @@ def evaluate_model(
     `min_confidence` and per-group metrics from the `groups` CSV (see `analyse`). Writes
     metrics.json, predictions.csv and the figures (confusion matrix, reliability before/after
     temperature, coverage, one chart per group column) into `out` when given."""
-    model = load(
-        model_path,
-        device=device,
-        precision=precision,
-        detect=False,
-        **({} if tta is None else {"tta": tta}),
-        **({} if threshold is None else {"threshold": threshold}),
-    )
+    overrides = {k: v for k, v in (("tta", tta), ("threshold", threshold)) if v is not None}
+    model = load(model_path, device=device, precision=precision, detect=False, **overrides)
     folders = [Path(d) for d in ([data_dir] if isinstance(data_dir, (str, os.PathLike)) else data_dir)]
     classes, data_dir = model.classes, folders[0]
     parts = [predict_labelled(model, d, skip_bad, batch_size, log=log, progress=progress) for d in folders]
@@ -347,13 +341,17 @@ def evaluate_model(
         write_evaluation(metrics, None, classes, Path(out))
         write_figures(metrics, out, title=data_dir.name)
         files.write_text_atomic(predictions_csv(pred), Path(out) / "predictions.csv")
-    log(
+    for line in (headline(metrics, classes), *describe(metrics)):
+        log(line)
+    return metrics
+
+
+def headline(metrics: dict[str, Any], classes: list[str]) -> str:
+    """evaluate's first line: accuracy with its interval, each class's recall, ECE, the threshold."""
+    return (
         f"{metrics['data']}: accuracy {metrics['accuracy']:.4f} (n={metrics['n']}, 95% CI "
         f"{metrics['accuracy_ci'][0]:.3f}-{metrics['accuracy_ci'][1]:.3f}); "
         + ", ".join(f"recall {c} {v['recall']:.3f}" for c, v in metrics["per_class"].items())
         + f"; ECE {metrics['ece']:.4f} -> {metrics['ece_calibrated']:.4f} calibrated"
         + ("" if metrics["threshold"] is None else f"; {classes[1]} at p >= {metrics['threshold']:.4g}")
     )
-    for line in describe(metrics):
-        log(line)
-    return metrics

@@ -295,11 +295,7 @@ def _one_group(labels: np.ndarray, preds: np.ndarray, names: list[str], min_coun
 
 
 def per_group_metrics(
-    labels,
-    preds,
-    groups: Mapping[str, Sequence[Any]],
-    class_names: Sequence[str],
-    min_count: int = 30,
+    labels, preds, groups: Mapping[str, Sequence[Any]], class_names: Sequence[str], min_count: int = 30
 ) -> dict[str, dict[str, Any]]:
     """Accuracy and per-class recall broken down by group (e.g. age band, skin tone, source).
 
@@ -451,13 +447,7 @@ def selective_metrics(probs, labels, min_confidence: float, preds=None) -> dict[
     kept = conf >= float(min_confidence)
     n_kept = int(kept.sum())
     acc = float(skm.accuracy_score(labels[kept], preds[kept])) if n_kept else None
-    return {
-        "coverage": n_kept / n,
-        "accuracy_on_covered": acc,
-        "n_covered": n_kept,
-        "n_uncertain": n - n_kept,
-        "n": n,
-    }
+    return {"coverage": n_kept / n, "accuracy_on_covered": acc, "n_covered": n_kept, "n_uncertain": n - n_kept, "n": n}
 
 
 def coverage_curve(probs, labels, thresholds: Sequence[float] | None = None, preds=None) -> list[dict]:

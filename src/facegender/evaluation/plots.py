@@ -139,12 +139,7 @@ def plot_group_accuracy(
     few = [bool(groups[k].get("too_few")) for k in names]
     x = range(len(names))
     bars = ax.bar(
-        x,
-        acc,
-        yerr=[lo, hi],
-        capsize=4,
-        color=["lightgrey" if f else "tab:blue" for f in few],
-        edgecolor="black",
+        x, acc, yerr=[lo, hi], capsize=4, color=["lightgrey" if f else "tab:blue" for f in few], edgecolor="black"
     )
     for bar, f in zip(bars, few):
         if f:
@@ -164,9 +159,7 @@ def plot_group_accuracy(
 
 
 def plot_coverage(
-    curve: Sequence[Mapping[str, Any]],
-    path: str | os.PathLike,
-    title: str = "Accuracy vs. coverage",
+    curve: Sequence[Mapping[str, Any]], path: str | os.PathLike, title: str = "Accuracy vs. coverage"
 ) -> Path:
     """Accuracy on the answered images and coverage against the confidence threshold, from
     :func:`facegender.evaluation.metrics.coverage_curve` (thresholds with nothing kept are not drawn for

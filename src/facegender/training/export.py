@@ -233,9 +233,23 @@ def export_model(
         source_name = source_name or Path(model.info.get("path", "")).name or None
         _finish_file(tmp, model, graph, quantize, body, source_name, log)
         diff, agree = _check_parity(model, tmp, crops, source, tolerance, source_name, out, log)
+    return _exported(out, record, opset, bool(body), quantize, (diff, agree, source), log)
+
+
+def _exported(
+    out: Path,
+    record: dict,
+    opset: int,
+    head_only: bool,
+    quantize: str | None,
+    parity: tuple,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """export_model's one-line log and its result, for the file just written."""
+    diff, agree, source = parity
     log(
         f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB, opset {opset}, dynamic batch, "
-        f"{record['backbone']}{' head only' if body else ''}{f', {quantize}' if quantize else ''}, "
+        f"{record['backbone']}{' head only' if head_only else ''}{f', {quantize}' if quantize else ''}, "
         f"classes {record['classes']})"
     )
     return {
@@ -247,7 +261,7 @@ def export_model(
         "backbone": record["backbone"],
         "classes": record["classes"],
         "bytes": out.stat().st_size,
-        "head_only": bool(body),
+        "head_only": head_only,
         "quantization": quantize or "fp32",
     }
 

@@ -675,45 +675,23 @@ def finish(
     `facegender evaluate` gives. The test set is inferred once; report.html uses those predictions."""
     model = load(out / BEST_MODEL, device=device, tta=cfg.tta, detect=False)
     best = ckpt.load_file(out / BEST_MODEL)
-    val = predict_labelled(model, data.val, loader=data.loader, batch_size=cfg.batch_size * 2, progress=progress)
-    temperature = fit_temperature(val.logits, val.labels) if len(val.labels) else 1.0
-    model.temperature = val.temperature = temperature
-    threshold = decision_threshold(val, data.classes)
-    model.threshold = val.threshold = threshold
-    val_metrics = compute_metrics(val.logits, val.labels, data.classes, temperature, threshold)
-    best.update(temperature=temperature, tta=cfg.tta, threshold=threshold)
+    val, val_metrics = _calibrated_validation(model, cfg, data, progress)
+    best.update(temperature=val.temperature, tta=cfg.tta, threshold=val.threshold)
     best["metrics"] = {"best_epoch": stopper.best_epoch, "val": _brief(val_metrics)}
-    test_metrics, test = None, None
-    if data.test is not None and not cfg.val_on_test:
-        test = predict_labelled(model, data.test, loader=data.loader, batch_size=cfg.batch_size * 2, progress=progress)
-        test_metrics = compute_metrics(test.logits, test.labels, data.classes, temperature, threshold)
+    test, test_metrics = _test_results(model, cfg, data, val, val_metrics, progress)
+    if test_metrics is not None:
         best["metrics"]["test"] = _brief(test_metrics)
-    elif cfg.val_on_test:
-        test, test_metrics = val, val_metrics
-        best["metrics"]["test"] = _brief(val_metrics)
-    sources = describe_sources(
-        data.scanned,
-        {
-            "train": data.train.split,
-            "validation": data.val.split,
-            "test": data.test.split if data.test is not None else None,
-        },
-    )
+    splits = {"train": data.train.split, "validation": data.val.split}
+    sources = describe_sources(data.scanned, {**splits, "test": data.test.split if data.test is not None else None})
     best["sources"] = sources
     ckpt.save_atomic(best, out / BEST_MODEL)
     summary = {
         "best_epoch": stopper.best_epoch,
         "epochs_run": len(history),
         "stopped_early": stopper.should_stop,
-        "protocol": "val-on-test (report)"
-        if cfg.val_on_test
-        else (
-            f"cross-validation fold {cfg.cv_fold} of {cfg.cv_folds} as validation"
-            if cfg.cv_fold
-            else f"stratified {cfg.val_fraction:.0%} validation split"
-        ),
-        "temperature": temperature,
-        "threshold": threshold,
+        "protocol": _protocol(cfg),
+        "temperature": val.temperature,
+        "threshold": val.threshold,
         "tta": cfg.tta,
         "skipped_files": len(data.train.bad) + len(data.val.bad) + (len(data.test.bad) if data.test else 0),
         "train_seconds": round(time.perf_counter() - started, 1),
@@ -735,6 +713,35 @@ def finish(
     write_run_report(cfg, out, test, best, log)  # report.html: test metrics, calibration, groups, mistakes
     log(format_summary(summary, out))
     return summary
+
+
+def _calibrated_validation(model, cfg: TrainConfig, data: RunData, progress: bool):
+    """(validation predictions, their metrics): the temperature fitted and the decision threshold
+    chosen on validation, both set on `model` and on the predictions."""
+    val = predict_labelled(model, data.val, loader=data.loader, batch_size=cfg.batch_size * 2, progress=progress)
+    model.temperature = val.temperature = fit_temperature(val.logits, val.labels) if len(val.labels) else 1.0
+    model.threshold = val.threshold = decision_threshold(val, data.classes)
+    return val, compute_metrics(val.logits, val.labels, data.classes, val.temperature, val.threshold)
+
+
+def _test_results(model, cfg: TrainConfig, data: RunData, val, val_metrics: dict, progress: bool):
+    """(test predictions, their metrics), inferred once; validation's with --val-on-test; (None, None)
+    without a test set."""
+    if cfg.val_on_test:
+        return val, val_metrics
+    if data.test is None:
+        return None, None
+    test = predict_labelled(model, data.test, loader=data.loader, batch_size=cfg.batch_size * 2, progress=progress)
+    return test, compute_metrics(test.logits, test.labels, data.classes, val.temperature, val.threshold)
+
+
+def _protocol(cfg: TrainConfig) -> str:
+    """How validation was chosen, in words (summary.csv, metrics.json)."""
+    if cfg.val_on_test:
+        return "val-on-test (report)"
+    if cfg.cv_fold:
+        return f"cross-validation fold {cfg.cv_fold} of {cfg.cv_folds} as validation"
+    return f"stratified {cfg.val_fraction:.0%} validation split"
 
 
 def decision_threshold(val, classes: list[str]) -> float | None:

@@ -42,11 +42,7 @@ class TrainPreset:
     def __init__(self, prep: Preprocessing, kind: str = "report"):
         size = prep.image_size
         if kind == "report":
-            aug = [
-                v2.RandomHorizontalFlip(),
-                v2.RandomRotation(10),
-                v2.ColorJitter(brightness=0.2, contrast=0.2),
-            ]
+            aug = [v2.RandomHorizontalFlip(), v2.RandomRotation(10), v2.ColorJitter(brightness=0.2, contrast=0.2)]
         elif kind == "strong":
             aug = [
                 v2.RandomHorizontalFlip(),

@@ -26,13 +26,7 @@ from facegender.core.errors import ConfigError
 #: The ArcFace 5-point template for a 112x112 crop: left eye, right eye, nose tip, left and right
 #: mouth corners, as seen in the image (insightface `arcface_dst`).
 ARCFACE_TEMPLATE_112 = np.array(
-    [
-        [38.2946, 51.6963],
-        [73.5318, 51.5014],
-        [56.0252, 71.7366],
-        [41.5493, 92.3655],
-        [70.7299, 92.2041],
-    ],
+    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
     dtype=np.float64,
 )
 ARCFACE_SIZE = 112.0
@@ -196,11 +190,7 @@ def warp_affine(image: Image.Image, matrix: np.ndarray, size: int, fill: tuple[i
     inverse = half @ np.linalg.inv(full) @ np.linalg.inv(half)
     image = image if image.mode == "RGB" else image.convert("RGB")
     return image.transform(
-        (size, size),
-        Image.AFFINE,
-        tuple(inverse[:2].ravel()),
-        resample=Image.BILINEAR,
-        fillcolor=tuple(fill),
+        (size, size), Image.AFFINE, tuple(inverse[:2].ravel()), resample=Image.BILINEAR, fillcolor=tuple(fill)
     )
 
 
