@@ -121,6 +121,7 @@ def main() -> None:
     parser.add_argument("--model", help="best_model.pth or .onnx (default: the bundled model)")
     parser.add_argument("--shared", default=str(HERE.parent.parent / "shared"))
     args, serve_args = parser.parse_known_args()
+    serve_args = [a for a in serve_args if a != "--"]
     bodies = itertools.cycle(payloads(Path(args.shared)))
     port = free_port()
     cmd = [

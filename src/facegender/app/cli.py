@@ -476,7 +476,7 @@ def _progress_bar(args, done: int):
     terminal it goes away at the end when the results went to stdout. Returns (bar, [total or None])."""
     import threading
 
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # not tqdm.auto: that imports asyncio (30 ms of a one-photo run)
 
     from facegender.core.images import count_images
 
@@ -502,7 +502,8 @@ def _predict_stream(args, model, paths, writer, done: set[str]) -> dict[str, int
     and its annotated copy as it arrives. Holds no results: only counters, which it returns."""
     import contextlib
 
-    from facegender.app.annotate import annotate_result
+    if args.annotate:
+        from facegender.app.annotate import annotate_result
 
     counts, used = {"photos": 0, "failed": 0, "annotated": 0}, set()
     todo = (p for p in paths if str(p) not in done) if done else paths
