@@ -85,6 +85,21 @@ def test_json_is_the_old_all_at_end_array(photos, capsys, tmp_path):
     assert (tmp_path / "r.json").read_text() == old
 
 
+def test_one_photo_has_no_progress_bar_and_does_not_import_tqdm(photos):
+    """A single photo file: no bar on stderr and tqdm is not imported (its import is ~25 ms of the
+    run); a folder gets the bar."""
+    model, folder, paths = photos
+    code = (
+        "import sys; from facegender.app.cli import main; "
+        f"main(['predict', '--model', {str(model)!r}, '--jsonl', sys.argv[1]]); "
+        "print('tqdm' in sys.modules, file=sys.stderr)"
+    )
+    for target, bar in ((paths[0], False), (str(folder), True)):
+        run = subprocess.run([sys.executable, "-c", code, target], capture_output=True, text=True, timeout=120)
+        assert run.stdout.count("\n") == (1 if not bar else len(paths)), run.stderr
+        assert ("predict:" in run.stderr) is bar and run.stderr.rstrip().endswith(str(bar)), run.stderr
+
+
 def test_csv_has_the_old_columns(photos, capsys):
     model, folder, paths = photos
     code, out, _ = predict(["--model", str(model), "--csv", "--quiet", str(folder)], capsys)

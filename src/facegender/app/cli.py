@@ -470,25 +470,47 @@ def _predict_model(args, fmt: str):
     )
 
 
+class _NoProgress:
+    """The progress bar of --quiet and of a single photo: nothing shown, and tqdm not imported."""
+
+    total = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def update(self, n: int = 1) -> None:
+        return None
+
+    def external_write_mode(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
 def _progress_bar(args, done: int):
     """The progress bar on stderr: photos and photos/s, and the total and an ETA once a background
     thread has counted the inputs (`images.count_images`, no sorting; it holds no paths). On a
-    terminal it goes away at the end when the results went to stdout. Returns (bar, [total or None])."""
+    terminal it goes away at the end when the results went to stdout. None with --quiet or for one
+    photo file. Returns (bar, [total or None])."""
+    import os
     import threading
 
+    if args.quiet or (len(args.images) == 1 and not os.path.isdir(args.images[0])):
+        return _NoProgress(), [None]
     from tqdm import tqdm  # not tqdm.auto: that imports asyncio (30 ms of a one-photo run)
 
     from facegender.core.images import count_images
 
     total: list[int | None] = [None]
-    if not args.quiet:
-        threading.Thread(target=lambda: total.__setitem__(0, count_images(args.images)), daemon=True).start()
+    threading.Thread(target=lambda: total.__setitem__(0, count_images(args.images)), daemon=True).start()
     terminal = sys.stderr.isatty()  # elsewhere (a log file) a line every 10 s, not every 0.1 s
     bar = tqdm(
         desc="predict",
         unit="photo",
         initial=done,
-        disable=args.quiet,
         file=sys.stderr,
         dynamic_ncols=True,
         mininterval=0.1 if terminal else 10,
