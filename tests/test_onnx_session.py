@@ -45,6 +45,6 @@ def test_the_server_caps_malloc_arenas_on_glibc():
     """mallopt(M_ARENA_MAX) is accepted where the C library is glibc, and is a no-op elsewhere."""
     import platform
 
-    from facegender.app.serve import limit_heap_arenas
+    from facegender.core.memory import limit_heap_arenas
 
     assert limit_heap_arenas() is (platform.libc_ver()[0] == "glibc")

@@ -470,6 +470,10 @@ def _predict_model(args, fmt: str):
     )
 
 
+#: predict hands freed heap memory back to the system after every this many photos (core/memory.py).
+TRIM_EVERY = 256
+
+
 class _NoProgress:
     """The progress bar of --quiet and of a single photo: nothing shown, and tqdm not imported."""
 
@@ -524,6 +528,8 @@ def _predict_stream(args, model, paths, writer, done: set[str]) -> dict[str, int
     and its annotated copy as it arrives. Holds no results: only counters, which it returns."""
     import contextlib
 
+    from facegender.core.memory import release_heap
+
     if args.annotate:
         from facegender.app.annotate import annotate_result
 
@@ -539,6 +545,8 @@ def _predict_stream(args, model, paths, writer, done: set[str]) -> dict[str, int
                 writer.write(r)
             counts["photos"] += 1
             counts["failed"] += r.failed
+            if counts["photos"] % TRIM_EVERY == 0:
+                release_heap()  # freed decode buffers back to the system: flat memory over 100,000 photos
             if bar.total is None and total[0] is not None:
                 bar.total = total[0]
             bar.update()

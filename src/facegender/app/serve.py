@@ -29,7 +29,6 @@ The server listens on 127.0.0.1 unless told otherwise; any other address prints 
 # No `from __future__ import annotations`: FastAPI reads the endpoint annotations at run time, and
 # they name classes imported inside the functions that add the routes.
 import asyncio
-import functools
 import io
 import ipaddress
 import json
@@ -43,6 +42,7 @@ from typing import Any
 from starlette.exceptions import HTTPException
 
 from facegender.core.errors import ConfigError
+from facegender.core.memory import limit_heap_arenas, release_heap
 from facegender.core.results import PhotoResult
 
 MB = 1024 * 1024
@@ -141,43 +141,6 @@ def predict_uploads(predictor, uploads: list[tuple[str, bytes]], max_pixels: int
         return predictor.predict_sources(uploads, max_pixels=max_pixels)
     finally:
         release_heap()
-
-
-# Memory of a long-running server. Each request decodes photos of up to max_pixels (tens of MB)
-# in one of several threads; glibc gives each thread its own malloc arena and keeps freed blocks in
-# them, and onnxruntime's arenas keep the largest request's buffers, so RSS climbed to a 500 MiB
-# plateau under 16 clients (benchmarks/serve_soak.py). Two malloc arenas, a trim after each
-# request and sessions without arenas (`_serving_model`) keep it near what the requests in flight
-# use (docs/serving.md, "Memory under load"). The two glibc calls are no-ops elsewhere.
-#: mallopt's M_ARENA_MAX parameter (glibc malloc.h).
-_M_ARENA_MAX = -8
-#: malloc arenas of the server process: enough for the event loop and the inference threads.
-SERVE_MALLOC_ARENAS = 2
-
-
-@functools.lru_cache(maxsize=1)
-def _glibc():
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-    except OSError:
-        return None
-    return libc if libc is not None and hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
-
-
-def limit_heap_arenas(arenas: int = SERVE_MALLOC_ARENAS) -> bool:
-    """Cap glibc's malloc arenas (call before the worker threads start); False where not glibc."""
-    libc = _glibc()
-    return bool(libc and libc.mallopt(_M_ARENA_MAX, int(arenas)))
-
-
-def release_heap() -> bool:
-    """Return freed heap memory to the system (glibc `malloc_trim`); False where not glibc."""
-    libc = _glibc()
-    return bool(libc and libc.malloc_trim(0))
 
 
 def predict_response(results: list[PhotoResult], seconds: float) -> dict[str, Any]:

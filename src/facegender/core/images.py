@@ -55,17 +55,20 @@ def walk_images(folder: str | os.PathLike) -> Iterator[Path]:
     listing at a time per level, never the whole tree; like rglob, it does not follow symlinked
     folders (symlinked files count) and skips folders it cannot read."""
     folder = Path(folder)
+    names, subfolders = [], set()  # names only (no tuples): a folder of 100,000 photos held in ~8 MB
     try:
         with os.scandir(folder) as it:
-            entries = sorted(
-                (e.name, e.is_dir(follow_symlinks=False))
-                for e in it
-                if e.is_dir(follow_symlinks=False) or (is_image_name(e.name) and e.is_file())
-            )
+            for e in it:
+                if e.is_dir(follow_symlinks=False):
+                    subfolders.add(e.name)
+                    names.append(e.name)
+                elif is_image_name(e.name) and e.is_file():
+                    names.append(e.name)
     except OSError:
         return
-    for name, is_dir in entries:
-        if is_dir:
+    names.sort()
+    for name in names:
+        if name in subfolders:
             yield from walk_images(folder / name)
         else:
             yield folder / name
