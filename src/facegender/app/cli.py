@@ -497,8 +497,8 @@ class _NoProgress:
 def _progress_bar(args, done: int):
     """The progress bar on stderr: photos and photos/s, and the total and an ETA once a background
     thread has counted the inputs (`images.count_images`, no sorting; it holds no paths). On a
-    terminal it goes away at the end when the results went to stdout. None with --quiet or for one
-    photo file. Returns (bar, [total or None])."""
+    terminal it goes away at the end when the results went to stdout. With --quiet or for one photo
+    file nothing is shown (`_NoProgress`). Returns (bar, [total or None])."""
     import os
     import threading
 
