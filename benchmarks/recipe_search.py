@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -92,6 +93,9 @@ CANDIDATES: dict[str, dict] = {
     "ft3": {**_FT, "trainable_stages": 3, "lr": 1e-3, "body_lr_scale": 0.3, "epochs": 8, "feature_views": 4},
     "ft3-lr3": {**_FT, "trainable_stages": 3, "lr": 3e-4, "body_lr_scale": 1.0, "epochs": 8, "feature_views": 4},
 }
+
+# tools/ (the maintainer tools beside the package) is imported from the repository root.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def run_one(name: str, seed: int, data: list[str], out: Path, shared: Path) -> dict:
