@@ -162,13 +162,8 @@ def tiny_dataset(folder: Path) -> Path:
 def measure(root: Path, trace: bool) -> dict:
     src = root / "src"
     modules = package_modules(src)
-    per_package = Counter(
-        name.split(".")[1]
-        if name.count(".") >= 2 or (name.count(".") == 1 and modules[name].name == "__init__.py")
-        else "(top)"
-        for name in modules
-        if name != "facegender"
-    )
+    parts = [path.relative_to(src / "facegender").parts for path in modules.values()]
+    per_package = Counter(p[0] if len(p) > 1 else "(top)" for p in parts if p != ("__init__.py",))
     figures = {
         "modules": len(modules),
         "lines": sum(len(p.read_text().splitlines()) for p in modules.values()),

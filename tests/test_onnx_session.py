@@ -31,11 +31,12 @@ def test_sessions_keep_the_memory_arena_unless_told_otherwise():
 def test_the_server_loads_its_model_without_memory_arenas():
     """serve's model: classifier and face detector sessions without onnxruntime's CPU arena (which
     keeps the largest request's buffers for good); a plain load keeps them."""
+    import facegender
     from facegender.app.serve import create_app
     from facegender.core.resources import default_model_path
 
     served = create_app(default_model_path()).state.predictor
-    plain = __import__("facegender").load()
+    plain = facegender.load()
     for model, arena in ((served, False), (plain, True)):
         assert model.backend.session.get_session_options().enable_cpu_mem_arena is arena
         assert model.detector._get_session().get_session_options().enable_cpu_mem_arena is arena
